@@ -1,0 +1,367 @@
+"""VSRN: Visual Semantic Reasoning for Image-Text Matching (Li et al., ICCV 2019), in one file.
+
+Image side (paper Sec. 3.1-3.3): bottom-up region features -> fc (Eq. 1) -> K region relationship
+reasoning layers (a residual GCN over the fully connected region graph, Eq. 2-3) -> global semantic
+reasoning (a GRU over the regions in order, Eq. 4-7; its final memory is the image vector) -> l2 norm.
+Text side (Sec. 3.4): word embedding -> GRU, the state at each caption's last token -> l2 norm.
+Generation branch (Eq. 9): an attention sequence-to-sequence captioner over the reasoned regions,
+trained with teacher forcing, whose loss L_G is added to the matching loss (Eq. 10).
+
+Defaults reproduce the reference implementation (KunpengLi1994/VSRN), including its quirks that
+the official checkpoints depend on; each such quirk is a named option here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+RegionNorm = Literal["region_axis", "per_region"]
+Aggregation = Literal["gsr", "mean"]
+RegionOrder = Literal["stored", "area", "random"]
+
+# Special token ids shared with the reference vocabularies.
+PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
+
+
+@dataclass
+class VSRNConfig:
+    """Every size and switch of the model. The defaults are the paper's COCO configuration."""
+
+    img_dim: int = 2048  # bottom-up region feature size
+    embed_size: int = 2048  # D, the joint embedding space
+    word_dim: int = 300
+    vocab_size: int = 10006
+    num_reasoning_layers: int = 4  # RRR layers (Table 4: 0, 1 or 4)
+    aggregation: Aggregation = "gsr"  # "gsr" (GRU) or "mean" pooling (Table 4 baselines)
+    region_order: RegionOrder = "stored"  # Table 5: stored = detector confidence, area, random
+    # The reference's l2norm divides by the norm over dim 1, which on (B, regions, D) tensors
+    # normalizes across regions; official checkpoints were trained that way.
+    region_norm: RegionNorm = "region_axis"
+    norm_after_fc: bool = True  # the reference skips this for Flickr30K
+    final_batchnorm: bool = False  # the reference's Flickr30K variant: BatchNorm1d on the image vector
+    # Caption generator (L_G). Weight 0 removes the branch entirely.
+    caption_loss_weight: float = 1.0
+    caption_hidden: int = 512
+    caption_word_dim: int = 300
+    caption_dropout: float = 0.2
+    max_caption_len: int = 60  # tokens including <start> and <end>, as the reference's max_len
+
+    def __post_init__(self) -> None:
+        for name in ("img_dim", "embed_size", "word_dim", "vocab_size", "caption_hidden",
+                     "caption_word_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"VSRNConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_reasoning_layers < 0:
+            raise ValueError(f"VSRNConfig.num_reasoning_layers must be >= 0, got {self.num_reasoning_layers}")
+        if self.max_caption_len < 3:
+            raise ValueError(f"VSRNConfig.max_caption_len must be >= 3, got {self.max_caption_len}")
+        _check_choice("aggregation", self.aggregation, ("gsr", "mean"))
+        _check_choice("region_order", self.region_order, ("stored", "area", "random"))
+        _check_choice("region_norm", self.region_norm, ("region_axis", "per_region"))
+        if self.caption_loss_weight < 0 or not math.isfinite(self.caption_loss_weight):
+            raise ValueError(f"VSRNConfig.caption_loss_weight must be finite and >= 0, got {self.caption_loss_weight}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"VSRNConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+    @classmethod
+    def flickr30k(cls, **overrides: Any) -> "VSRNConfig":
+        """The reference's Flickr30K variant: no norm after fc, BatchNorm on the image vector."""
+        base = dict(vocab_size=8481, norm_after_fc=False, final_batchnorm=True)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VSRNConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown VSRNConfig keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"VSRNConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def l2norm(x: Tensor, dim: int = -1) -> Tensor:
+    """Divide by the l2 norm along `dim` (clamped away from zero so padding cannot make NaNs)."""
+    return F.normalize(x, p=2.0, dim=dim, eps=1e-12)
+
+
+def normalize_regions(x: Tensor, mode: RegionNorm) -> Tensor:
+    """Normalize (B, regions, D) features the reference's way (across regions) or per region vector."""
+    return l2norm(x, dim=1 if mode == "region_axis" else -1)
+
+
+def order_regions(regions: Tensor, order: RegionOrder, boxes: Tensor | None = None) -> Tensor:
+    """Reorder regions for the sequential global reasoning (paper Table 5).
+
+    Only the GRU sees the order: the fc, the reasoning layers and both normalizations are
+    permutation-equivariant over regions, so permuting the input is the same as permuting just
+    before the GRU.
+    """
+    if order == "stored":  # bottom-up features are stored by descending detector confidence
+        return regions
+    if order == "area":
+        if boxes is None:
+            raise ValueError("region_order='area' needs boxes (x1, y1, x2, y2) for every region")
+        if boxes.shape[:2] != regions.shape[:2] or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must have shape {tuple(regions.shape[:2]) + (4,)}, got {tuple(boxes.shape)}")
+        area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+        index = torch.argsort(area, dim=1, descending=True, stable=True)
+    else:
+        index = torch.argsort(torch.rand(regions.shape[:2], device=regions.device), dim=1)
+    return torch.gather(regions, 1, index.unsqueeze(-1).expand_as(regions))
+
+
+class RegionRelationReasoning(nn.Module):
+    """One RRR layer (Eq. 2-3): V* = W_r(R V W_g) + V with R = theta(V) phi(V)^T / regions.
+
+    The reference divides the affinity by the number of regions (no softmax, no sqrt(d)) and uses
+    Conv1d(D, D, 1) projections; Linear layers over (B, regions, D) compute the same thing. The
+    residual branch ends in a BatchNorm whose scale and shift start at zero, so each layer is the
+    identity at initialisation.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.theta = nn.Linear(dim, dim)
+        self.phi = nn.Linear(dim, dim)
+        self.g = nn.Linear(dim, dim)
+        self.residual_proj = nn.Linear(dim, dim)
+        self.residual_norm = nn.BatchNorm1d(dim)
+        nn.init.zeros_(self.residual_norm.weight)
+        nn.init.zeros_(self.residual_norm.bias)
+
+    def forward(self, v: Tensor) -> Tensor:
+        num_regions = v.shape[1]
+        affinity = torch.bmm(self.theta(v), self.phi(v).transpose(1, 2)) / num_regions
+        y = torch.bmm(affinity, self.g(v))
+        # BatchNorm over channels with statistics across batch and regions, as Conv1d + BN1d does.
+        w_y = self.residual_norm(self.residual_proj(y).reshape(-1, y.shape[-1])).reshape(y.shape)
+        return w_y + v
+
+
+class ImageEncoder(nn.Module):
+    """Region features (B, regions, img_dim) -> image embedding (B, D) and reasoned regions."""
+
+    def __init__(self, config: VSRNConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.embed_size
+        self.fc = nn.Linear(config.img_dim, d)
+        # Xavier uniform with zero bias, as the reference initialises its fc.
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        self.reasoning = nn.ModuleList(RegionRelationReasoning(d) for _ in range(config.num_reasoning_layers))
+        self.gsr = nn.GRU(d, d, batch_first=True) if config.aggregation == "gsr" else None
+        self.final_norm = nn.BatchNorm1d(d) if config.final_batchnorm else None
+
+    def forward(self, regions: Tensor, boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (image_emb (B, D), reasoned region features (B, regions, D))."""
+        if regions.dim() != 3 or regions.shape[-1] != self.config.img_dim:
+            raise ValueError(f"regions must be (batch, regions, {self.config.img_dim}), got {tuple(regions.shape)}")
+        cfg = self.config
+        regions = order_regions(regions.to(self.fc.weight.dtype), cfg.region_order, boxes)
+        v = self.fc(regions)
+        if cfg.norm_after_fc:
+            v = normalize_regions(v, cfg.region_norm)
+        for layer in self.reasoning:
+            v = layer(v)
+        v = normalize_regions(v, cfg.region_norm)
+        if self.gsr is not None:
+            _, hidden = self.gsr(v)  # zero initial memory; the final memory m_k is the image
+            image = hidden[-1]
+        else:
+            image = v.mean(dim=1)
+        if self.final_norm is not None:
+            image = self.final_norm(image)
+        return l2norm(image), v
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, T) and lengths -> caption embedding (B, D); any order of lengths is accepted."""
+
+    def __init__(self, config: VSRNConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.rnn = nn.GRU(config.word_dim, config.embed_size, batch_first=True)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+        if lengths.numel() != tokens.shape[0] or int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]:
+            raise ValueError(f"lengths must be in [1, {tokens.shape[1]}] for each of {tokens.shape[0]} captions")
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        # For packed input the final hidden state is the output at each caption's last token
+        # (<end>), returned in the caller's order.
+        _, hidden = self.rnn(packed)
+        return l2norm(hidden[-1])
+
+
+class AdditiveAttention(nn.Module):
+    """score_i = w^T tanh(W [region_i; hidden]); context = softmax(score) . regions."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, hidden: Tensor, encoded: Tensor) -> tuple[Tensor, Tensor]:
+        expanded = hidden.unsqueeze(1).expand(-1, encoded.shape[1], -1)
+        scores = self.score(torch.tanh(self.proj(torch.cat([encoded, expanded], dim=2)))).squeeze(2)
+        weights = torch.softmax(scores, dim=1)
+        return torch.bmm(weights.unsqueeze(1), encoded).squeeze(1), weights
+
+
+class GeneratedCaptions(NamedTuple):
+    tokens: Tensor  # (B, steps) greedy word ids, END_ID then PAD_ID after each caption's end
+    attention: Tensor  # (B, steps, regions) attention over regions at each step
+
+
+class CaptionGenerator(nn.Module):
+    """The reference's S2VT-style attention captioner over the reasoned region features (Eq. 9)."""
+
+    def __init__(self, config: VSRNConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.caption_hidden
+        self.region_proj = nn.Linear(config.embed_size, h)
+        nn.init.xavier_normal_(self.region_proj.weight)
+        self.region_rnn = nn.GRU(h, h, batch_first=True)
+        self.word_embed = nn.Embedding(config.vocab_size, config.caption_word_dim)
+        self.attention = AdditiveAttention(h)
+        self.decoder_rnn = nn.GRU(config.caption_word_dim + h, h, batch_first=True)
+        self.output = nn.Linear(h, config.vocab_size)
+        nn.init.xavier_normal_(self.output.weight)
+        self.dropout = nn.Dropout(config.caption_dropout)
+
+    def _encode(self, regions: Tensor) -> tuple[Tensor, Tensor]:
+        encoded, hidden = self.region_rnn(self.dropout(self.region_proj(regions)))
+        return encoded, hidden
+
+    def _step(self, words: Tensor, hidden: Tensor, encoded: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        context, weights = self.attention(hidden[-1], encoded)
+        step_input = self.dropout(torch.cat([self.word_embed(words), context], dim=1)).unsqueeze(1)
+        out, hidden = self.decoder_rnn(step_input, hidden)
+        return F.log_softmax(self.output(out.squeeze(1)).float(), dim=-1), hidden, weights
+
+    def loss(self, regions: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Teacher-forced negative log-likelihood, summed over tokens and averaged over the batch.
+
+        `tokens` are the text encoder's (B, T) ids: <start> w1 .. wn <end>, padded with 0, and
+        `lengths` count <start> and <end>. As in the reference, the targets are every token after
+        <start> up to and including the first pad after <end>, captions longer than
+        max_caption_len are cut there and end in <end>, and at most max_caption_len - 1 steps are
+        unrolled. Unlike the reference (always 59 steps), only the longest caption of the batch
+        is unrolled: the steps after it are fully masked, so the loss is unchanged.
+        """
+        targets, mask, steps = caption_targets(tokens, lengths, self.config.max_caption_len)
+        encoded, hidden = self._encode(regions)
+        total = torch.zeros((), dtype=torch.float32, device=regions.device)
+        for t in range(steps):
+            log_probs, hidden, _ = self._step(targets[:, t], hidden, encoded)
+            nll = -log_probs.gather(1, targets[:, t + 1].unsqueeze(1)).squeeze(1)
+            total = total + (nll * mask[:, t]).sum()
+        return total / tokens.shape[0]
+
+    @torch.no_grad()
+    def generate(self, regions: Tensor, max_steps: int | None = None) -> GeneratedCaptions:
+        """Greedy decoding from <start> until every caption has produced <end>."""
+        steps = max_steps or self.config.max_caption_len - 1
+        encoded, hidden = self._encode(regions)
+        batch = regions.shape[0]
+        words = torch.full((batch,), START_ID, dtype=torch.long, device=regions.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=regions.device)
+        out_tokens, out_weights = [], []
+        for _ in range(steps):
+            log_probs, hidden, weights = self._step(words, hidden, encoded)
+            words = log_probs.argmax(dim=1).masked_fill(finished, PAD_ID)
+            out_tokens.append(words)
+            out_weights.append(weights)
+            finished |= words == END_ID
+            if bool(finished.all()):
+                break
+        return GeneratedCaptions(torch.stack(out_tokens, 1), torch.stack(out_weights, 1))
+
+
+def caption_targets(tokens: Tensor, lengths: Tensor, max_len: int) -> tuple[Tensor, Tensor, int]:
+    """Teacher-forcing inputs/targets and the loss mask, the reference's way.
+
+    Returns (ids (B, steps + 1), mask (B, steps), steps): step t reads ids[:, t] and predicts
+    ids[:, t + 1]; the mask is 1 for targets up to and including the first pad after <end>.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=tokens.device)
+    lengths_cut = lengths.clamp(max=max_len)
+    steps = int(min(int(lengths_cut.max()), max_len - 1))
+    ids = torch.zeros(tokens.shape[0], steps + 1, dtype=torch.long, device=tokens.device)
+    width = min(tokens.shape[1], steps + 1)
+    ids[:, :width] = tokens[:, :width]
+    positions = torch.arange(steps + 1, device=tokens.device).unsqueeze(0)
+    ids = ids.masked_fill(positions >= lengths_cut.unsqueeze(1), PAD_ID)
+    too_long = lengths > max_len  # the reference cuts to max_len tokens and ends them with <end>
+    if bool(too_long.any()) and steps >= max_len - 1:
+        ids[too_long, max_len - 1] = END_ID
+    target_pos = positions[:, 1:]
+    mask = (target_pos <= lengths_cut.unsqueeze(1)).to(torch.float32)
+    return ids, mask, steps
+
+
+class VSRNOutput(NamedTuple):
+    image_emb: Tensor  # (B, D), l2-normalized
+    caption_emb: Tensor  # (B, D), l2-normalized
+    caption_loss: Tensor | None  # L_G (unweighted), None when the branch is off or not asked for
+
+
+class VSRN(nn.Module):
+    """The whole model: both encoders and, when L_G is on, the caption generator."""
+
+    def __init__(self, config: VSRNConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.text_encoder = TextEncoder(config)
+        self.caption_generator = CaptionGenerator(config) if config.caption_loss_weight > 0 else None
+
+    def forward(
+        self,
+        regions: Tensor,
+        tokens: Tensor,
+        lengths: Tensor,
+        boxes: Tensor | None = None,
+        with_caption_loss: bool = True,
+    ) -> VSRNOutput:
+        image_emb, reasoned = self.image_encoder(regions, boxes)
+        caption_emb = self.text_encoder(tokens, lengths)
+        caption_loss = None
+        if with_caption_loss and self.caption_generator is not None:
+            caption_loss = self.caption_generator.loss(reasoned, tokens, lengths)
+        return VSRNOutput(image_emb, caption_emb, caption_loss)
+
+    def encode_images(self, regions: Tensor, boxes: Tensor | None = None) -> Tensor:
+        return self.image_encoder(regions, boxes)[0]
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        return self.text_encoder(tokens, lengths)
+
+    @torch.no_grad()
+    def generate_captions(self, regions: Tensor, boxes: Tensor | None = None) -> GeneratedCaptions:
+        if self.caption_generator is None:
+            raise RuntimeError("this model has no caption generator (caption_loss_weight = 0)")
+        _, reasoned = self.image_encoder(regions, boxes)
+        return self.caption_generator.generate(reasoned)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,32 @@
+"""Packaging for the VSRN distributed training system.
+
+The version ranges accept the CPU wheel of torch 2.13.0 that the development machines install
+first, so pip never replaces it with a multi-gigabyte CUDA build.
+"""
+from setuptools import setup
+
+setup(
+    name="vsrn-dist",
+    version="0.1.0",
+    description="Distributed, large-scale training and evaluation of VSRN (ICCV 2019) image-text matching",
+    python_requires=">=3.10",
+    packages=["model", "trainer", "data_shards", "monitoring", "cluster"],
+    install_requires=[
+        "torch>=2.1,<2.14",
+        "numpy>=1.24",
+        "deepspeed>=0.14",
+        "webdataset>=0.2.86",
+        "ray[default,train]>=2.40",
+        "s3fs>=2024.2",
+        "prometheus-client>=0.20",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "nltk>=3.8",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+        ],
+    },
+)

@@ -1,0 +1,239 @@
+"""Tests of model/vsrn.py against the paper and the reference code's behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.vsrn import (
+    END_ID,
+    PAD_ID,
+    START_ID,
+    RegionRelationReasoning,
+    VSRN,
+    VSRNConfig,
+    caption_targets,
+    count_parameters,
+    order_regions,
+)
+
+TINY = dict(img_dim=24, embed_size=16, word_dim=8, vocab_size=40, caption_hidden=12, caption_word_dim=6)
+
+
+def _captions(lengths: list[int], vocab: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, 0] = START_ID
+        tokens[i, 1:n - 1] = torch.randint(4, vocab, (n - 2,), generator=g)
+        tokens[i, n - 1] = END_ID
+    return tokens, torch.tensor(lengths)
+
+
+def test_parameter_counts_equal_the_reference() -> None:
+    model = VSRN(VSRNConfig())  # paper configuration: 2048 / 2048 / 300 / 4 RRR / vocab 10006
+    assert count_parameters(model.image_encoder) == 96_532_480
+    assert count_parameters(model.text_encoder) == 17_440_200
+    assert count_parameters(model.caption_generator) == 13_321_950
+    assert count_parameters(VSRN(VSRNConfig.flickr30k())) == 125_601_401
+
+
+def test_reasoning_layer_is_identity_at_init_and_matches_equation_3() -> None:
+    torch.manual_seed(0)
+    layer = RegionRelationReasoning(8)
+    v = torch.randn(3, 5, 8)
+    assert torch.allclose(layer(v), v)  # BN scale and shift start at zero
+    with torch.no_grad():
+        layer.residual_norm.weight.uniform_(0.5, 1.5)
+        layer.residual_norm.bias.uniform_(-0.5, 0.5)
+    layer.eval()
+    with torch.no_grad():
+        layer.residual_norm.running_mean.uniform_(-0.1, 0.1)
+        layer.residual_norm.running_var.uniform_(0.5, 2.0)
+    # Eq. 2-3 written out per image with plain matrix algebra.
+    expected = torch.empty_like(v)
+    bn = layer.residual_norm
+    for b in range(3):
+        theta = v[b] @ layer.theta.weight.T + layer.theta.bias
+        phi = v[b] @ layer.phi.weight.T + layer.phi.bias
+        g = v[b] @ layer.g.weight.T + layer.g.bias
+        affinity = torch.zeros(5, 5)
+        for i in range(5):
+            for j in range(5):
+                affinity[i, j] = theta[i].dot(phi[j]) / 5
+        y = affinity @ g
+        w_y = y @ layer.residual_proj.weight.T + layer.residual_proj.bias
+        w_y = (w_y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        expected[b] = w_y + v[b]
+    assert torch.allclose(layer(v), expected, atol=1e-5)
+
+
+def test_region_axis_norm_is_the_reference_l2norm_over_dim_1() -> None:
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, num_reasoning_layers=0, aggregation="mean", caption_loss_weight=0))
+    model.eval()
+    regions = torch.randn(2, 5, 24)
+    v = regions @ model.image_encoder.fc.weight.T + model.image_encoder.fc.bias
+    v = v / v.pow(2).sum(dim=1, keepdim=True).sqrt()  # reference: across regions
+    v = v / v.pow(2).sum(dim=1, keepdim=True).sqrt()  # after the (absent) GCN
+    mean = v.mean(dim=1)
+    expected = mean / mean.norm(dim=1, keepdim=True)
+    image, reasoned = model.image_encoder(regions)
+    assert torch.allclose(reasoned, v, atol=1e-6)
+    assert torch.allclose(image, expected, atol=1e-6)
+    per_region = VSRN(VSRNConfig(**TINY, region_norm="per_region", caption_loss_weight=0))
+    _, reasoned = per_region.image_encoder(regions)
+    assert torch.allclose(reasoned.norm(dim=-1), torch.ones(2, 5), atol=1e-5)
+
+
+def test_flickr_variant_skips_fc_norm_and_batchnorms_the_image_vector() -> None:
+    cfg = VSRNConfig.flickr30k(**{k: v for k, v in TINY.items()})
+    model = VSRN(cfg)
+    assert model.image_encoder.final_norm is not None and not cfg.norm_after_fc
+    image, _ = model.image_encoder(torch.randn(4, 5, 24))
+    assert torch.allclose(image.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_gsr_image_vector_is_the_final_gru_state() -> None:
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, caption_loss_weight=0)).eval()
+    regions = torch.randn(3, 6, 24)
+    image, reasoned = model.image_encoder(regions)
+    gru = model.image_encoder.gsr
+    h = torch.zeros(3, 16)
+    for t in range(6):  # Eq. 4-7 with torch's gate layout (r, z, n)
+        gi = reasoned[:, t] @ gru.weight_ih_l0.T + gru.bias_ih_l0
+        gh = h @ gru.weight_hh_l0.T + gru.bias_hh_l0
+        r = torch.sigmoid(gi[:, :16] + gh[:, :16])
+        z = torch.sigmoid(gi[:, 16:32] + gh[:, 16:32])
+        n = torch.tanh(gi[:, 32:] + r * gh[:, 32:])
+        h = (1 - z) * n + z * h
+    assert torch.allclose(image, h / h.norm(dim=1, keepdim=True), atol=1e-5)
+
+
+def test_text_encoder_accepts_unsorted_lengths_and_reads_the_last_token() -> None:
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, caption_loss_weight=0)).eval()
+    tokens, lengths = _captions([4, 9, 6, 2])
+    batched = model.encode_captions(tokens, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        out, _ = model.text_encoder.rnn(model.text_encoder.embed(tokens[i:i + 1, :n]))
+        last = out[0, n - 1]
+        assert torch.allclose(batched[i], last / last.norm(), atol=1e-6)
+
+
+def test_region_order_by_area_and_equivariance() -> None:
+    torch.manual_seed(0)
+    regions = torch.randn(2, 4, 24)
+    boxes = torch.tensor([[[0, 0, 1, 1], [0, 0, 3, 3], [0, 0, 2, 2], [0, 0, 4, 1]],
+                          [[0, 0, 5, 5], [0, 0, 1, 2], [0, 0, 3, 1], [0, 0, 2, 2]]], dtype=torch.float32)
+    ordered = order_regions(regions, "area", boxes)
+    assert torch.equal(ordered[0], regions[0, [1, 2, 3, 0]])  # areas 1, 9, 4, 4 -> stable descending
+    assert torch.equal(ordered[1], regions[1, [0, 3, 2, 1]])  # areas 25, 2, 3, 4
+    by_area = VSRN(VSRNConfig(**TINY, region_order="area", caption_loss_weight=0)).eval()
+    stored = VSRN(VSRNConfig(**TINY, caption_loss_weight=0)).eval()
+    stored.load_state_dict(by_area.state_dict())
+    assert torch.allclose(by_area.encode_images(regions, boxes), stored.encode_images(ordered), atol=1e-6)
+    with pytest.raises(ValueError, match="needs boxes"):
+        by_area.encode_images(regions)
+    shuffled = order_regions(regions, "random")
+    assert torch.equal(shuffled.sort(dim=1).values, regions.sort(dim=1).values)
+
+
+def test_ablation_configurations_build_and_run() -> None:
+    tokens, lengths = _captions([5, 7, 3])
+    for cfg in (VSRNConfig(**TINY, num_reasoning_layers=0, aggregation="mean"),
+                VSRNConfig(**TINY, num_reasoning_layers=1, aggregation="mean"),
+                VSRNConfig(**TINY, num_reasoning_layers=0),
+                VSRNConfig(**TINY, num_reasoning_layers=4, caption_loss_weight=0)):
+        model = VSRN(cfg)
+        out = model(torch.randn(3, 5, 24), tokens, lengths)
+        assert out.image_emb.shape == out.caption_emb.shape == (3, 16)
+        assert (out.caption_loss is None) == (cfg.caption_loss_weight == 0)
+        assert len(model.image_encoder.reasoning) == cfg.num_reasoning_layers
+    with pytest.raises(ValueError, match="aggregation"):
+        VSRNConfig(aggregation="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown VSRNConfig keys: bogus"):
+        VSRNConfig.from_dict({"bogus": 1})
+
+
+def _reference_caption_loss(model: VSRN, reasoned: torch.Tensor, tokens: torch.Tensor,
+                            lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """The reference's L_G: labels padded to max_len + 1, mask up to and including the first pad,
+    teacher forcing over max_len - 1 steps whatever the captions' lengths, NLL summed / batch."""
+    gen = model.caption_generator
+    batch = tokens.shape[0]
+    gts = np.zeros((batch, max_len + 1), dtype=np.int64)
+    mask = np.zeros((batch, max_len + 1), dtype=np.float32)
+    for i, n in enumerate(lengths.tolist()):
+        cap = tokens[i, :n].tolist()
+        if len(cap) > max_len - 1:
+            cap = cap[:max_len]
+            cap[-1] = END_ID
+        gts[i, :len(cap)] = cap
+        first_zero = np.nonzero(gts[i] == 0)[0][0]
+        mask[i, :first_zero + 1] = 1
+    labels, masks = torch.from_numpy(gts), torch.from_numpy(mask)
+    enc_out, hidden = gen.region_rnn(gen.region_proj(reasoned))
+    log_probs = []
+    for t in range(max_len - 1):
+        h = hidden[0]
+        cat = torch.cat([enc_out, h.unsqueeze(1).repeat(1, enc_out.shape[1], 1)], dim=2)
+        alpha = torch.softmax(gen.attention.score(torch.tanh(gen.attention.proj(cat))).squeeze(2), dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), enc_out).squeeze(1)
+        step_in = torch.cat([gen.word_embed(labels[:, t]), context], dim=1).unsqueeze(1)
+        out, hidden = gen.decoder_rnn(step_in, hidden)
+        log_probs.append(F.log_softmax(gen.output(out.squeeze(1)), dim=1))
+    logits = torch.stack(log_probs, 1)
+    target, m = labels[:, 1:][:, :max_len - 1], masks[:, 1:][:, :max_len - 1]
+    nll = -logits.gather(2, target.unsqueeze(2)).squeeze(2)
+    return (nll * m).sum() / batch
+
+
+@pytest.mark.parametrize("lengths,max_len", [([5, 9, 3, 7], 60), ([5, 14, 3, 12], 10)])
+def test_caption_loss_equals_the_reference_full_unroll(lengths: list[int], max_len: int) -> None:
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, max_caption_len=max_len)).eval()  # eval: dropout off
+    tokens, lens = _captions(lengths)
+    reasoned = model.image_encoder(torch.randn(4, 5, 24))[1]
+    ours = model.caption_generator.loss(reasoned, tokens, lens)
+    expected = _reference_caption_loss(model, reasoned, tokens, lens, max_len)
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+def test_caption_targets_cut_long_captions_and_mask_the_first_pad() -> None:
+    tokens, lengths = _captions([4, 7])
+    ids, mask, steps = caption_targets(tokens, lengths, max_len=5)
+    assert steps == 4
+    assert ids[0].tolist() == tokens[0, :4].tolist() + [PAD_ID]
+    assert ids[1].tolist() == tokens[1, :4].tolist() + [END_ID]  # cut to 5 tokens ending in <end>
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    ids, mask, steps = caption_targets(tokens, lengths, max_len=60)
+    assert steps == 7 and mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0]
+
+
+def test_greedy_decoding_reproduces_a_memorised_caption() -> None:
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, caption_dropout=0.0))
+    tokens, lengths = _captions([6, 5], seed=3)
+    regions = torch.randn(2, 5, 24)
+    optimizer = torch.optim.Adam(model.caption_generator.parameters(), lr=0.02)
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = model(regions, tokens, lengths).caption_loss
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    generated = model.generate_captions(regions)
+    for i, n in enumerate(lengths.tolist()):
+        assert generated.tokens[i, :n - 1].tolist() == tokens[i, 1:n].tolist()
+    assert torch.allclose(generated.attention.sum(-1), torch.ones(generated.attention.shape[:2]), atol=1e-5)
+
+
+def test_bf16_weights_accept_float32_inputs() -> None:
+    model = VSRN(VSRNConfig(**TINY)).to(torch.bfloat16)
+    tokens, lengths = _captions([5, 3])
+    out = model(torch.randn(2, 5, 24), tokens, lengths)
+    assert out.image_emb.dtype == torch.bfloat16 and torch.isfinite(out.caption_loss)
