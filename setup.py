@@ -27,6 +27,11 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            # a local S3 server for the tests, as s3fs's own suite uses; botocore capped because
+            # aiobotocore (s3fs) pins it and an unpinned moto pulls a newer one
+            "moto[server]>=5.2.5",
+            "botocore<1.43.118",
+            "boto3",
         ],
     },
 )
