@@ -20,12 +20,10 @@ This module is library code: it imports nothing from the rest of the project.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import re
-import tempfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -37,6 +35,7 @@ from nltk.tokenize import TreebankWordTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 from torch import Tensor
 
+from model.atomic import atomic_write
 from model.vsrn import END_ID, PAD_ID, START_ID, UNK_ID
 
 __all__ = [
@@ -252,20 +251,8 @@ class Vocabulary:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file in ``path``'s directory, then rename it over ``path``."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the permissions open() would
-        os.umask(umask)
-        os.fchmod(descriptor, 0o666 & ~umask)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with atomic_write(path) as stream:
+        stream.write(text)
 
 
 def build_vocab(captions: Iterable[str], threshold: int = 4) -> Vocabulary:

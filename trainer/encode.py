@@ -21,11 +21,8 @@ line ...), with a one-line message on stderr naming the file; 1 if the output ca
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -33,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.atomic import atomic_write
 from model.checkpoint import CheckpointError, load_inference_checkpoint
 from model.vocab import Vocabulary, pad_captions
 from model.vsrn import VSRN
@@ -151,21 +149,9 @@ def _progress(what: str, done: int, total: int, started: float) -> None:
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an uncompressed npz via a temporary file in the same directory and ``os.replace``."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the permissions open() would
-        os.umask(umask)
-        os.fchmod(descriptor, 0o666 & ~umask)
-        with os.fdopen(descriptor, "wb") as stream:
-            np.savez(stream, **arrays)  # a file object: numpy does not append ".npz" to the name
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    """Write an uncompressed npz atomically (temporary file in the same directory, then rename)."""
+    with atomic_write(path, "wb") as stream:
+        np.savez(stream, **arrays)  # a file object: numpy does not append ".npz" to the name
 
 
 # --------------------------------------------------------------------------------------------------

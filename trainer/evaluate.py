@@ -30,12 +30,9 @@ shapes, too few images for a protocol), with a one-line message on stderr naming
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -43,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from model.atomic import atomic_write
 from trainer.evaluation import (
     PROTOCOLS,
     EvaluationInputError,
@@ -157,25 +155,10 @@ def load_similarities(path: Path) -> np.ndarray:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temporary file in the same directory and
-    ``os.replace``, so readers see the old file or the complete new one, never a partial one."""
-    directory = path.parent
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(descriptor, 0o666 & ~umask)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    """Write ``payload`` as JSON to ``path`` so readers see the old file or the complete new one."""
+    with atomic_write(path) as stream:
+        json.dump(payload, stream, indent=2)
+        stream.write("\n")
 
 
 def _unique(values: list[str]) -> list[str]:
