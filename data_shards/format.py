@@ -1,0 +1,265 @@
+"""The shard format (schema version 1): one WebDataset sample per image, plus a manifest.
+
+A sample is a group of tar members sharing a key (see data_shards/README.md):
+
+    <key>.regions.npy    (regions, feature_dim) float16 (default) or float32
+    <key>.boxes.npy      optional (regions, 4) float32: x1, y1, x2, y2 in pixels
+    <key>.size.json      optional {"width": W, "height": H}
+    <key>.captions.json  the image's captions, raw text, in source order
+    <key>.meta.json      {"split": ..., "index": position of the image in the source split,
+                          "source_id": the image's id in its source dataset (optional)}
+
+`manifest.json` beside the shards records the schema version, the feature shape and dtype, the
+number of images and captions, and each shard's name, sample count and sha256.
+
+This module knows nothing of the model: it turns records into bytes and back, and checks them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FEATURE_DTYPES = ("float16", "float32")
+EXPECTED_CAPTIONS = 5
+REQUIRED_MEMBERS = ("regions.npy", "captions.json", "meta.json")
+OPTIONAL_MEMBERS = ("boxes.npy", "size.json")
+# Split names become part of keys and shard names: no dots (WebDataset splits member names at the
+# first dot of the basename), no slashes, nothing a shell or URL would mangle.
+SPLIT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext
+
+
+class ShardFormatError(ValueError):
+    """A shard, sample or manifest does not follow the format; the message names where."""
+
+
+@dataclass
+class ImageRecord:
+    """One image with everything the shards store about it."""
+
+    key: str
+    regions: np.ndarray  # (regions, feature_dim)
+    captions: list[str]
+    split: str
+    index: int
+    boxes: np.ndarray | None = None  # (regions, 4) float32
+    size: tuple[int, int] | None = None  # (width, height)
+    source_id: str | None = None  # the image's id in its source dataset (e.g. the COCO id), if any
+
+
+def shard_name(split: str, index: int) -> str:
+    """The file name of shard `index` (0-based) of `split`, e.g. `test-000003.tar`."""
+    return f"{split}-{index:06d}.tar"
+
+
+def check_split_name(split: str) -> str:
+    """`split` if it is usable in keys and shard names; ShardFormatError otherwise."""
+    if not SPLIT_NAME_PATTERN.match(split):
+        raise ShardFormatError(f"split name {split!r} must match {SPLIT_NAME_PATTERN.pattern} "
+                               "(letters, digits, '_' and '-'; no dots or slashes)")
+    return split
+
+
+def sample_key(split: str, index: int) -> str:
+    """The key of image `index` (0-based position in its source split): `{split}-{index:07d}`.
+
+    Stable across re-conversions of the same source, unique within a split, dot-free.
+    """
+    return f"{check_split_name(split)}-{index:07d}"
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, member suffix) of a tar member name, split at the first dot of the basename exactly
+    as WebDataset groups members into samples; None for names without a dot."""
+    match = _MEMBER_NAME.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def _meta(record: ImageRecord) -> dict[str, Any]:
+    meta: dict[str, Any] = {"split": record.split, "index": int(record.index)}
+    if record.source_id is not None:
+        meta["source_id"] = str(record.source_id)
+    return meta
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_record(record: ImageRecord, dtype: str = "float16") -> dict[str, Any]:
+    """A record as a WebDataset sample dict (`__key__` plus member name -> bytes)."""
+    if dtype not in FEATURE_DTYPES:
+        raise ShardFormatError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+    if "." in record.key or "/" in record.key or not record.key:
+        # WebDataset splits member names at the first dot of the basename.
+        raise ShardFormatError(f"sample key {record.key!r} must be non-empty without '.' or '/'")
+    sample: dict[str, Any] = {
+        "__key__": record.key,
+        "regions.npy": _npy_bytes(np.ascontiguousarray(record.regions, dtype=dtype)),
+        "captions.json": json.dumps(list(record.captions), ensure_ascii=False).encode("utf-8"),
+        "meta.json": json.dumps(_meta(record), ensure_ascii=False).encode("utf-8"),
+    }
+    if record.boxes is not None:
+        sample["boxes.npy"] = _npy_bytes(np.ascontiguousarray(record.boxes, dtype=np.float32))
+    if record.size is not None:
+        sample["size.json"] = json.dumps({"width": int(record.size[0]), "height": int(record.size[1])}).encode()
+    return sample
+
+
+def _load_npy(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for corrupt headers
+        raise ShardFormatError(f"{where}: unreadable .npy ({exc})") from exc
+
+
+def _load_json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ShardFormatError(f"{where}: not UTF-8 ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise ShardFormatError(f"{where}: invalid JSON ({exc})") from exc
+
+
+def decode_sample(sample: dict[str, Any]) -> ImageRecord:
+    """Parse a raw WebDataset sample (member bytes) into a record; structural errors raise
+    ShardFormatError naming the shard (`__url__`) and key."""
+    key = sample.get("__key__", "?")
+    where = f"{sample.get('__url__', '?')}: sample {key}"
+    for member in ("regions.npy", "captions.json", "meta.json"):
+        if member not in sample:
+            raise ShardFormatError(f"{where}: missing {member}")
+    captions = _load_json(sample["captions.json"], f"{where} captions.json")
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise ShardFormatError(f"{where}: captions.json must be a list of strings")
+    meta = _load_json(sample["meta.json"], f"{where} meta.json")
+    if not isinstance(meta, dict) or "split" not in meta or "index" not in meta:
+        raise ShardFormatError(f"{where}: meta.json must hold 'split' and 'index'")
+    if not isinstance(meta["index"], int) or isinstance(meta["index"], bool):
+        raise ShardFormatError(f"{where}: meta.json index must be an integer, got {meta['index']!r}")
+    boxes = _load_npy(sample["boxes.npy"], f"{where} boxes.npy") if "boxes.npy" in sample else None
+    size = None
+    if "size.json" in sample:
+        s = _load_json(sample["size.json"], f"{where} size.json")
+        try:
+            size = (int(s["width"]), int(s["height"]))
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ShardFormatError(f"{where}: size.json must hold integer 'width' and 'height' ({exc!r})") from exc
+    source_id = meta.get("source_id")
+    return ImageRecord(key=key, regions=_load_npy(sample["regions.npy"], f"{where} regions.npy"),
+                       captions=captions, split=str(meta["split"]), index=meta["index"],
+                       boxes=boxes, size=size, source_id=None if source_id is None else str(source_id))
+
+
+def record_problems(record: ImageRecord, feature_shape: tuple[int, int], feature_dtype: str) -> list[str]:
+    """What is wrong with a decoded record, as short phrases (empty: nothing).
+
+    A caption count other than five is not a problem (it is counted by the reader instead).
+    """
+    problems = []
+    if tuple(record.regions.shape) != tuple(feature_shape):
+        problems.append(f"feature shape {tuple(record.regions.shape)} != manifest {tuple(feature_shape)}")
+    if record.regions.dtype != np.dtype(feature_dtype):
+        problems.append(f"feature dtype {record.regions.dtype} != manifest {feature_dtype}")
+    if record.regions.dtype.kind == "f" and not np.isfinite(record.regions).all():
+        problems.append("features contain NaN or Inf")
+    if record.boxes is not None:
+        if record.boxes.shape != (record.regions.shape[0], 4):
+            problems.append(f"boxes shape {record.boxes.shape} != ({record.regions.shape[0]}, 4)")
+        if record.boxes.dtype != np.float32:
+            problems.append(f"boxes dtype {record.boxes.dtype} != float32")
+        elif not np.isfinite(record.boxes).all():
+            problems.append("boxes contain NaN or Inf")
+    if not record.captions:
+        problems.append("no captions")
+    for i, caption in enumerate(record.captions):
+        if not caption.strip():
+            problems.append(f"caption {i} is empty")
+    return problems
+
+
+@dataclass
+class ShardInfo:
+    """One shard as the manifest lists it: file name, number of samples, sha256 of its bytes."""
+
+    name: str
+    samples: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """The description of a sharded split, stored as manifest.json beside its shards."""
+
+    feature_shape: tuple[int, int]
+    feature_dtype: str
+    images: int = 0
+    captions: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+    split: str = ""
+    schema_version: int = SCHEMA_VERSION
+    # How the shards were made (converter, inputs, options, fingerprint); informational, and the
+    # converter compares the fingerprint to refuse mixing two different conversions in one place.
+    conversion: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["feature_shape"] = list(self.feature_shape)
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ShardFormatError(f"{where}: invalid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ShardFormatError(f"{where}: must be a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ShardFormatError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        for key in ("feature_shape", "feature_dtype", "images", "captions", "shards"):
+            if key not in data:
+                raise ShardFormatError(f"{where}: missing key {key!r}")
+        shape = data["feature_shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and x > 0 for x in shape)):
+            raise ShardFormatError(f"{where}: feature_shape must be [regions, feature_dim], got {shape!r}")
+        if data["feature_dtype"] not in FEATURE_DTYPES:
+            raise ShardFormatError(f"{where}: feature_dtype must be one of {FEATURE_DTYPES}, got {data['feature_dtype']!r}")
+        try:
+            shards = [ShardInfo(name=str(s["name"]), samples=int(s["samples"]), sha256=str(s["sha256"]))
+                      for s in data["shards"]]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ShardFormatError(f"{where}: each shard needs name, samples, sha256 ({exc})") from exc
+        conversion = data.get("conversion", {})
+        if not isinstance(conversion, dict):
+            raise ShardFormatError(f"{where}: conversion must be a JSON object")
+        manifest = cls(feature_shape=(shape[0], shape[1]), feature_dtype=data["feature_dtype"],
+                       images=int(data["images"]), captions=int(data["captions"]), shards=shards,
+                       split=str(data.get("split", "")), conversion=conversion)
+        if sum(s.samples for s in shards) != manifest.images:
+            raise ShardFormatError(f"{where}: shard sample counts sum to {sum(s.samples for s in shards)}, "
+                                   f"but images = {manifest.images}")
+        return manifest
+
+
+def float16_tolerance(values: np.ndarray) -> float:
+    """The largest rounding error of storing `values` (finite, within float16 range) as float16:
+    half a unit in the last place at the largest magnitude (relative 2**-11), and never less than
+    half the subnormal spacing (2**-25), which bounds the error of values below 2**-14."""
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    if peak == 0.0:
+        return 0.0
+    return max(2.0 ** (math.floor(math.log2(peak)) - 11), 2.0 ** -25)

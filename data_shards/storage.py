@@ -1,0 +1,387 @@
+"""Where shards live: one place that turns a location into an fsspec filesystem and a path.
+
+A location is a local directory (`/data/coco/test`, `file:///data/coco/test`) or an S3 prefix
+(`s3://bucket/coco/test`, through s3fs). `open_location` gives a `Location` with the few
+operations the converter and the verifier need: list, read, hash, and publish a file atomically.
+
+S3 configuration, explicit values first, then the environment:
+
+- endpoint: `endpoint_url=` / `--endpoint-url`, else `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`
+  (botocore's own precedence: the service-specific variable wins). botocore would read both
+  itself; resolving them here makes the endpoint visible in logs and explicit in the options that
+  are handed to loader workers.
+- region: `region=`, else `AWS_REGION`, else `AWS_DEFAULT_REGION`. botocore reads only
+  `AWS_DEFAULT_REGION` (checked with botocore 1.43), so `AWS_REGION` must be passed explicitly.
+- credentials: `key=` / `secret=` when given; otherwise they are left to botocore's default chain,
+  which reads `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, profiles and
+  instance/pod roles. Copying them into the options would lose the session token and the roles.
+
+Atomicity: a local file is written to a hidden temporary file in the same directory and renamed
+over the destination with `os.replace`; an S3 object appears only when its PUT (or multipart
+upload) completes, so the data are first written to a local temporary file and then uploaded.
+Writers that publish several files (the converter) write their index (`manifest.json`) last.
+
+fsspec filesystem instances are not fork-safe ("This class is not fork-safe" in fsspec's docs):
+`filesystem()` caches one instance per (process id, protocol, options), created with
+`skip_instance_cache=True` so a forked child never reuses its parent's instance. `open_url` is the
+function for data-loader workers: it builds the filesystem lazily in whichever process calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO
+from urllib.parse import unquote, urlparse
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+TEMP_PREFIX = ".tmp-"  # hidden temporary files of atomic local writes; never valid shard names
+
+_FS_CACHE: dict[tuple[int, str, str], fsspec.AbstractFileSystem] = {}
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any threads of ours.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; published files get the permissions `open` would have given them.
+_FILE_MODE = 0o666 & ~_current_umask()
+_FS_CACHE_LOCK = threading.Lock()
+
+
+class StorageError(OSError):
+    """A location cannot be used (malformed, missing, unreadable); the message names it."""
+
+
+def is_s3_url(location: str) -> bool:
+    """Whether `location` is an `s3://` (or `s3a://`) URL."""
+    return urlparse(location).scheme in ("s3", "s3a")
+
+
+def s3_storage_options(
+    endpoint_url: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    region: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """s3fs keyword arguments from explicit values, falling back to the environment.
+
+    Only what is set appears in the result, so an empty dict means "all s3fs/botocore defaults".
+    The result holds secrets when `key`/`secret` are given: never log it.
+    """
+    env = os.environ if environ is None else environ
+    endpoint = endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region_name = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if (key is None) != (secret is None):
+        raise StorageError("S3 credentials need both an access key and a secret key")
+    options: dict[str, Any] = {}
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if key is not None:
+        options["key"] = key
+        options["secret"] = secret
+    if region_name:
+        options["client_kwargs"] = {"region_name": region_name}
+    return options
+
+
+def _options_token(options: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(options, sort_keys=True, default=repr)
+    except TypeError as exc:  # pragma: no cover - default=repr makes everything serializable
+        raise StorageError(f"storage options are not serializable: {exc}") from exc
+
+
+def filesystem(protocol: str, storage_options: Mapping[str, Any] | None = None) -> fsspec.AbstractFileSystem:
+    """The filesystem for `protocol` ("file" or "s3") in this process, created on first use.
+
+    Cached per (pid, protocol, options): after a fork the child builds its own instance instead of
+    using the parent's (whose event loop and connections belong to the parent).
+    """
+    protocol = "s3" if protocol in ("s3", "s3a") else protocol
+    options = dict(storage_options or {})
+    if protocol == "file":
+        options = {}  # local paths need no options; S3 options passed along are irrelevant here
+    cache_key = (os.getpid(), protocol, _options_token(options))
+    with _FS_CACHE_LOCK:
+        fs = _FS_CACHE.get(cache_key)
+        if fs is None:
+            if protocol == "s3":
+                endpoint = options.get("endpoint_url")
+                logger.debug("creating s3fs filesystem in pid %d (endpoint %s)", os.getpid(), endpoint or "default")
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+            _FS_CACHE[cache_key] = fs
+        return fs
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(protocol, filesystem path) of a local path, `file://` URL or `s3://` URL."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise StorageError(f"{url}: an S3 URL needs a bucket (s3://bucket/prefix)")
+        return "s3", f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+    if parsed.scheme == "file":
+        return "file", os.path.abspath(unquote(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # "" or a Windows drive letter
+        return "file", os.path.abspath(url)
+    raise StorageError(f"{url}: unsupported location scheme {parsed.scheme!r} (use a local path or s3://)")
+
+
+def open_url(url: str, storage_options: Mapping[str, Any] | None = None, mode: str = "rb") -> BinaryIO:
+    """Open a shard by URL for reading (or writing): a local path, `file://` or `s3://`.
+
+    Meant for WebDataset readers inside data-loader workers: the S3 filesystem is created lazily in
+    the calling process (see `filesystem`), so it is safe under fork and spawn. For example:
+
+        import webdataset as wds
+        wds.gopen_schemes["s3"] = UrlOpener(storage_options)   # or call open_url in a url_opener
+
+    `storage_options` are s3fs keyword arguments, e.g. from `s3_storage_options()` or
+    `Location.storage_options`; None reads them from the environment (in the calling process). They
+    must be picklable plain data when handed to spawned workers. Local files open with `open`.
+    """
+    if mode not in ("rb", "wb"):
+        raise ValueError(f"open_url supports modes 'rb' and 'wb', got {mode!r}")
+    protocol, path = _split_url(url)
+    if protocol == "file":
+        return open(path, mode)  # noqa: SIM115 - the caller owns the stream
+    options = s3_storage_options() if storage_options is None else storage_options
+    try:
+        return filesystem(protocol, options).open(path, mode)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{url}: no such object") from exc
+
+
+@dataclass(frozen=True)
+class UrlOpener:
+    """A picklable `gopen`-style handler (`handler(url, mode, bufsize, **kw)`) that calls
+    `open_url` with fixed storage options (None: the environment of the process that opens);
+    register it in `webdataset.gopen_schemes["s3"]`."""
+
+    storage_options: dict[str, Any] | None = None
+
+    def __call__(self, url: str, mode: str = "rb", bufsize: int = 8192, **kwargs: Any) -> BinaryIO:
+        return open_url(url, self.storage_options, mode)
+
+
+def sha256_stream(stream: IO[bytes], chunk_size: int = CHUNK_SIZE) -> str:
+    """Hex sha256 of everything left in a binary stream, read in chunks (flat memory)."""
+    digest = hashlib.sha256()
+    while chunk := stream.read(chunk_size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a local file."""
+    with open(path, "rb") as stream:
+        return sha256_stream(stream)
+
+
+class HashingWriter:
+    """A write-only binary stream that hashes and counts what passes through it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._digest.update(data)
+        self.size += len(data)
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+@dataclass
+class WriteResult:
+    """What `Location.atomic_writer` published: filled in when the `with` block exits cleanly."""
+
+    name: str
+    sha256: str = ""
+    size: int = 0
+
+
+@dataclass
+class Location:
+    """A directory or S3 prefix holding files, addressed by name (no subdirectories needed)."""
+
+    url: str  # "s3://bucket/prefix", or the local path as given, without a trailing slash
+    protocol: str  # "file" or "s3"
+    fs: fsspec.AbstractFileSystem
+    path: str  # the filesystem path of the directory (bucket/prefix on S3, absolute locally)
+    storage_options: dict[str, Any]  # may hold secrets: never log
+
+    @property
+    def is_s3(self) -> bool:
+        return self.protocol == "s3"
+
+    def child_path(self, name: str) -> str:
+        """The filesystem path of file `name` in this location."""
+        return f"{self.path}/{name}"
+
+    def child_url(self, name: str) -> str:
+        """A URL of file `name` that `open_url` (and so a WebDataset reader) understands."""
+        return f"{self.url}/{name}" if self.is_s3 else os.path.join(self.path, name)
+
+    def child(self, name: str) -> "Location":
+        """The subdirectory (sub-prefix) `name` of this location, on the same filesystem."""
+        return Location(url=f"{self.url}/{name}" if self.is_s3 else os.path.join(self.url, name),
+                        protocol=self.protocol, fs=self.fs, path=self.child_path(name),
+                        storage_options=self.storage_options)
+
+    def _invalidate(self) -> None:
+        # s3fs caches listings; other processes (converter workers) write behind its back.
+        self.fs.invalidate_cache(self.path)
+
+    def exists(self, name: str) -> bool:
+        self._invalidate()
+        return bool(self.fs.exists(self.child_path(name)))
+
+    def list(self, suffix: str = "") -> list[str]:
+        """Names of the files directly in this location ending with `suffix`, sorted."""
+        self._invalidate()
+        try:
+            entries = self.fs.ls(self.path, detail=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            if entry.get("type") != "file":
+                continue
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(suffix):
+                names.append(name)
+        return sorted(names)
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self.child_path(name)))
+
+    def open_read(self, name: str) -> BinaryIO:
+        """A binary stream of file `name`; FileNotFoundError names the file."""
+        try:
+            return self.fs.open(self.child_path(name), "rb")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{self.child_url(name)}: not found") from exc
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open_read(name) as stream:
+            return stream.read()
+
+    def read_text(self, name: str) -> str:
+        data = self.read_bytes(name)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StorageError(f"{self.child_url(name)}: not UTF-8 ({exc})") from exc
+
+    def sha256(self, name: str) -> str:
+        with self.open_read(name) as stream:
+            return sha256_stream(stream)
+
+    def remove(self, name: str) -> None:
+        self.fs.rm_file(self.child_path(name))
+        self._invalidate()
+
+    def remove_if_empty(self) -> None:
+        """Remove this directory if it is empty (S3 prefixes vanish with their last object)."""
+        if not self.is_s3:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+
+    def makedirs(self) -> None:
+        """Create the local directory (S3 prefixes need no creation; the bucket must exist)."""
+        if self.is_s3:
+            bucket = self.path.split("/", 1)[0]
+            try:
+                found = self.fs.exists(bucket)
+            except PermissionError as exc:
+                raise StorageError(f"{self.url}: access to bucket {bucket!r} denied ({exc})") from exc
+            if not found:
+                raise StorageError(f"{self.url}: bucket {bucket!r} does not exist (create it first)")
+        else:
+            os.makedirs(self.path, exist_ok=True)
+
+    @contextlib.contextmanager
+    def atomic_writer(self, name: str) -> Iterator[tuple[HashingWriter, WriteResult]]:
+        """Write file `name` all or nothing: yields a hashing stream and a result that holds the
+        sha256 and size once the block exits cleanly. On an exception nothing is published and an
+        existing file of that name is left untouched.
+
+        Local: a hidden temporary file beside the destination, fsync, `os.replace`. S3: a local
+        temporary file, then one upload (an object becomes visible only when its upload completes).
+        """
+        result = WriteResult(name=name)
+        final_path = self.child_path(name)
+        # Locally the temporary file must be on the destination's filesystem for os.replace.
+        temp_dir = None if self.is_s3 else os.path.dirname(final_path)
+        if temp_dir is not None:
+            os.makedirs(temp_dir, exist_ok=True)
+        base = name.rsplit("/", 1)[-1]
+        fd, temp_path = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{base}.", dir=temp_dir)
+        try:
+            if temp_dir is not None:
+                os.fchmod(fd, _FILE_MODE)
+            with os.fdopen(fd, "wb") as raw:
+                writer = HashingWriter(raw)
+                yield writer, result
+                raw.flush()
+                os.fsync(raw.fileno())
+            result.sha256, result.size = writer.hexdigest(), writer.size
+            if self.is_s3:
+                self.fs.put_file(temp_path, final_path)
+                os.unlink(temp_path)
+            else:
+                os.replace(temp_path, final_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path)
+            raise
+        finally:
+            self._invalidate()
+
+    def write_bytes_atomic(self, name: str, data: bytes) -> str:
+        """Publish `data` as file `name` atomically; returns its sha256."""
+        with self.atomic_writer(name) as (stream, result):
+            stream.write(data)
+        return result.sha256
+
+
+def open_location(location: str, storage_options: Mapping[str, Any] | None = None) -> Location:
+    """A `Location` for a local directory or `s3://bucket/prefix`.
+
+    For S3, `storage_options` (s3fs keyword arguments) default to `s3_storage_options()`, i.e. the
+    environment. Nothing is created or contacted here.
+    """
+    if not location:
+        raise StorageError("empty location")
+    protocol, path = _split_url(location)
+    if protocol == "s3":
+        options = dict(s3_storage_options() if storage_options is None else storage_options)
+        url = "s3://" + path
+    else:
+        options = {}
+        url = location.rstrip("/") or location
+    return Location(url=url, protocol=protocol, fs=filesystem(protocol, options), path=path,
+                    storage_options=options)

@@ -1,0 +1,157 @@
+"""Storage helpers against a local directory and a real (moto) S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from data_shards import storage
+from data_shards.storage import (
+    StorageError,
+    UrlOpener,
+    filesystem,
+    open_location,
+    open_url,
+    s3_storage_options,
+    sha256_stream,
+)
+
+
+def test_s3_options_precedence() -> None:
+    env = {"AWS_ENDPOINT_URL": "http://general", "AWS_ENDPOINT_URL_S3": "http://s3-specific",
+           "AWS_DEFAULT_REGION": "eu-west-1", "AWS_REGION": "eu-west-3",
+           "AWS_ACCESS_KEY_ID": "env-key", "AWS_SECRET_ACCESS_KEY": "env-secret"}
+    # Credentials stay with botocore's chain (session tokens, profiles, roles) unless explicit.
+    assert s3_storage_options(environ=env) == {"endpoint_url": "http://s3-specific",
+                                               "client_kwargs": {"region_name": "eu-west-3"}}
+    assert s3_storage_options(environ={"AWS_ENDPOINT_URL": "http://general", "AWS_DEFAULT_REGION": "r"}) == {
+        "endpoint_url": "http://general", "client_kwargs": {"region_name": "r"}}
+    explicit = s3_storage_options("http://explicit", "k", "s", "ap-south-1", environ=env)
+    assert explicit == {"endpoint_url": "http://explicit", "key": "k", "secret": "s",
+                        "client_kwargs": {"region_name": "ap-south-1"}}
+    assert s3_storage_options(environ={}) == {}
+    with pytest.raises(StorageError, match="both"):
+        s3_storage_options(key="k", environ={})
+
+
+def test_unsupported_locations() -> None:
+    with pytest.raises(StorageError, match="unsupported location scheme 'gs'"):
+        open_location("gs://bucket/x")
+    with pytest.raises(StorageError, match="needs a bucket"):
+        open_location("s3:///x", {})
+
+
+def test_local_atomic_write_list_read_hash(tmp_path: Path) -> None:
+    location = open_location(str(tmp_path / "out"))
+    assert location.list() == [] and not location.exists("a.tar")
+    sha = location.write_bytes_atomic("a.tar", b"first")
+    assert sha == hashlib.sha256(b"first").hexdigest() == location.sha256("a.tar")
+    assert location.read_bytes("a.tar") == b"first"
+    mode = stat.S_IMODE(os.stat(tmp_path / "out" / "a.tar").st_mode)
+    assert mode & 0o044, "published files are readable by others like open() would make them (umask)"
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with location.atomic_writer("a.tar") as (stream, _):
+            stream.write(b"half-written replacement")
+            raise RuntimeError("boom")
+    assert location.read_bytes("a.tar") == b"first", "a failed write leaves the old file"
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.tar"], "no temporary file is left behind"
+
+    location.write_bytes_atomic("sub/b.json", b"{}")
+    location.write_bytes_atomic("c.tar", b"x")
+    assert location.list(".tar") == ["a.tar", "c.tar"]  # files directly in it, not subdirectories
+    assert location.child("sub").list() == ["b.json"]
+    location.remove("c.tar")
+    assert location.list() == ["a.tar"]
+    with pytest.raises(FileNotFoundError, match="nope.tar: not found"):
+        location.read_bytes("nope.tar")
+
+
+def test_sha256_stream_chunks() -> None:
+    data = os.urandom(3 * storage.CHUNK_SIZE + 17)
+    assert sha256_stream(io.BytesIO(data), chunk_size=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_s3_location(s3_server: Any, s3_bucket: str) -> None:
+    location = open_location(f"s3://{s3_bucket}/some/prefix/", s3_server.storage_options)
+    assert location.url == f"s3://{s3_bucket}/some/prefix" and location.is_s3
+    location.makedirs()  # the bucket exists: nothing to do
+    assert location.list() == []
+    location.write_bytes_atomic("x.tar", b"payload")
+    with pytest.raises(RuntimeError):
+        with location.atomic_writer("y.tar") as (stream, _):
+            stream.write(b"partial")
+            raise RuntimeError("interrupted upload")
+    assert location.list() == ["x.tar"], "an interrupted write publishes no object"
+    assert location.read_bytes("x.tar") == b"payload"
+    assert location.sha256("x.tar") == hashlib.sha256(b"payload").hexdigest()
+    assert location.child_url("x.tar") == f"s3://{s3_bucket}/some/prefix/x.tar"
+    with open_url(location.child_url("x.tar"), s3_server.storage_options) as stream:
+        assert stream.read() == b"payload"
+    missing = open_location(f"s3://no-such-bucket-{s3_bucket}/p", s3_server.storage_options)
+    with pytest.raises(StorageError, match="does not exist"):
+        missing.makedirs()
+
+
+def test_environment_configures_s3(s3_env: Any, s3_bucket: str) -> None:
+    location = open_location(f"s3://{s3_bucket}/env")  # no explicit options: AWS_* variables
+    assert location.storage_options == {"endpoint_url": s3_env.endpoint_url,
+                                        "client_kwargs": {"region_name": s3_env.region}}
+    location.write_bytes_atomic("f.txt", b"from env")
+    assert s3_env.client().get_object(Bucket=s3_bucket, Key="env/f.txt")["Body"].read() == b"from env"
+
+
+def test_local_open_url(tmp_path: Path) -> None:
+    (tmp_path / "a.tar").write_bytes(b"local")
+    for url in (str(tmp_path / "a.tar"), f"file://{tmp_path}/a.tar"):
+        with open_url(url) as stream:
+            assert stream.read() == b"local"
+    with pytest.raises(ValueError, match="modes"):
+        open_url(str(tmp_path / "a.tar"), mode="r")
+
+
+def test_url_opener_as_webdataset_gopen_handler(s3_server: Any, s3_bucket: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import webdataset as wds
+
+    open_location(f"s3://{s3_bucket}", s3_server.storage_options).write_bytes_atomic("o.bin", b"via gopen")
+    monkeypatch.setitem(wds.gopen_schemes, "s3", UrlOpener(s3_server.storage_options))
+    with wds.gopen(f"s3://{s3_bucket}/o.bin") as stream:
+        assert stream.read() == b"via gopen"
+
+
+def _child_reads(url: str, options: dict[str, Any], parent_fs_id: int, queue: Any) -> None:
+    try:
+        with open_url(url, options) as stream:
+            data = stream.read()
+        queue.put((data, id(filesystem("s3", options)) == parent_fs_id, os.getpid()))
+    except BaseException as exc:  # report to the parent instead of dying silently
+        queue.put((repr(exc), None, os.getpid()))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_open_url_builds_its_own_filesystem_in_each_process(s3_server: Any, s3_bucket: str, method: str) -> None:
+    """A loader worker (forked or spawned) opens s3:// URLs with a filesystem made in that worker."""
+    options = s3_server.storage_options
+    location = open_location(f"s3://{s3_bucket}", options)
+    location.write_bytes_atomic("shard.tar", b"worker data")
+    parent_fs = filesystem("s3", options)
+    assert parent_fs is location.fs, "one cached instance per process and options"
+    with open_url(location.child_url("shard.tar"), options) as stream:  # the parent's loop is running now
+        assert stream.read() == b"worker data"
+    context = multiprocessing.get_context(method)
+    queue = context.Queue()
+    process = context.Process(target=_child_reads,
+                              args=(location.child_url("shard.tar"), options, id(parent_fs), queue))
+    process.start()
+    data, same_instance, pid = queue.get(timeout=60)
+    process.join(timeout=60)
+    assert data == b"worker data"
+    assert pid != os.getpid() and same_instance is False
