@@ -1,17 +1,37 @@
-"""Evaluate image-text retrieval recall (VSRN / VSE++ protocols) from saved embeddings or scores.
+"""Evaluate image-text retrieval recall (VSRN / VSE++ protocols) from saved embeddings or scores,
+or from model checkpoints on sharded splits.
 
 Usage::
 
     python trainer/evaluate.py --embeddings E.npz [--embeddings E2.npz ...] \\
         --protocol 1k-5fold --protocol all --output metrics.json
     python trainer/evaluate.py --sims S.npy [--sims S2.npy ...] --protocol all
+    python trainer/evaluate.py --checkpoint DIR_or_s3 --data TEST_SHARDS [--dev DEV_SHARDS] \\
+        [--protocol all ...] [--output metrics.json]
+    python trainer/evaluate.py --watch RUN_DIR [--data TEST_SHARDS] [--dev DEV_SHARDS] [--retry-failed]
 
-Inputs (one kind, not both; giving several files evaluates their ensemble, whose similarity
-matrices are averaged before ranking):
+Inputs (one kind; giving several embedding or similarity files evaluates their ensemble, whose
+similarity matrices are averaged before ranking):
 
 * ``--embeddings E.npz``: an npz archive with ``images`` (N, D) and ``captions`` (5N, D),
   l2-normalized; image i owns captions 5i .. 5i+4.
 * ``--sims S.npy``: an (N, 5N) similarity matrix, ``S[i, j]`` = score of image i and caption j.
+* ``--checkpoint DIR``: a run checkpoint directory (``inference/`` + ``train_state.json``, see
+  docs/run_layout.md) or an inference checkpoint directory, local or ``s3://``. The test shards
+  (``--data``, a directory with manifest.json) are encoded with it and every ``--protocol`` is
+  computed (default: both; ``1k-5fold`` is skipped below 5000 images); ``--dev`` adds the dev
+  metrics (protocol ``all`` on the first ``--dev-images`` images) whose rsum selects models.
+  Writes the run-layout ``metrics.json`` beside the checkpoint (and, for a run checkpoint with
+  dev metrics, updates the run's ``best.json``), or to ``--output`` instead. For a run checkpoint
+  the run's ``config.yaml`` (if any) gives the default eval settings (protocols, dev images,
+  batch size), so that its dev rsum compares with the run's other checkpoints.
+* ``--watch RUN_DIR``: evaluate every complete checkpoint of the run without metrics.json or
+  eval_error.json (``--retry-failed``: also those with eval_error.json), in step order, record
+  the results as the evaluation worker does (trainer/eval_worker.py), then exit: a CronJob runs
+  this. Shards, protocols and the dev subset come from ``RUN_DIR/config.yaml`` unless given.
+
+S3 endpoint: ``--endpoint-url``, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (credentials
+from the environment, data_shards/storage.py).
 
 Protocols (repeat ``--protocol`` for several): ``1k-5fold`` (the first 5000 images in five folds
 of 1000, metrics averaged over the folds; needs N >= 5000) and ``all`` (every image against
@@ -19,27 +39,32 @@ every caption: COCO 5K, Flickr30K 1K).
 
 Output: a readable table on stdout and, with ``--output``, a JSON file mapping each protocol to
 ``i2t_r1, i2t_r5, i2t_r10, i2t_medr, i2t_meanr, t2i_r1, t2i_r5, t2i_r10, t2i_medr, t2i_meanr,
-rsum`` (and for ``1k-5fold`` also ``folds``, the same keys per fold). The file is replaced
+rsum`` (and for ``1k-5fold`` also ``folds``, the same keys per fold); for ``--checkpoint`` the
+file is the run-layout metrics.json (those keys under ``test`` and ``dev``). The file is replaced
 atomically, so a failed run never leaves a partial one. Logs go to stderr.
 
 Exit status: 0 on success; 2 on bad arguments or unusable inputs (missing file or key, wrong
-shapes, too few images for a protocol), with a one-line message on stderr naming the file;
-1 if the output file cannot be written.
+shapes, too few images for a protocol, an unreadable checkpoint or split), with a one-line
+message on stderr naming the file; 1 if the output file cannot be written; 3 (``--watch``) if
+at least one checkpoint failed (recorded in its eval_error.json; the others were evaluated).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# trainer.eval_worker (the --checkpoint/--watch modes: shard reader, model, storage) is imported
+# where it is used, so the --embeddings/--sims modes start as fast as before.
 from model.atomic import atomic_write
 from trainer.evaluation import (
     PROTOCOLS,
@@ -50,11 +75,15 @@ from trainer.evaluation import (
     validate_protocol,
 )
 
+if TYPE_CHECKING:
+    from trainer.config import EvalConfig
+
 logger = logging.getLogger("trainer.evaluate")
 
 EXIT_OK = 0
 EXIT_WRITE_FAILED = 1
 EXIT_BAD_INPUT = 2  # the status argparse uses for usage errors
+EXIT_CHECKPOINTS_FAILED = 3  # --watch: some checkpoints could not be evaluated (the rest were)
 
 EMBEDDING_KEYS = ("images", "captions")
 
@@ -64,15 +93,20 @@ class InputFileError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; input kinds share one mutually exclusive group, so that more kinds
-    (a model checkpoint, say) can be added beside ``--embeddings`` and ``--sims``."""
+    """The argument parser; the input kinds share one mutually exclusive group.
+
+    The group is not ``required`` at the argparse level (nor is ``--protocol``): which options a
+    kind needs is checked in :func:`check_arguments`, with the messages argparse gave before
+    ``--checkpoint`` and ``--watch`` existed.
+    """
     parser = argparse.ArgumentParser(
         prog="evaluate.py",
         description="Image-text retrieval recall (R@1/5/10, medr, meanr, rsum) of VSRN-style "
-        "embeddings or similarity matrices; several inputs are evaluated as an ensemble.",
+        "embeddings or similarity matrices (several inputs are evaluated as an ensemble), or of "
+        "model checkpoints on sharded splits.",
     )
-    inputs = parser.add_argument_group("inputs (one kind; repeat the option for an ensemble)")
-    kinds = inputs.add_mutually_exclusive_group(required=True)
+    inputs = parser.add_argument_group("inputs (one kind; repeat --embeddings/--sims for an ensemble)")
+    kinds = inputs.add_mutually_exclusive_group()
     kinds.add_argument(
         "--embeddings",
         action="append",
@@ -87,12 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S.npy",
         help="npy file with an (N, 5N) image x caption similarity matrix",
     )
+    kinds.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a run checkpoint (with inference/) or an inference checkpoint directory, local or s3://; "
+        "needs --data and/or --dev",
+    )
+    kinds.add_argument(
+        "--watch",
+        metavar="RUN_DIR",
+        help="evaluate every checkpoint of the run not yet evaluated (local or s3://), then exit",
+    )
     parser.add_argument(
         "--protocol",
         action="append",
-        required=True,
         choices=PROTOCOLS,
-        help="evaluation protocol; repeat for several",
+        help="evaluation protocol; repeat for several (required with --embeddings/--sims; "
+        "--checkpoint: default both; --watch: default eval.test_protocols of the run's config.yaml)",
     )
     parser.add_argument("--output", type=Path, metavar="metrics.json", help="write the metrics as JSON")
     parser.add_argument("--device", default="cpu", help="torch device to compute on (default: cpu)")
@@ -103,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="queries scored at once (default: chosen from a 256 MiB memory budget)",
     )
+    models = parser.add_argument_group("--checkpoint and --watch")
+    models.add_argument("--data", metavar="SHARDS",
+                        help="test shards: a directory or s3:// prefix with manifest.json (--watch: default "
+                        "data.test of the run's config.yaml)")
+    models.add_argument("--dev", metavar="SHARDS",
+                        help="dev shards for the dev rsum that selects the best checkpoint (--watch: default "
+                        "data.dev of the run's config.yaml)")
+    models.add_argument("--dev-images", type=int, metavar="N",
+                        help="dev images ranked (the first N; default: eval.dev_images, 1000)")
+    models.add_argument("--batch-size", type=int, metavar="B",
+                        help="images encoded per forward pass, with their captions (default: eval.batch_size, 256)")
+    models.add_argument("--loader-workers", type=int, default=0, metavar="W",
+                        help="processes reading shards (default: 0, read in this process)")
+    models.add_argument("--retry-failed", action="store_true",
+                        help="--watch: evaluate again the checkpoints that have an eval_error.json")
+    models.add_argument("--endpoint-url", metavar="URL",
+                        help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -110,6 +172,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="verbosity of the log on stderr (default: INFO)",
     )
     return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors that argparse cannot express (exits 2 through ``parser.error``)."""
+    if not (args.embeddings or args.sims or args.checkpoint or args.watch):
+        parser.error("one of the arguments --embeddings --sims is required (or --checkpoint DIR, or --watch RUN_DIR)")
+    model_options = {"--data": args.data, "--dev": args.dev, "--dev-images": args.dev_images,
+                     "--batch-size": args.batch_size, "--retry-failed": args.retry_failed or None,
+                     "--endpoint-url": args.endpoint_url}
+    if args.embeddings or args.sims:
+        if not args.protocol:
+            parser.error("the following arguments are required: --protocol")
+        given = [name for name, value in model_options.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --checkpoint or --watch")
+    if args.block_size is not None and args.block_size < 1:
+        parser.error(f"--block-size must be >= 1, got {args.block_size}")
+    if args.checkpoint and args.data is None and args.dev is None:
+        parser.error("--checkpoint needs --data (test shards) and/or --dev (dev shards)")
+    if args.checkpoint and args.retry_failed:
+        parser.error("--retry-failed: only with --watch")
+    if args.watch and args.output is not None:
+        parser.error("--output: not with --watch (each checkpoint gets its metrics.json)")
+    for name, value in (("--dev-images", args.dev_images), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
+    if args.loader_workers < 0:
+        parser.error(f"--loader-workers must be >= 0, got {args.loader_workers}")
 
 
 def _open_npy_or_npz(path: Path) -> Any:
@@ -195,12 +285,121 @@ def evaluate_files(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {p: evaluate_similarities(matrices, p, names=names, **options) for p in protocols}
 
 
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """s3fs options: --endpoint-url, else the environment (None lets every reader use it)."""
+    from data_shards.storage import s3_storage_options
+
+    return s3_storage_options(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+
+
+def _eval_config(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
+    """``base`` with the command line's --protocol, --dev-images and --batch-size applied."""
+    changes: dict[str, Any] = {}
+    if args.protocol:
+        changes["test_protocols"] = _unique(args.protocol)
+    if args.dev_images is not None:
+        changes["dev_images"] = args.dev_images
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
+    return dataclasses.replace(base, **changes)
+
+
+def _full_precision(device: str) -> None:
+    # cuDNN runs fp32 GRUs in TF32 by default, which moves embeddings by ~1e-4 (trainer/encode.py).
+    if device.startswith("cuda"):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
+    """``--checkpoint``: evaluate one checkpoint, print the table, write metrics.json."""
+    from trainer.config import EvalConfig
+    from trainer.eval_worker import (
+        evaluate_checkpoint,
+        is_run_checkpoint,
+        read_run_settings,
+        record_result,
+        results_table,
+        run_dir_of,
+        update_best,
+    )
+
+    options = _storage_options(args)
+    _full_precision(args.device)
+    try:
+        # A checkpoint of a run is evaluated with the run's eval settings (dev subset size above
+        # all), so that its dev rsum compares with the others in best.json.
+        in_run = is_run_checkpoint(args.checkpoint, options)
+        settings = read_run_settings(run_dir_of(args.checkpoint), options) if in_run else None
+        base = settings.eval if settings is not None else EvalConfig(test_protocols=list(PROTOCOLS))
+        region_order = settings.region_order if settings is not None else "stored"
+        payload = evaluate_checkpoint(args.checkpoint, args.dev, args.data, _eval_config(args, base), options,
+                                      args.device, loader_workers=args.loader_workers, region_order=region_order)
+    except (ValueError, OSError, RuntimeError) as error:
+        # ValueError covers CheckpointError, ShardFormatError, EvaluationDataError, ConfigError;
+        # OSError the storage. The messages name the file; add the checkpoint where they do not.
+        message = str(error)
+        if Path(args.checkpoint.rstrip("/")).name not in message:
+            message = f"{args.checkpoint}: {message}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(results_table(payload))
+    for protocol, reason in payload["skipped"].items():
+        print(f"skipped {protocol}: {reason}")
+    try:
+        if args.output is not None:
+            write_json_atomic(args.output, payload)
+            logger.info("wrote %s", args.output)
+        else:
+            record_result(args.checkpoint, payload, options)
+            logger.info("wrote metrics.json beside %s", payload["checkpoint"])
+            # A run checkpoint evaluated by hand must count for model selection as --watch would,
+            # which now skips it.
+            if in_run and payload["dev_rsum"] is not None:
+                update_best(run_dir_of(args.checkpoint), payload, options)
+    except OSError as error:
+        target = args.output if args.output is not None else f"metrics.json beside {args.checkpoint}"
+        print(f"{prog}: error: cannot write {target}: {error}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    return EXIT_OK
+
+
+def run_watch(args: argparse.Namespace, prog: str) -> int:
+    """``--watch``: evaluate the run's checkpoints not yet evaluated; 3 if any of them failed."""
+    from trainer.config import EvalConfig
+    from trainer.eval_worker import evaluate_run, read_run_settings
+
+    options = _storage_options(args)
+    _full_precision(args.device)
+    try:
+        settings = read_run_settings(args.watch, options)
+        eval_config = _eval_config(args, settings.eval if settings is not None else EvalConfig())
+        summaries = evaluate_run(args.watch, dev=args.dev, test=args.data, eval_config=eval_config,
+                                 storage_options=options, device=args.device, retry_failed=args.retry_failed,
+                                 loader_workers=args.loader_workers)
+    except (ValueError, OSError) as error:  # no shards, an unreadable config.yaml or split, the store
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    failed = [s for s in summaries if s["status"] != "ok"]
+    for summary in summaries:
+        if summary["status"] == "ok":
+            rsum = "n/a" if summary["dev_rsum"] is None else f"{summary['dev_rsum']:.2f}"
+            print(f"{summary['path']} (step {summary['step']}): dev rsum {rsum}"
+                  + (" (new best)" if summary["is_best"] else "")
+                  + (f" (warning: {summary['error']})" if summary["error"] else ""))
+        else:
+            print(f"{summary['path']} (step {summary['step']}): FAILED: {summary['error']}")
+    print(f"{args.watch}: evaluated {len(summaries)} checkpoint(s), {len(failed)} failed")
+    return EXIT_CHECKPOINTS_FAILED if failed else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (argparse itself exits 2 on usage errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.block_size is not None and args.block_size < 1:
-        parser.error(f"--block-size must be >= 1, got {args.block_size}")
+    check_arguments(parser, args)
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
@@ -210,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: --output {args.output}: directory "
               f"{args.output.parent} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.checkpoint:
+        return run_checkpoint(args, parser.prog)
+    if args.watch:
+        return run_watch(args, parser.prog)
 
     try:
         results = evaluate_files(args)

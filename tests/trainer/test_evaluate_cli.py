@@ -15,10 +15,20 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from eval_run_helpers import (
+    EvalData,
+    build_eval_data,
+    make_model,
+    write_checkpoint,
+    write_run_config,
+)
 
+from trainer.config import EvalConfig
+from trainer.eval_worker import evaluate_checkpoint
 from trainer.evaluate import main, write_json_atomic
 from trainer.evaluation import evaluate_embeddings, evaluate_similarities
 
@@ -253,3 +263,177 @@ def test_write_json_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------
+# --checkpoint and --watch: model checkpoints on sharded splits (trainer/eval_worker.py)
+# ------------------------------------------------------------------------------------------------
+
+RUN_DEV_IMAGES = 20
+VOLATILE_KEYS = ("evaluated_at", "elapsed_s")
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory: pytest.TempPathFactory) -> EvalData:
+    return build_eval_data(tmp_path_factory.mktemp("evaluate_cli_shards"))
+
+
+def make_cli_run(root: Path, data: EvalData, corrupt_second: bool = False) -> Path:
+    """RUN_DIR with config.yaml and two checkpoints of different models (steps 10 and 20)."""
+    run = root / "run"
+    write_run_config(run, str(data.dev.shards), str(data.test.shards), ["1k-5fold", "all"], RUN_DEV_IMAGES)
+    for index, seed in enumerate((1, 2)):
+        directory = write_checkpoint(run, f"checkpoint_{index + 1:06d}", make_model(data.vocab, seed), data.vocab,
+                                     step=10 * (index + 1))
+        if corrupt_second and index == 1:
+            weights = directory / "inference" / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+    return run
+
+
+def stable(payload: dict) -> dict:
+    return {key: value for key, value in payload.items() if key not in VOLATILE_KEYS}
+
+
+def assert_same_payload(found: Any, expected: Any, where: str = "metrics") -> None:
+    """Equal structure and values, floats to 1e-6 (a separate process may sum in another order)."""
+    if isinstance(expected, dict):
+        assert isinstance(found, dict) and list(found) == list(expected), where
+        for key in expected:
+            assert_same_payload(found[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, float):
+        assert found == pytest.approx(expected, abs=1e-6), where
+    else:
+        assert found == expected, where
+
+
+def test_checkpoint_mode_writes_metrics_beside_the_checkpoint(eval_data: EvalData, tmp_path: Path) -> None:
+    run = make_cli_run(tmp_path, eval_data)
+    checkpoint = run / "checkpoint_000001"
+    result = run_cli("--checkpoint", checkpoint, "--data", eval_data.test.shards, "--dev", eval_data.dev.shards)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^dev \(all, 20 images\) +\|", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^test all +\|", result.stdout, re.MULTILINE)
+    assert "skipped 1k-5fold: needs at least 5000 test images" in result.stdout
+
+    # The run's config.yaml supplies the eval settings (20 dev images, both protocols).
+    metrics = json.loads((checkpoint / "metrics.json").read_text())
+    expected = evaluate_checkpoint(str(checkpoint), str(eval_data.dev.shards), str(eval_data.test.shards),
+                                   EvalConfig(dev_images=RUN_DEV_IMAGES, batch_size=16))
+    assert_same_payload(stable(metrics), stable(expected))
+    assert list(metrics["test"]["all"]) == PINNED_KEYS
+    best = json.loads((run / "best.json").read_text())
+    assert best["checkpoint"] == str(checkpoint) and best["dev_rsum"] == metrics["dev_rsum"]
+
+
+def test_checkpoint_mode_output_file_and_protocols(
+    eval_data: EvalData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An inference checkpoint directory itself, outside any run; --output instead of beside it.
+    inference = write_checkpoint(tmp_path, "checkpoint_x", make_model(eval_data.vocab, 3), eval_data.vocab,
+                                 step=1, complete=False) / "inference"
+    output = tmp_path / "out.json"
+    assert main(["--checkpoint", str(inference), "--data", str(eval_data.test.shards), "--protocol", "all",
+                 "--batch-size", "8", "--output", str(output)]) == 0
+    payload = json.loads(output.read_text())
+    assert payload["checkpoint"] == str(inference) and payload["step"] is None
+    assert payload["dev"] is None and payload["skipped"] == {} and list(payload["test"]) == ["all"]
+    expected = evaluate_checkpoint(str(inference), None, str(eval_data.test.shards),
+                                   EvalConfig(test_protocols=["all"], batch_size=8))
+    assert_same_payload(stable(payload), stable(expected))
+    assert not (inference / "metrics.json").exists() and not (tmp_path / "best.json").exists()
+    assert "test all" in capsys.readouterr().out
+
+
+def test_checkpoint_mode_bad_inputs(eval_data: EvalData, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = make_cli_run(tmp_path, eval_data, corrupt_second=True)
+    for argv, message in [
+        (["--checkpoint", str(run / "checkpoint_000002"), "--data", str(eval_data.test.shards)],
+         r"model\.safetensors: not a readable safetensors file"),
+        (["--checkpoint", str(run / "checkpoint_000001"), "--data", str(tmp_path / "nothing")],
+         r"nothing/manifest\.json: no manifest"),
+        (["--checkpoint", str(tmp_path / "missing"), "--dev", str(eval_data.dev.shards)],
+         r"missing: no inference checkpoint"),
+    ]:
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith("evaluate.py: error: "), captured
+        assert re.search(message, captured.err), captured.err
+    assert not list(run.rglob("metrics.json")) and not list(run.rglob("eval_error.json"))
+
+
+def test_checkpoint_and_watch_usage_errors(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, message in [
+        (["--checkpoint", "c"], "--checkpoint needs --data (test shards) and/or --dev"),
+        (["--checkpoint", "c", "--watch", "r"], "argument --watch: not allowed with argument --checkpoint"),
+        (["--embeddings", str(files["a"]), "--checkpoint", "c", "--data", "d"], "not allowed with argument"),
+        (["--embeddings", str(files["a"]), "--protocol", "all", "--data", "d"], "--data: only with --checkpoint"),
+        (["--watch", "r", "--output", "m.json"], "--output: not with --watch"),
+        (["--checkpoint", "c", "--data", "d", "--retry-failed"], "--retry-failed: only with --watch"),
+        (["--watch", "r", "--dev-images", "0"], "--dev-images must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
+def test_watch_evaluates_the_rest_and_exits_non_zero_on_a_failure(
+    eval_data: EvalData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_cli_run(tmp_path, eval_data, corrupt_second=True)
+    result = run_cli("--watch", run)  # shards and settings from RUN/config.yaml
+    assert result.returncode == 3, result.stderr
+    assert f"{run / 'checkpoint_000001'} (step 10): dev rsum" in result.stdout
+    assert f"{run / 'checkpoint_000002'} (step 20): FAILED: CheckpointError" in result.stdout
+    assert "evaluated 2 checkpoint(s), 1 failed" in result.stdout
+    assert "test all" in result.stderr  # the recall table is logged
+    first = json.loads((run / "checkpoint_000001" / "metrics.json").read_text())
+    assert first["data"]["dev_images"] == RUN_DEV_IMAGES
+    assert json.loads((run / "best.json").read_text())["checkpoint"] == str(run / "checkpoint_000001")
+    assert "model.safetensors" in json.loads((run / "checkpoint_000002" / "eval_error.json").read_text())["error"]
+
+    # Evaluated and failed checkpoints are skipped on the next run (exit 0: nothing failed now) ...
+    before = (run / "checkpoint_000001" / "metrics.json").read_bytes()
+    assert main(["--watch", str(run)]) == 0
+    assert "evaluated 0 checkpoint(s), 0 failed" in capsys.readouterr().out
+    assert (run / "checkpoint_000001" / "metrics.json").read_bytes() == before
+    # ... unless failures are to be retried.
+    assert main(["--watch", str(run), "--retry-failed"]) == 3
+    assert "evaluated 1 checkpoint(s), 1 failed" in capsys.readouterr().out
+
+
+def test_watch_without_shards_or_with_unreadable_ones(
+    eval_data: EvalData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_cli_run(tmp_path, eval_data)
+    assert main(["--watch", str(run), "--data", str(tmp_path / "nothing")]) == 2
+    assert "no manifest" in capsys.readouterr().err
+    (run / "config.yaml").unlink()
+    assert main(["--watch", str(run)]) == 2
+    assert "no dev or test shards" in capsys.readouterr().err
+    assert not list(run.rglob("metrics.json")) and not list(run.rglob("eval_error.json"))
+    # Without config.yaml the command line gives everything.
+    assert main(["--watch", str(run), "--data", str(eval_data.test.shards), "--dev", str(eval_data.dev.shards),
+                 "--dev-images", "10", "--protocol", "all"]) == 0
+    metrics = json.loads((run / "checkpoint_000002" / "metrics.json").read_text())
+    assert metrics["data"]["dev_images"] == 10 and metrics["skipped"] == {}
+
+
+def test_watch_an_s3_run_with_the_environment(eval_data: EvalData, tmp_path: Path, s3_env: Any,
+                                              s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from data_shards.storage import open_location
+
+    local = make_cli_run(tmp_path, eval_data)
+    run_url = f"s3://{s3_bucket}/runs/cli"
+    remote = open_location(run_url)  # endpoint and credentials from the AWS_* environment
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        remote.write_bytes_atomic(path.relative_to(local).as_posix(), path.read_bytes())
+    assert main(["--watch", run_url]) == 0
+    assert "evaluated 2 checkpoint(s), 0 failed" in capsys.readouterr().out
+    for name in ("checkpoint_000001", "checkpoint_000002"):
+        metrics = json.loads(remote.read_text(f"{name}/metrics.json"))
+        assert metrics["checkpoint"] == f"{run_url}/{name}" and list(metrics["test"]) == ["all"]
+    best = json.loads(remote.read_text("best.json"))
+    rsums = [json.loads(remote.read_text(f"{n}/metrics.json"))["dev_rsum"] for n in ("checkpoint_000001", "checkpoint_000002")]
+    assert best["dev_rsum"] == max(rsums)

@@ -1,0 +1,883 @@
+"""The evaluation worker: recall metrics for every checkpoint of a run, beside the checkpoint.
+
+Training never waits for evaluation. The trainer hands each new checkpoint directory to an
+:class:`EvaluationWorker` (a Ray actor with its own CPUs/GPUs, see :func:`make_evaluation_actor`),
+whose ``submit`` only queues the path; a background thread in the actor encodes the dev and test
+shards with the checkpoint's inference model, computes
+
+* the dev metrics (protocol ``all`` on the first ``eval.dev_images`` dev images) whose ``rsum``
+  selects the best model, as the reference's validation does, and
+* the test metrics of each protocol in ``eval.test_protocols`` (COCO: ``1k-5fold`` and ``all``
+  = 5K; Flickr30K: ``all``; ``1k-5fold`` is skipped, and the skip recorded, below 5000 images),
+
+writes ``metrics.json`` beside the checkpoint, rewrites ``RUN_DIR/best.json`` when the dev rsum
+beats the recorded best, and logs the recall table. A checkpoint that cannot be evaluated gets an
+``eval_error.json`` instead, and the worker goes on with the next one.
+
+The same code runs without Ray as a scheduled job (``python trainer/evaluate.py --watch RUN_DIR``,
+i.e. :func:`evaluate_run`): every complete checkpoint of the run without ``metrics.json`` or
+``eval_error.json`` is evaluated in step order, then it exits. The files follow
+docs/run_layout.md; ``RUN_DIR`` and the shards may be local or ``s3://`` (data_shards/storage.py).
+
+Example (the trainer's side)::
+
+    actor = make_evaluation_actor(config.eval, dev=config.data.dev, test=config.data.test,
+                                  run_dir=run_dir)
+    actor.submit.remote(checkpoint_dir)      # returns at once; evaluation runs in the actor
+    ...
+    ray.get(actor.wait_idle.remote(3600))    # at the end of training
+    best = ray.get(actor.best.remote())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from data_shards.reader import EvalReader, ReaderConfig, load_split
+from data_shards.storage import Location, open_location
+from model.atomic import atomic_write
+from model.checkpoint import (
+    CONFIG_FILE,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_inference_checkpoint,
+)
+from model.vocab import Vocabulary
+from model.vsrn import VSRN
+from trainer.config import ConfigError, EvalConfig, TrainConfig, config_from_dict
+from trainer.evaluation import (
+    CAPTIONS_PER_IMAGE,
+    FOLD_PROTOCOL_MIN_IMAGES,
+    PROTOCOL_1K_5FOLD,
+    PROTOCOL_ALL,
+    evaluate_embeddings,
+    format_table,
+)
+
+__all__ = [
+    "BEST_FILE",
+    "CONFIG_YAML",
+    "ERROR_FILE",
+    "METRICS_FILE",
+    "TRAIN_STATE_FILE",
+    "CheckpointEntry",
+    "EvaluationDataError",
+    "EvaluationWorker",
+    "RunSettings",
+    "encode_split",
+    "evaluate_and_record",
+    "evaluate_checkpoint",
+    "evaluate_run",
+    "is_run_checkpoint",
+    "list_checkpoints",
+    "make_evaluation_actor",
+    "prune_checkpoints",
+    "read_best",
+    "read_run_settings",
+    "record_failure",
+    "record_result",
+    "results_table",
+    "run_dir_of",
+    "update_best",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+ERROR_FILE = "eval_error.json"
+BEST_FILE = "best.json"
+TRAIN_STATE_FILE = "train_state.json"
+CONFIG_YAML = "config.yaml"
+INFERENCE_DIR = "inference"
+CHECKPOINT_PREFIX = "checkpoint_"
+METRICS_FORMAT_VERSION = 1
+
+
+class EvaluationDataError(ValueError):
+    """The evaluation data cannot be ranked (an image without exactly five captions, no images ...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage helpers: the same code for local directories and s3:// prefixes
+# --------------------------------------------------------------------------------------------------
+
+
+def _location(url: str, storage_options: Mapping[str, Any] | None) -> Location:
+    return open_location(str(url), storage_options)
+
+
+def _display(location: Location) -> str:
+    """How a location is named in files and messages: the s3:// URL or the absolute local path."""
+    return location.url if location.is_s3 else location.path
+
+
+def _read_json(location: Location, name: str) -> dict[str, Any] | None:
+    """The JSON object in file ``name`` of ``location``; None if the file does not exist."""
+    try:
+        if location.is_s3:
+            text = location.read_text(name)
+        else:  # a plain sequential read: no fsspec buffering or seeking needed for a small file
+            text = Path(location.child_path(name)).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{location.child_url(name)}: not valid JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{location.child_url(name)}: expected a JSON object, got {type(payload).__name__}")  # noqa: TRY004 - bad file content, not a bad argument
+    return payload
+
+
+def _write_json(location: Location, name: str, payload: Any) -> None:
+    """Publish ``payload`` as JSON file ``name``: readers see the old file or the whole new one."""
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    if location.is_s3:
+        # An S3 object appears only when its upload completes: never partial.
+        location.write_bytes_atomic(name, text.encode("utf-8"))
+    else:
+        with atomic_write(Path(location.child_path(name))) as stream:
+            stream.write(text)
+
+
+def _remove_if_present(location: Location, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if location.exists(name):
+            location.remove(name)
+
+
+def _subdirectories(location: Location) -> list[str]:
+    """Names of the directories (S3: common prefixes) directly under ``location``, sorted."""
+    if not location.is_s3:
+        try:
+            return sorted(entry.name for entry in os.scandir(location.path) if entry.is_dir())
+        except FileNotFoundError:
+            return []
+    location.fs.invalidate_cache(location.path)  # checkpoints appear behind s3fs's listing cache
+    try:
+        entries = location.fs.ls(location.path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
+                  if entry.get("type") == "directory")
+
+
+def run_dir_of(checkpoint: str) -> str:
+    """The run directory of a checkpoint: its parent directory or prefix."""
+    stripped = str(checkpoint).rstrip("/")
+    if "://" in stripped:
+        return stripped.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(stripped))
+
+
+def _basename(url: str) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding a split
+# --------------------------------------------------------------------------------------------------
+
+
+def _prefix_shards(reader: EvalReader, max_images: int) -> list[str]:
+    """Names of the first shards of the selection that hold at least ``max_images`` images, so a
+    dev subset reads only the shards it needs (manifest order is source order)."""
+    names, total = [], 0
+    for shard in reader.spec.shards:
+        names.append(shard.name)
+        total += shard.samples
+        if total >= max_images:
+            break
+    return names
+
+
+@torch.inference_mode()
+def encode_split(
+    model: VSRN,
+    vocab: Vocabulary,
+    reader_config: ReaderConfig,
+    batch_size: int,
+    device: str | torch.device,
+    max_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed the images and captions of a sharded split in source order.
+
+    Args:
+        model: the VSRN to encode with (put in eval mode here).
+        vocab: its vocabulary; ``vocab.encode`` tokenizes the captions.
+        reader_config: where the split is and how to read it; its ``batch_size`` is replaced by
+            ``batch_size`` (images per forward pass, with their captions).
+        batch_size: images per forward pass.
+        device: where the model runs.
+        max_images: encode only the first ``max_images`` images (and their captions).
+
+    Returns:
+        ``images`` (N, D) and ``captions`` (5N, D), float32: image i owns captions 5i..5i+4, the
+        layout :func:`trainer.evaluation.evaluate_embeddings` ranks.
+
+    Raises:
+        EvaluationDataError: an image has other than five captions (ranking pairs caption j with
+            image j // 5), or there is nothing to encode.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    config = dataclasses.replace(reader_config, batch_size=batch_size)
+    reader = EvalReader(config, vocab.encode)
+    if max_images is not None and max_images < reader.images:
+        reader = EvalReader(dataclasses.replace(config, shards=_prefix_shards(reader, max_images)), vocab.encode)
+    wanted = reader.images if max_images is None else min(max_images, reader.images)
+    model.eval()
+    device = torch.device(device)
+    dim = model.config.embed_size
+    images = np.empty((wanted, dim), dtype=np.float32)
+    captions = np.empty((CAPTIONS_PER_IMAGE * wanted, dim), dtype=np.float32)
+    done = 0
+    started = time.perf_counter()
+    batches = iter(reader)
+    try:
+        for batch in batches:
+            take = min(len(batch.keys), wanted - done)
+            counts = Counter(batch.caption_image_ids.tolist())
+            for row, image_id in enumerate(batch.image_ids[:take].tolist()):
+                # Ranking pairs caption j with image j // 5: every image needs exactly five.
+                if counts[image_id] != CAPTIONS_PER_IMAGE:
+                    raise EvaluationDataError(
+                        f"{reader.spec.location}: image {batch.keys[row]} (index {image_id}) has {counts[image_id]} "
+                        f"captions; recall ranking needs exactly {CAPTIONS_PER_IMAGE} per image")
+            regions = batch.regions[:take].to(device=device, dtype=torch.float32)
+            boxes = batch.boxes[:take].to(device) if batch.boxes is not None else None
+            images[done:done + take] = model.encode_images(regions, boxes).float().cpu().numpy()
+            caption_count = CAPTIONS_PER_IMAGE * take
+            tokens = batch.tokens[:caption_count].to(device)
+            lengths = batch.lengths[:caption_count]
+            # Trim the padding to the longest caption kept (the text encoder packs by length anyway).
+            tokens = tokens[:, : int(lengths.max())]
+            start = CAPTIONS_PER_IMAGE * done
+            captions[start:start + caption_count] = model.encode_captions(tokens, lengths).float().cpu().numpy()
+            done += take
+            if done >= wanted:
+                break
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops the loader's workers when a prefix was enough
+    if done == 0:
+        raise EvaluationDataError(f"{reader.spec.location}: no images to evaluate")
+    if done < wanted:  # bad_data="skip" dropped some samples
+        logger.warning("%s: read %d of the %d images the manifest lists", reader.spec.location, done, wanted)
+        images, captions = images[:done], captions[:CAPTIONS_PER_IMAGE * done]
+    logger.info("encoded %d images and %d captions of %s in %.1f s", done, CAPTIONS_PER_IMAGE * done,
+                reader.spec.location, time.perf_counter() - started)
+    return images, captions
+
+
+# --------------------------------------------------------------------------------------------------
+# One checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _local_inference_dir(checkpoint: Location) -> Iterator[Path]:
+    """A local directory with the checkpoint's inference files (downloaded from S3 if needed).
+
+    ``checkpoint`` is a run checkpoint (with ``inference/``) or an inference checkpoint itself.
+    """
+    if checkpoint.exists(f"{INFERENCE_DIR}/{CONFIG_FILE}"):
+        source = checkpoint.child(INFERENCE_DIR)
+    elif checkpoint.exists(CONFIG_FILE):
+        source = checkpoint
+    else:
+        raise CheckpointError(f"{_display(checkpoint)}: no inference checkpoint "
+                              f"({INFERENCE_DIR}/{CONFIG_FILE} not found)")
+    if not source.is_s3:
+        yield Path(source.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="vsrn-eval-") as temporary:
+        for name in (WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE):
+            if not source.exists(name):
+                raise CheckpointError(f"{source.child_url(name)}: missing from the checkpoint")
+            source.fs.get_file(source.child_path(name), os.path.join(temporary, name))
+        yield Path(temporary)
+
+
+def _train_state(checkpoint: Location) -> dict[str, Any] | None:
+    return _read_json(checkpoint, TRAIN_STATE_FILE)
+
+
+def is_run_checkpoint(checkpoint: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``checkpoint`` is a complete checkpoint of a run (train_state.json present), as
+    opposed to a bare inference checkpoint."""
+    return _location(checkpoint, storage_options).exists(TRAIN_STATE_FILE)
+
+
+def _int_or_none(state: dict[str, Any] | None, key: str) -> int | None:
+    value = None if state is None else state.get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    dev: str | None,
+    test: str | None,
+    eval_config: EvalConfig,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    loader_workers: int = 0,
+    region_order: str = "stored",
+) -> dict[str, Any]:
+    """Evaluate one checkpoint; returns the ``metrics.json`` payload (nothing is written).
+
+    Args:
+        checkpoint: a run checkpoint directory (local or ``s3://``) holding ``inference/`` and
+            ``train_state.json``, or an inference checkpoint directory itself.
+        dev: dev shards (directory with manifest.json) or None: the first ``eval_config.dev_images``
+            images are ranked with protocol ``all``; their rsum is ``dev_rsum``.
+        test: test shards or None: every protocol of ``eval_config.test_protocols``; ``1k-5fold``
+            is skipped (recorded under ``"skipped"``) when the split has fewer than 5000 images.
+        eval_config: protocols, dev subset size, encoding batch size.
+        storage_options: s3fs options for checkpoint and shards (None: the environment).
+        device: where the model and the ranking run.
+        loader_workers: DataLoader worker processes reading shards (0: in this process, which
+            suits an evaluator with one CPU).
+        region_order: the reader's region order (data.region_order of the run).
+    """
+    if dev is None and test is None:
+        raise ValueError("nothing to evaluate: give dev and/or test shards")
+    started = time.perf_counter()
+    location = _location(checkpoint, storage_options)
+    state = _train_state(location)
+    device = torch.device(device)
+    with _local_inference_dir(location) as inference:
+        model, vocab = load_inference_checkpoint(inference, device=device)
+    options = dict(storage_options) if storage_options is not None else None
+
+    def encode(split: str, max_images: int | None) -> tuple[np.ndarray, np.ndarray]:
+        reader_config = ReaderConfig(location=split, batch_size=eval_config.batch_size, num_workers=loader_workers,
+                                     storage_options=options, region_order=region_order,  # type: ignore[arg-type]
+                                     bad_data="strict")
+        return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images)
+
+    payload: dict[str, Any] = {
+        "checkpoint": _display(location),
+        "step": _int_or_none(state, "step"),
+        "epoch": _int_or_none(state, "epoch"),
+        "dev": None,
+        "dev_rsum": None,
+        "test": {},
+        "skipped": {},
+        "data": {"dev": dev, "dev_images": 0, "test": test, "test_images": 0},
+    }
+    if dev is not None:
+        images, captions = encode(dev, eval_config.dev_images)
+        if images.shape[0] < eval_config.dev_images:
+            logger.info("%s has %d images, fewer than eval.dev_images = %d: the dev metrics use all of them",
+                        dev, images.shape[0], eval_config.dev_images)
+        payload["dev"] = evaluate_embeddings([(images, captions)], PROTOCOL_ALL, device=device)
+        payload["dev_rsum"] = payload["dev"]["rsum"]
+        payload["data"]["dev_images"] = int(images.shape[0])
+    if test is not None:
+        images, captions = encode(test, None)
+        payload["data"]["test_images"] = int(images.shape[0])
+        for protocol in dict.fromkeys(eval_config.test_protocols):
+            if protocol == PROTOCOL_1K_5FOLD and images.shape[0] < FOLD_PROTOCOL_MIN_IMAGES:
+                reason = (f"needs at least {FOLD_PROTOCOL_MIN_IMAGES} test images, "
+                          f"the test split has {images.shape[0]}")
+                logger.warning("%s: protocol %s skipped: %s", _display(location), protocol, reason)
+                payload["skipped"][protocol] = reason
+                continue
+            payload["test"][protocol] = evaluate_embeddings([(images, captions)], protocol, device=device)
+    payload["evaluated_at"] = _now()
+    payload["elapsed_s"] = round(time.perf_counter() - started, 3)
+    payload["format_version"] = METRICS_FORMAT_VERSION
+    return payload
+
+
+def results_table(payload: dict[str, Any]) -> str:
+    """The recall table of a metrics.json payload: the dev row, then one row per test protocol."""
+    rows: dict[str, dict[str, Any]] = {}
+    if payload.get("dev") is not None:
+        rows[f"dev (all, {payload['data']['dev_images']} images)"] = payload["dev"]
+    for protocol, metrics in payload.get("test", {}).items():
+        rows[f"test {protocol}"] = metrics
+    return format_table(rows) if rows else "(no metrics)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording results
+# --------------------------------------------------------------------------------------------------
+
+
+def record_result(checkpoint: str, payload: dict[str, Any],
+                  storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``metrics.json`` beside the checkpoint (atomically) and drop a stale eval_error.json."""
+    location = _location(checkpoint, storage_options)
+    _write_json(location, METRICS_FILE, payload)
+    # metrics.json now says this checkpoint was evaluated; an older failure record would only
+    # contradict it (it exists after a successful --retry-failed).
+    _remove_if_present(location, ERROR_FILE)
+
+
+def record_failure(checkpoint: str, error: BaseException,
+                   storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``eval_error.json`` beside the checkpoint; returns its payload."""
+    location = _location(checkpoint, storage_options)
+    payload = {
+        "checkpoint": _display(location),
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        "failed_at": _now(),
+    }
+    _write_json(location, ERROR_FILE, payload)
+    return payload
+
+
+def read_best(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The run's ``best.json`` payload, or None when there is none (or it is unreadable)."""
+    location = _location(run_dir, storage_options)
+    try:
+        return _read_json(location, BEST_FILE)
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        logger.warning("ignoring %s: %s", location.child_url(BEST_FILE), error)
+        return None
+
+
+def update_best(run_dir: str, payload: dict[str, Any],
+                storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Make the checkpoint of ``payload`` (a metrics.json payload) the run's best if its dev rsum
+    beats the one in ``RUN_DIR/best.json`` (strictly, as the reference's ``rsum > best_rsum``);
+    returns whether it did.
+
+    best.json is replaced atomically. Two evaluators racing (a CronJob beside the training's
+    actor) may both read the old file; the last writer wins, but readers never see a partial file.
+    A checkpoint already recorded as best is rewritten with its new metrics.
+    """
+    rsum = payload.get("dev_rsum")
+    if rsum is None:
+        logger.info("%s has no dev rsum (no dev split): best.json not updated", payload.get("checkpoint"))
+        return False
+    location = _location(run_dir, storage_options)
+    current = read_best(run_dir, storage_options)
+    dev_images = (payload.get("data") or {}).get("dev_images")
+    if current is not None:
+        recorded = current.get("dev_rsum")
+        if current.get("dev_images") not in (None, dev_images):
+            logger.warning("%s: comparing dev rsums over %s and %s dev images; evaluate with the same "
+                           "eval.dev_images", location.child_url(BEST_FILE), current.get("dev_images"), dev_images)
+        same = _basename(str(current.get("checkpoint", ""))) == _basename(payload["checkpoint"])
+        if not same and isinstance(recorded, (int, float)) and not rsum > recorded:
+            return False
+    best = {
+        "checkpoint": payload["checkpoint"],
+        "step": payload.get("step"),
+        "epoch": payload.get("epoch"),
+        "dev_rsum": rsum,
+        "dev_images": dev_images,
+        "dev": payload.get("dev"),
+        "metrics": payload.get("test", {}),
+        "updated_at": _now(),
+    }
+    _write_json(location, BEST_FILE, best)
+    logger.info("new best checkpoint %s (step %s): dev rsum %.2f", payload["checkpoint"], payload.get("step"), rsum)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# A run: every checkpoint not yet evaluated
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CheckpointEntry:
+    """A complete checkpoint directory of a run and what the evaluator has recorded for it."""
+
+    name: str
+    url: str
+    step: int | None
+    epoch: int | None
+    evaluated: bool  # metrics.json present
+    failed: bool  # eval_error.json present
+
+
+def list_checkpoints(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> list[CheckpointEntry]:
+    """The complete ``checkpoint_*`` directories of a run (train_state.json present: it is written
+    last), in step order (ties and missing steps: by name)."""
+    run = _location(run_dir, storage_options)
+    entries = []
+    for name in _subdirectories(run):
+        if not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        checkpoint = run.child(name)
+        try:
+            state = _train_state(checkpoint)
+        except (ValueError, UnicodeDecodeError) as error:
+            # Written last and atomically, so unreadable means damaged, not in progress.
+            logger.warning("%s: %s; treating the checkpoint as incomplete", _display(checkpoint), error)
+            continue
+        if state is None:
+            logger.debug("%s: no %s yet (incomplete)", _display(checkpoint), TRAIN_STATE_FILE)
+            continue
+        entries.append(CheckpointEntry(
+            name=name, url=_display(checkpoint), step=_int_or_none(state, "step"), epoch=_int_or_none(state, "epoch"),
+            evaluated=checkpoint.exists(METRICS_FILE), failed=checkpoint.exists(ERROR_FILE)))
+    entries.sort(key=lambda e: (e.step if e.step is not None else -1, e.name))
+    return entries
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """What the evaluator needs from a run's config.yaml (or from the command line)."""
+
+    dev: str | None
+    test: str | None
+    eval: EvalConfig
+    region_order: str = "stored"
+    s3_endpoint_url: str = ""
+
+
+def read_run_settings(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> RunSettings | None:
+    """Dev/test shards and eval settings from ``RUN_DIR/config.yaml``; None if the file is absent.
+
+    Raises ConfigError naming the file when it is not a valid trainer/config.py configuration.
+    """
+    location = _location(run_dir, storage_options)
+    try:
+        text = location.read_text(CONFIG_YAML)
+    except FileNotFoundError:
+        return None
+    where = location.child_url(CONFIG_YAML)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: invalid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the configuration must be a mapping of sections")
+    try:
+        config: TrainConfig = config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return RunSettings(dev=config.data.dev or None, test=config.data.test or None, eval=config.eval,
+                       region_order=config.data.region_order, s3_endpoint_url=config.data.s3_endpoint_url)
+
+
+def _summary(checkpoint: str, step: int | None, epoch: int | None, *, status: str, dev_rsum: float | None = None,
+             error: str | None = None, is_best: bool = False, elapsed_s: float | None = None) -> dict[str, Any]:
+    return {"path": checkpoint, "step": step, "epoch": epoch, "dev_rsum": dev_rsum, "status": status,
+            "error": error, "is_best": is_best, "elapsed_s": elapsed_s}
+
+
+def evaluate_and_record(
+    checkpoint: str,
+    dev: str | None,
+    test: str | None,
+    eval_config: EvalConfig,
+    run_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    loader_workers: int = 0,
+    region_order: str = "stored",
+) -> dict[str, Any]:
+    """Evaluate one checkpoint and record the outcome (metrics.json + best.json, or eval_error.json);
+    never raises for a bad checkpoint or bad data: returns a summary with status ok/failed."""
+    started = time.perf_counter()
+    display = checkpoint
+    with contextlib.suppress(Exception):
+        display = _display(_location(checkpoint, storage_options))
+    try:
+        payload = evaluate_checkpoint(checkpoint, dev, test, eval_config, storage_options, device,
+                                      loader_workers=loader_workers, region_order=region_order)
+        record_result(checkpoint, payload, storage_options)
+    except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the others
+        logger.error("evaluating %s failed: %s: %s", checkpoint, type(error).__name__, error)
+        step = epoch = None
+        with contextlib.suppress(Exception):
+            state = _train_state(_location(checkpoint, storage_options))
+            step, epoch = _int_or_none(state, "step"), _int_or_none(state, "epoch")
+        try:
+            record_failure(checkpoint, error, storage_options)
+        except Exception as record_error:  # noqa: BLE001 - e.g. the store is down; keep going
+            logger.error("cannot write %s for %s: %s", ERROR_FILE, checkpoint, record_error)
+        return _summary(display, step, epoch, status="failed", error=f"{type(error).__name__}: {error}",
+                        elapsed_s=round(time.perf_counter() - started, 3))
+    best_error = None
+    try:
+        is_best = update_best(run_dir or run_dir_of(checkpoint), payload, storage_options)
+    except Exception as error:  # noqa: BLE001 - metrics.json is written: the evaluation itself succeeded
+        logger.error("%s: cannot update %s: %s: %s", checkpoint, BEST_FILE, type(error).__name__, error)
+        is_best, best_error = False, f"{BEST_FILE} not updated: {type(error).__name__}: {error}"
+    logger.info("checkpoint %s (step %s, epoch %s): dev rsum %s%s\n%s", payload["checkpoint"], payload["step"],
+                payload["epoch"], "n/a" if payload["dev_rsum"] is None else f"{payload['dev_rsum']:.2f}",
+                " (new best)" if is_best else "", results_table(payload))
+    return _summary(payload["checkpoint"], payload["step"], payload["epoch"], status="ok", error=best_error,
+                    dev_rsum=payload["dev_rsum"], is_best=is_best, elapsed_s=payload["elapsed_s"])
+
+
+def _check_split_reachable(location: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Fail before touching any checkpoint when a split cannot even be opened: a wrong --data
+    must not stamp eval_error.json on every checkpoint of the run."""
+    load_split(ReaderConfig(location=location, num_workers=0,
+                            storage_options=dict(storage_options) if storage_options is not None else None))
+
+
+def evaluate_run(
+    run_dir: str,
+    dev: str | None = None,
+    test: str | None = None,
+    eval_config: EvalConfig | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    retry_failed: bool = False,
+    loader_workers: int = 0,
+) -> list[dict[str, Any]]:
+    """Evaluate every complete checkpoint of ``run_dir`` that has neither metrics.json nor
+    eval_error.json (with ``retry_failed``, also those with eval_error.json), in step order.
+
+    Dev/test shards and the eval settings come from ``RUN_DIR/config.yaml`` unless given here.
+    Failures are recorded per checkpoint and the others still evaluated. Returns one summary per
+    evaluated checkpoint: path, step, epoch, dev_rsum, status ("ok"/"failed"), error, is_best.
+
+    Raises (before evaluating anything) when there is nothing to evaluate against: no dev/test
+    shards given or configured, an unreadable config.yaml, or a split whose manifest cannot be read.
+    """
+    settings = read_run_settings(run_dir, storage_options)
+    if settings is None:
+        logger.info("%s: no %s; using the settings given", run_dir, CONFIG_YAML)
+    dev = dev if dev is not None else (settings.dev if settings else None)
+    test = test if test is not None else (settings.test if settings else None)
+    eval_config = eval_config if eval_config is not None else (settings.eval if settings else EvalConfig())
+    region_order = settings.region_order if settings else "stored"
+    if dev is None and test is None:
+        raise ValueError(f"{run_dir}: no dev or test shards to evaluate on: give them (--data/--dev) or set "
+                         f"data.dev / data.test in {CONFIG_YAML}")
+    for split in (dev, test):
+        if split is not None:
+            _check_split_reachable(split, storage_options)
+    entries = list_checkpoints(run_dir, storage_options)
+    pending = [e for e in entries if not e.evaluated and (retry_failed or not e.failed)]
+    logger.info("%s: %d complete checkpoint(s), %d to evaluate", run_dir, len(entries), len(pending))
+    summaries = []
+    for entry in pending:
+        logger.info("evaluating %s (step %s)", entry.url, entry.step)
+        summaries.append(evaluate_and_record(entry.url, dev, test, eval_config, run_dir, storage_options, device,
+                                             loader_workers=loader_workers, region_order=region_order))
+    return summaries
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruning
+# --------------------------------------------------------------------------------------------------
+
+
+def prune_checkpoints(run_dir: str, keep_last: int, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Delete the checkpoint directories that are evaluated (metrics.json or eval_error.json) and
+    are neither among the newest ``keep_last`` (by step) nor the best (best.json, or the highest
+    dev rsum in the metrics files). Incomplete and not yet evaluated checkpoints are never touched.
+
+    Ray's own ``num_to_keep`` cannot keep "the best" here: the metrics arrive asynchronously.
+    Returns the deleted checkpoints.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    run = _location(run_dir, storage_options)
+    entries = list_checkpoints(run_dir, storage_options)
+    keep = {e.name for e in entries[-keep_last:]}
+    best = read_best(run_dir, storage_options)
+    if best is not None and best.get("checkpoint"):
+        keep.add(_basename(str(best["checkpoint"])))
+    # best.json may lag a metrics.json (or a racing writer may have lost): keep the top dev rsum too.
+    top: tuple[float, str] | None = None
+    for entry in entries:
+        if entry.evaluated:
+            with contextlib.suppress(ValueError, UnicodeDecodeError, OSError):
+                metrics = _read_json(run.child(entry.name), METRICS_FILE) or {}
+                rsum = metrics.get("dev_rsum")
+                if isinstance(rsum, (int, float)) and (top is None or rsum > top[0]):
+                    top = (float(rsum), entry.name)
+    if top is not None:
+        keep.add(top[1])
+    deleted = []
+    for entry in entries:
+        if entry.name in keep or not (entry.evaluated or entry.failed):
+            continue
+        logger.info("pruning %s (step %s)", entry.url, entry.step)
+        if run.is_s3:
+            run.fs.rm(run.child_path(entry.name), recursive=True)
+            run.fs.invalidate_cache(run.path)
+        else:
+            shutil.rmtree(run.child_path(entry.name))
+        deleted.append(entry.url)
+    return deleted
+
+
+# --------------------------------------------------------------------------------------------------
+# The Ray actor
+# --------------------------------------------------------------------------------------------------
+
+
+class EvaluationWorker:
+    """Evaluates submitted checkpoints one at a time in a background thread.
+
+    ``submit`` only puts the path on a queue, so it returns at once even while an evaluation runs
+    (the actor is created with ``max_concurrency`` > 1, so its methods run on Ray's thread pool
+    beside the evaluation thread; shared state is guarded by a lock). Use it through
+    :func:`make_evaluation_actor`; the plain class also works in-process.
+    """
+
+    def __init__(
+        self,
+        eval_config: EvalConfig,
+        dev: str | None,
+        test: str | None,
+        run_dir: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        device: str | None = None,
+        loader_workers: int = 0,
+        region_order: str = "stored",
+        torch_threads: int | None = None,
+    ) -> None:
+        """Start the evaluation thread. ``torch_threads``: torch's intra-op threads in this process
+        (the actor's CPU share; None leaves the process setting alone, e.g. when run in-process)."""
+        if dev is None and test is None:
+            raise ValueError("EvaluationWorker needs dev and/or test shards")
+        if not logging.getLogger().handlers:  # a Ray worker process: make INFO (the tables) visible
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.eval_config = eval_config
+        self.dev, self.test, self.run_dir = dev, test, run_dir
+        self.storage_options = dict(storage_options) if storage_options is not None else None
+        self.device = device or ("cuda" if eval_config.gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.loader_workers = loader_workers
+        self.region_order = region_order
+        self.threads = torch_threads
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        if str(self.device).startswith("cuda"):
+            # Full fp32 encodings, as trainer/encode.py: TF32 GRUs would move the metrics slightly.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._outstanding = 0  # submitted and not finished
+        self._current: str | None = None
+        self._results: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._run, name="evaluation-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, checkpoint_path: str) -> None:
+        """Queue a checkpoint for evaluation; returns immediately."""
+        with self._lock:
+            self._outstanding += 1
+        self._queue.put(str(checkpoint_path))
+        logger.info("queued %s for evaluation", checkpoint_path)
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Block until every submitted checkpoint is evaluated; TimeoutError after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._outstanding:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{self._outstanding} checkpoint(s) still being evaluated after {timeout} s "
+                                       f"(current: {self._current})")
+                self._idle.wait(remaining)
+
+    def pending(self) -> int:
+        """Checkpoints submitted and not yet evaluated (the one running included)."""
+        with self._lock:
+            return self._outstanding
+
+    def results(self) -> list[dict[str, Any]]:
+        """One summary per evaluated checkpoint, in evaluation order: path, step, epoch, dev_rsum,
+        status ("ok"/"failed"), error (why it failed; for "ok", a best.json that could not be
+        written), is_best, elapsed_s."""
+        with self._lock:
+            return [dict(r) for r in self._results]
+
+    def best(self) -> dict[str, Any] | None:
+        """The run's best.json payload (None before any checkpoint with a dev rsum)."""
+        with self._lock:
+            run_dir = self.run_dir or next((run_dir_of(r["path"]) for r in self._results), None)
+        return None if run_dir is None else read_best(run_dir, self.storage_options)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the background thread after the queued checkpoints."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # OpenMP keeps the pool size per thread: set it here too
+        while True:
+            checkpoint = self._queue.get()
+            if checkpoint is None:
+                return
+            with self._lock:
+                self._current = checkpoint
+            try:
+                summary = evaluate_and_record(
+                    checkpoint, self.dev, self.test, self.eval_config, self.run_dir, self.storage_options,
+                    self.device, loader_workers=self.loader_workers, region_order=self.region_order)
+            except BaseException as error:  # the thread must survive anything
+                logger.exception("evaluation worker: unexpected failure on %s", checkpoint)
+                summary = _summary(checkpoint, None, None, status="failed", error=f"{type(error).__name__}: {error}")
+            with self._idle:
+                self._results.append(summary)
+                self._current = None
+                self._outstanding -= 1
+                self._idle.notify_all()
+
+
+def make_evaluation_actor(
+    eval_config: EvalConfig,
+    dev: str | None,
+    test: str | None,
+    run_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    loader_workers: int = 0,
+    region_order: str = "stored",
+    name: str | None = None,
+) -> Any:
+    """Start an :class:`EvaluationWorker` actor with ``eval_config.cpus`` CPUs and ``eval_config.gpus``
+    GPUs (Ray must be initialized); returns its handle.
+
+    ``max_concurrency=4`` lets ``submit``/``results``/``wait_idle`` run while the evaluation thread
+    works (a default actor would run one method call at a time).
+    """
+    import ray  # only the actor needs Ray; the CLI and the library functions do not
+
+    remote_class = ray.remote(num_cpus=eval_config.cpus, num_gpus=eval_config.gpus, max_concurrency=4)(EvaluationWorker)
+    options: dict[str, Any] = {}
+    if name is not None:
+        options["name"] = name
+    # As many torch threads as CPUs reserved: more would compete with the training workers.
+    return remote_class.options(**options).remote(eval_config, dev, test, run_dir, storage_options, device,
+                                                  loader_workers, region_order, max(1, int(eval_config.cpus)))
