@@ -1,0 +1,1015 @@
+"""Read sharded splits (data_shards/format.py) for training and evaluation.
+
+Two readers share one reading engine:
+
+* `TrainReader` gives each rank an epoch of (image, caption) batches: every caption once per
+  epoch, as the reference's caption-level epoch, with the same number of batches on every rank.
+* `EvalReader` gives every image and every caption exactly once, in source order, so that an
+  encoder's outputs line up as `images` (N, D) and `captions` (5N, D) with captions 5i..5i+4
+  belonging to image i.
+
+Both take a `ReaderConfig` and a `tokenize` function (`str -> list[int]`, e.g. the trainer's
+`Vocabulary.encode`, which returns [<start>, ids..., <end>]); this package knows nothing of the
+model.
+
+Where the shards are
+--------------------
+`config.location` is a split's directory (local path, `file://` or `s3://bucket/prefix`) holding
+`manifest.json` and the shards; `config.shards` optionally selects some of them by name or brace
+pattern (`"train-{000000..000009}.tar"`), all of which must be in the manifest (the manifest's
+sample counts are what makes the accounting below exact). S3 endpoint and credentials come from
+`config.storage_options` or the environment (data_shards/storage.py); the main process reads the
+manifest, and each loader worker builds its own s3fs filesystem on first use
+(`storage.open_url`), because fsspec instances are not fork-safe.
+
+The training epoch: equal batches per rank, without communication
+------------------------------------------------------------------
+Every rank computes the same `EpochPlan` from (seed, epoch, world size, loader workers, the
+manifest's sample counts):
+
+1. the shards are permuted with a generator seeded by (seed, epoch);
+2. they are dealt to the world_size x num_workers "slots" (one slot is one loader worker of one
+   rank) by longest-processing-time greedy balancing on sample count (ties: the permutation), and
+   each slot reads its shards in permutation order;
+3. a slot's capacity is its images x (manifest captions / manifest images) pairs, in whole
+   batches; the batches per rank are the minimum over ranks of the sum of its slots' capacities,
+   and each rank spreads them over its slots as evenly as the capacities allow.
+
+The remainder: pairs beyond that (less than one batch per slot, plus the imbalance between ranks
+that whole shards cannot remove) are not read or not emitted this epoch. Because the shard
+permutation and the slot shuffles change with the epoch, the dropped pairs differ from epoch to
+epoch. When the capacity is an overestimate (images with fewer than five captions, samples skipped
+as bad), a slot tops up its last batches with a second pass over its shards: the epoch still has
+exactly the planned batches, and `topup_images` counts the re-read images. webdataset's
+`with_epoch`/resampling are not used: their epoch boundaries are approximate.
+
+Shuffling, and two captions of one image in a batch
+---------------------------------------------------
+Inside a slot, decoded images enter a pool of `pool_images` images (default 8 x batch size); each
+batch takes one caption from each of `batch_size` distinct images drawn at random from the pool
+(an image leaves the pool when all its captions are out, which takes ~5 x pool / batch batches).
+Two captions of one image therefore never share a batch except in a slot's last batches, when
+fewer than `batch_size` images are left. A plain shuffle buffer of L (image, caption) pairs, which
+an image's five pairs enter together, puts about B^2 / L same-image pairs in a batch of B: below
+0.1 per batch of 128 it would need L ~ 160,000 pairs, some 70,000 distinct images (~10 GB of
+float16 features) per worker. Batches carry image ids anyway, so the loss can mask the rare
+same-image pairs. As with any streaming reader, images are mixed within a window (the pool, across
+shards in permuted order), not over the whole split. All randomness comes from numpy generators
+seeded by (seed, epoch, rank, slot[, batch]); nothing depends on torch's per-worker seeds.
+
+Loader workers and order
+------------------------
+Batches are made inside the dataset (DataLoader(batch_size=None)). torch's DataLoader takes
+batches from its workers round-robin, skipping exhausted ones; the order of a rank's epoch is
+therefore a pure function of (seed, epoch, world size, rank, num_workers), and each batch carries
+its position (`index`). The DataLoader must have exactly `config.num_workers` workers
+(`TrainReader.loader` builds it so); a different count is refused.
+
+Resume
+------
+`start_batch=k` restarts an epoch at batch k: the plan says how many of the first k batches each
+slot produced; each worker replays its slot up to there (reading and checking, but without
+collating or tokenizing) and the loader's workers are rotated so that round-robin continues with
+the slot that batch k came from. Batches k.. equal those of an uninterrupted epoch. Slots whose
+batches were all consumed read nothing; the others re-read what they had read before batch k (at
+most one epoch of reading, at reader speed).
+
+Bad data
+--------
+The policy (`bad_data`) is `strict` (raise `ShardFormatError` naming the shard and the sample key)
+or `skip` (skip, log one warning per shard and epoch in each worker, count in the stats). Checked: a shard that cannot be
+opened; a tar that is corrupt or truncated (tarfile in stream mode ends silently at a damaged
+header, so every shard's sample count is compared with the manifest's); sha256 against the
+manifest; each sample's decoding (missing members, unreadable .npy, invalid or non-UTF-8 JSON),
+feature shape and dtype against the manifest, NaN/Inf features, boxes, empty captions, the split
+name, and boxes when `region_order="area"`. Images with a number of captions other than five are
+allowed and counted (`images_caption_count_not_5`).
+
+Checksums (`checksums`): `"stream"` (default) hashes the bytes as they are parsed, at no extra
+I/O; a mismatch is known at the end of the shard, when its samples have already been used:
+`strict` then stops the run, `skip` counts the shard in `checksum_mismatches`. `"before"` copies
+each shard into a spooled temporary file (memory up to `spool_bytes`, then local disk) while
+hashing and parses it only if it matches (no bad byte ever reaches the model; costs one local
+copy per shard, no extra network transfer). `"off"` trusts the bytes (the per-sample checks
+still apply). The sample-count check runs in every mode.
+
+Stats across processes
+----------------------
+Each batch carries `stats`: the counters its worker incremented since its previous batch. The
+readers add them up in the main process (`reader.stats`, a `ReaderStats`), which the trainer
+exports as metrics. Counters: shards_opened, shards_completed, images_read, skipped_samples (and
+skipped_samples/<reason>), bad_shards (and bad_shards/<reason>), checksum_mismatches,
+images_caption_count_not_5, topup_images. They count events: a bad sample read again (top-up
+pass, resume replay, next epoch) counts again.
+
+Batches
+-------
+`TrainBatch`: regions (B, R, D) float32 (or float16 if asked), boxes (B, R, 4) float32 or None,
+tokens (B, T) int64 padded with 0, lengths (B,) int64 (with <start>/<end> if the tokenizer adds
+them: what the text encoder and the caption loss read), image_ids (B,) int64 (the meta `index`:
+the image's position in its source split, unique within a split, not across splits),
+caption_index (B,) int64 (which of the image's captions), keys, captions, epoch, index, slot,
+stats. `EvalBatch`: the images of one chunk of one shard with all their captions flattened in
+order, plus caption_image_ids.
+
+In a loader worker the batch tensors are allocated in shared memory (as torch's default_collate
+does), so handing them to the main process copies nothing. `output_dtype="float16"` halves the
+bytes per batch; on a GPU, convert after the transfer.
+
+Memory
+------
+Per training worker: the pool (pool_images x one image's features, e.g. 1024 x 147 KB) plus the
+batches in flight (prefetch_factor per worker); independent of the dataset size. The evaluation
+reader holds chunks that arrive ahead of their turn: at most about one shard's worth per worker.
+
+Region order (paper Table 5): "stored" (detector confidence), "area" (descending box area, stable,
+as model.vsrn.order_regions; needs boxes), "random" (a fresh permutation per pair and epoch;
+evaluation: per image, seeded by (seed, image index)). Reordering here or in the model, not both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import itertools
+import logging
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Literal
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data_shards.format import (
+    EXPECTED_CAPTIONS,
+    MANIFEST_NAME,
+    ImageRecord,
+    Manifest,
+    ShardFormatError,
+    decode_sample,
+    record_problems,
+)
+from data_shards.storage import open_location, open_url
+
+log = logging.getLogger(__name__)
+
+Tokenize = Callable[[str], list[int]]
+RegionOrder = Literal["stored", "area", "random"]
+BadDataPolicy = Literal["strict", "skip"]
+ChecksumMode = Literal["stream", "before", "off"]
+
+PAD_ID = 0
+CHUNK_SIZE = 1 << 20
+# Domain tags keep the generators of the plan, the pools and the region orders independent.
+_PLAN_STREAM, _POOL_STREAM, _REGION_STREAM = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration, stats, batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReaderConfig:
+    """Everything a reader needs besides the tokenizer and the rank."""
+
+    location: str  # split directory with manifest.json: local path, file:// or s3://bucket/prefix
+    shards: str | Sequence[str] | None = None  # names or brace patterns selecting shards; None: all
+    batch_size: int = 128  # training: (image, caption) pairs per batch per rank; evaluation: images
+    num_workers: int = 2  # DataLoader workers per rank (0: read in the calling process)
+    seed: int = 0
+    pool_images: int | None = None  # images in each worker's shuffle pool; None: 8 x batch_size
+    region_order: RegionOrder = "stored"
+    bad_data: BadDataPolicy = "strict"
+    checksums: ChecksumMode = "stream"
+    storage_options: dict[str, Any] | None = None  # s3fs options; None: from the environment
+    output_dtype: Literal["float32", "float16"] = "float32"
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    spool_bytes: int = 256 << 20  # checksums="before": shard bytes kept in memory before spilling to disk
+
+    def __post_init__(self) -> None:
+        if not self.location:
+            raise ValueError("ReaderConfig.location is empty")
+        if self.batch_size < 1:
+            raise ValueError(f"ReaderConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"ReaderConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.seed < 0:
+            raise ValueError(f"ReaderConfig.seed must be >= 0, got {self.seed}")
+        if self.pool_images is not None and self.pool_images < self.batch_size:
+            raise ValueError(f"ReaderConfig.pool_images ({self.pool_images}) must be >= batch_size ({self.batch_size})")
+        choices = {"region_order": ("stored", "area", "random"), "bad_data": ("strict", "skip"),
+                   "checksums": ("stream", "before", "off"), "output_dtype": ("float32", "float16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ReaderConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"ReaderConfig.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool_images if self.pool_images is not None else 8 * self.batch_size
+
+    @property
+    def slots(self) -> int:
+        """Reading slots per rank: one per loader worker, one when reading in-process."""
+        return max(1, self.num_workers)
+
+
+class ReaderStats:
+    """Counters of one reader, summed over its loader workers in the main process."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def add(self, delta: Mapping[str, int]) -> None:
+        self._counts.update(delta)
+
+    def __getitem__(self, name: str) -> int:
+        return self._counts.get(name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        """All counters, e.g. for export as metrics (`skipped_samples/<reason>` names included)."""
+        return dict(sorted(self._counts.items()))
+
+    def __repr__(self) -> str:
+        return f"ReaderStats({self.as_dict()})"
+
+
+class _BatchTensors:
+    """pin_memory/to for the batch dataclasses (torch's pin_memory calls `.pin_memory()`)."""
+
+    _TENSORS: tuple[str, ...] = ()
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        changes = {name: fn(getattr(self, name)) for name in self._TENSORS if getattr(self, name) is not None}
+        return type(self)(**{**self.__dict__, **changes})
+
+    def pin_memory(self) -> Any:
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Any:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+@dataclass
+class TrainBatch(_BatchTensors):
+    """B (image, caption) pairs; row i pairs image image_ids[i] with its caption caption_index[i]."""
+
+    regions: torch.Tensor  # (B, R, D) output_dtype, regions in config.region_order
+    boxes: torch.Tensor | None  # (B, R, 4) float32 in the same order, if every image has boxes
+    tokens: torch.Tensor  # (B, T) int64, padded with 0
+    lengths: torch.Tensor  # (B,) int64
+    image_ids: torch.Tensor  # (B,) int64: meta index, the position in the source split
+    caption_index: torch.Tensor  # (B,) int64: position of the caption among its image's captions
+    keys: list[str]
+    captions: list[str]
+    epoch: int
+    index: int  # position of this batch in the rank's epoch (resume with start_batch=index + 1)
+    slot: int  # the reading slot (loader worker role) that made it
+    stats: dict[str, int] = field(default_factory=dict)  # counter increments since the slot's previous batch
+
+    _TENSORS = ("regions", "boxes", "tokens", "lengths", "image_ids", "caption_index")
+
+
+@dataclass
+class EvalBatch(_BatchTensors):
+    """Consecutive images of one shard in source order, with all their captions in order."""
+
+    regions: torch.Tensor  # (N, R, D)
+    boxes: torch.Tensor | None  # (N, R, 4) or None
+    image_ids: torch.Tensor  # (N,) int64, strictly increasing across an evaluation
+    keys: list[str]
+    captions: list[str]  # the N images' captions, image by image, each image's in stored order
+    tokens: torch.Tensor  # (C, T) int64, padded with 0
+    lengths: torch.Tensor  # (C,) int64
+    caption_image_ids: torch.Tensor  # (C,) int64: the image id of each caption
+    shard_position: int  # internal: position of the shard in the selection, for reordering
+    chunk: int
+    last_in_shard: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+    _TENSORS = ("regions", "boxes", "image_ids", "tokens", "lengths", "caption_image_ids")
+
+
+# --------------------------------------------------------------------------------------------------
+# The split: manifest and shard selection (main process)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A selected shard: its position in the selection, URL and what the manifest says about it."""
+
+    position: int
+    name: str
+    url: str
+    samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """What loader workers need to read a split: plain, picklable data (no filesystem objects)."""
+
+    location: str
+    shards: tuple[ShardRef, ...]
+    feature_shape: tuple[int, int]
+    feature_dtype: str
+    split: str
+    images: int  # manifest totals, for the captions-per-image ratio
+    captions: int
+    storage_options: dict[str, Any]
+
+
+def load_split(config: ReaderConfig) -> SplitSpec:
+    """Read the manifest of `config.location` and resolve `config.shards` against it."""
+    location = open_location(config.location, config.storage_options)
+    manifest_url = location.child_url(MANIFEST_NAME)
+    try:
+        text = location.read_text(MANIFEST_NAME)
+    except FileNotFoundError as exc:
+        raise ShardFormatError(f"{manifest_url}: no manifest; is {config.location} a converted split?") from exc
+    manifest = Manifest.from_json(text, where=manifest_url)
+    if not manifest.shards or manifest.images < 1:
+        raise ShardFormatError(f"{manifest_url}: lists no images")
+    by_name = {info.name: i for i, info in enumerate(manifest.shards)}
+    if config.shards is None:
+        chosen = list(range(len(manifest.shards)))
+    else:
+        patterns = [config.shards] if isinstance(config.shards, str) else list(config.shards)
+        chosen = []
+        for pattern in patterns:
+            for name in braceexpand.braceexpand(pattern):
+                base = name.rstrip("/").rsplit("/", 1)[-1]  # a full URL names the same file
+                if base not in by_name:
+                    raise ShardFormatError(f"{manifest_url}: selected shard {name!r} is not in the manifest")
+                if by_name[base] in chosen:
+                    raise ShardFormatError(f"{manifest_url}: shard {base!r} selected twice")
+                chosen.append(by_name[base])
+        chosen.sort()  # manifest order is source order (evaluation relies on it)
+        if not chosen:
+            raise ShardFormatError(f"{manifest_url}: the selection {config.shards!r} matches no shard")
+    refs = tuple(ShardRef(position=p, name=manifest.shards[i].name, url=location.child_url(manifest.shards[i].name),
+                          samples=manifest.shards[i].samples, sha256=manifest.shards[i].sha256)
+                 for p, i in enumerate(chosen))
+    return SplitSpec(location=location.url, shards=refs, feature_shape=tuple(manifest.feature_shape),
+                     feature_dtype=manifest.feature_dtype, split=manifest.split, images=manifest.images,
+                     captions=manifest.captions, storage_options=dict(location.storage_options))
+
+
+# --------------------------------------------------------------------------------------------------
+# The epoch plan: a pure function, identical on every rank
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards each (rank, slot) reads in an epoch, and how many batches it makes."""
+
+    epoch: int
+    world_size: int
+    slots_per_rank: int
+    batch_size: int
+    shards: tuple[tuple[tuple[int, ...], ...], ...]  # [rank][slot] -> shard positions, in reading order
+    pairs: tuple[tuple[int, ...], ...]  # [rank][slot] -> estimated (image, caption) pairs available
+    batches: tuple[tuple[int, ...], ...]  # [rank][slot] -> batches to make
+
+    @property
+    def batches_per_rank(self) -> int:
+        return sum(self.batches[0])
+
+    @property
+    def dropped_pairs(self) -> int:
+        """Estimated pairs of the epoch that no batch carries (the remainder), over all ranks."""
+        return sum(map(sum, self.pairs)) - self.batches_per_rank * self.world_size * self.batch_size
+
+    def delivery_order(self, rank: int) -> list[int]:
+        """The slot of each of the rank's batches, in the order the DataLoader delivers them:
+        round-robin over the slots, skipping those that have made all their batches."""
+        remaining = list(self.batches[rank])
+        order: list[int] = []
+        while any(remaining):
+            for slot, left in enumerate(remaining):
+                if left:
+                    order.append(slot)
+                    remaining[slot] -= 1
+        return order
+
+    def resume_point(self, rank: int, start_batch: int) -> tuple[tuple[int, ...], int]:
+        """(batches each slot made among the first `start_batch`, the slot that makes batch
+        `start_batch`: loader worker 0 plays that slot, so round-robin continues where it stopped)."""
+        order = self.delivery_order(rank)
+        if not 0 <= start_batch <= len(order):
+            raise ValueError(f"start_batch {start_batch} is outside the epoch's {len(order)} batches")
+        done = Counter(order[:start_batch])
+        next_slot = order[start_batch] if start_batch < len(order) else 0
+        return tuple(done.get(s, 0) for s in range(self.slots_per_rank)), next_slot
+
+
+def make_plan(shard_samples: Sequence[int], *, images: int, captions: int, world_size: int,
+              slots_per_rank: int, batch_size: int, seed: int, epoch: int) -> EpochPlan:
+    """The epoch plan (see the module docstring): permute, balance by samples, count batches.
+
+    `images`/`captions` are the manifest totals; their ratio estimates each slot's pairs.
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    count = len(shard_samples)
+    rng = np.random.default_rng([seed, epoch, _PLAN_STREAM])
+    permutation = rng.permutation(count)
+    rank_in_permutation = np.empty(count, dtype=np.int64)
+    rank_in_permutation[permutation] = np.arange(count)
+    bins = world_size * slots_per_rank
+    # Bin b is (rank b % world, slot b // world): equal loads go round the ranks first.
+    heap = [(0, b) for b in range(bins)]
+    members: list[list[int]] = [[] for _ in range(bins)]
+    loads = [0] * bins
+    for shard in sorted(range(count), key=lambda s: (-shard_samples[s], rank_in_permutation[s])):
+        load, b = heapq.heappop(heap)
+        members[b].append(shard)
+        loads[b] = load + shard_samples[shard]
+        heapq.heappush(heap, (loads[b], b))
+    shards, pairs, capacity = [], [], []
+    for rank in range(world_size):
+        rank_shards, rank_pairs = [], []
+        for slot in range(slots_per_rank):
+            b = slot * world_size + rank
+            rank_shards.append(tuple(sorted(members[b], key=lambda s: rank_in_permutation[s])))
+            rank_pairs.append(loads[b] * captions // images)
+        shards.append(tuple(rank_shards))
+        pairs.append(tuple(rank_pairs))
+        capacity.append([p // batch_size for p in rank_pairs])
+    per_rank = min(sum(c) for c in capacity)
+    if per_rank < 1:
+        raise ValueError(
+            f"{count} shards ({sum(shard_samples)} images) give some rank less than one batch of {batch_size} pairs "
+            f"with {world_size} ranks x {slots_per_rank} loader workers; use fewer ranks or workers, smaller "
+            "batches, or reshard into more shards")
+    batches = []
+    for rank_capacity in capacity:
+        # Spread the rank's batches over its slots as evenly as their capacities allow.
+        made = [0] * slots_per_rank
+        for _ in range(per_rank):
+            open_slots = [s for s in range(slots_per_rank) if made[s] < rank_capacity[s]]
+            made[min(open_slots, key=lambda s: (made[s], s))] += 1
+        batches.append(tuple(made))
+    return EpochPlan(epoch=epoch, world_size=world_size, slots_per_rank=slots_per_rank, batch_size=batch_size,
+                     shards=tuple(shards), pairs=tuple(pairs), batches=tuple(batches))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading shards in one process: opening, hashing, parsing, checking, the bad-data policy
+# --------------------------------------------------------------------------------------------------
+
+
+class _ShardStream:
+    """A read-only stream over a shard that hashes what is read through it (unless `hashing` is
+    off) and names the shard in messages (webdataset appends str(stream) to tar errors)."""
+
+    def __init__(self, raw: BinaryIO, url: str, hashing: bool) -> None:
+        self._raw = raw
+        self._url = url
+        self._digest = hashlib.sha256() if hashing else None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if self._digest is not None:
+            self._digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Hash the rest (tarfile stops at the end-of-archive blocks, before the padding)."""
+        while chunk := self._raw.read(CHUNK_SIZE):
+            if self._digest is not None:
+                self._digest.update(chunk)
+
+    def hexdigest(self) -> str | None:
+        return None if self._digest is None else self._digest.hexdigest()
+
+    def __str__(self) -> str:
+        return self._url
+
+
+def _problem_reason(problem: str) -> str:
+    """A short stats label for a phrase of format.record_problems or a decoding error."""
+    for prefix, reason in (("feature shape", "feature_shape"), ("feature dtype", "feature_dtype"),
+                           ("features contain", "nonfinite"), ("boxes", "boxes"), ("no boxes", "missing_boxes"),
+                           ("no captions", "no_captions"), ("split", "split")):
+        if problem.startswith(prefix):
+            return reason
+    if problem.startswith("caption") and "empty" in problem:
+        return "empty_caption"
+    return "invalid_sample"
+
+
+class _ShardSource:
+    """Turns shards into checked `ImageRecord`s in the calling process, applying the policy.
+
+    Counters go to `self.counts`; the caller moves them into its batches.
+    """
+
+    def __init__(self, spec: SplitSpec, config: ReaderConfig) -> None:
+        self.spec = spec
+        self.policy = config.bad_data
+        self.checksums = config.checksums
+        self.need_boxes = config.region_order == "area"
+        self.spool_bytes = config.spool_bytes
+        self.counts: Counter[str] = Counter()
+        self._warned: set[str] = set()
+
+    def take_counts(self) -> dict[str, int]:
+        counts = dict(self.counts)
+        self.counts.clear()
+        return counts
+
+    def _warn_once(self, shard: ShardRef, message: str) -> None:
+        if shard.url not in self._warned:
+            self._warned.add(shard.url)
+            log.warning("%s (skipped; further problems in this shard are only counted in the reader stats)", message)
+
+    def _sample_problem(self, shard: ShardRef, reason: str, message: str) -> None:
+        if self.policy == "strict":
+            raise ShardFormatError(message)
+        self.counts["skipped_samples"] += 1
+        self.counts[f"skipped_samples/{reason}"] += 1
+        self._warn_once(shard, message)
+
+    def _shard_problem(self, shard: ShardRef, reason: str, message: str, lost_samples: int) -> None:
+        if self.policy == "strict":
+            raise ShardFormatError(message)
+        self.counts["bad_shards"] += 1
+        self.counts[f"bad_shards/{reason}"] += 1
+        if lost_samples:
+            self.counts["skipped_samples"] += lost_samples
+            self.counts[f"skipped_samples/{reason}"] += lost_samples
+        self._warn_once(shard, message)
+
+    def _check(self, shard: ShardRef, sample: dict[str, Any]) -> ImageRecord | None:
+        key = sample.get("__key__", "?")
+        try:
+            record = decode_sample(sample)
+        except ShardFormatError as exc:
+            self._sample_problem(shard, "non_utf8" if "not UTF-8" in str(exc) else "corrupt_sample", str(exc))
+            return None
+        problems = record_problems(record, self.spec.feature_shape, self.spec.feature_dtype)
+        if self.need_boxes and record.boxes is None:
+            problems.append("no boxes (region_order='area' needs them)")
+        if self.spec.split and record.split != self.spec.split:
+            problems.append(f"split {record.split!r} != manifest split {self.spec.split!r}")
+        if problems:
+            self._sample_problem(shard, _problem_reason(problems[0]), f"{shard.url}: sample {key}: {'; '.join(problems)}")
+            return None
+        if len(record.captions) != EXPECTED_CAPTIONS:
+            self.counts["images_caption_count_not_5"] += 1
+        self.counts["images_read"] += 1
+        return record
+
+    def _verified_copy(self, shard: ShardRef, raw: BinaryIO) -> BinaryIO | None:
+        """checksums="before": a spooled copy of the shard if its sha256 matches, else None."""
+        spool = tempfile.SpooledTemporaryFile(max_size=self.spool_bytes)  # noqa: SIM115 - returned to the caller
+        digest = hashlib.sha256()
+        try:
+            while chunk := raw.read(CHUNK_SIZE):
+                digest.update(chunk)
+                spool.write(chunk)
+        except Exception as exc:  # a broken connection or file: the shard is unreadable
+            spool.close()
+            self._shard_problem(shard, "unreadable_shard", f"{shard.url}: read failed ({exc!r})", shard.samples)
+            return None
+        if digest.hexdigest() != shard.sha256:
+            spool.close()
+            self._shard_problem(shard, "checksum", f"{shard.url}: sha256 {digest.hexdigest()} != manifest "
+                                f"{shard.sha256}; none of its samples was used", shard.samples)
+            return None
+        spool.seek(0)
+        return spool  # type: ignore[return-value]
+
+    def records(self, shard: ShardRef) -> Iterator[ImageRecord]:
+        """The shard's valid records, in stored order."""
+        self.counts["shards_opened"] += 1
+        try:
+            raw = open_url(shard.url, self.spec.storage_options)
+        except OSError as exc:  # FileNotFoundError, PermissionError, storage.StorageError ...
+            self._shard_problem(shard, "missing_shard", f"{shard.url}: cannot open shard ({exc})", shard.samples)
+            return
+        with contextlib.ExitStack() as stack:
+            stack.callback(raw.close)
+            source: BinaryIO | None = raw
+            if self.checksums == "before":
+                source = self._verified_copy(shard, raw)
+                if source is None:
+                    return
+                stack.callback(source.close)
+            stream = _ShardStream(source, shard.url, hashing=self.checksums == "stream")
+            files = ({**f, "__url__": shard.url} for f in tar_file_iterator(stream))
+            samples = group_by_keys(files)
+            seen, last_key = 0, None
+            while True:
+                try:
+                    sample = next(samples)
+                except StopIteration:
+                    break
+                except Exception as exc:  # tarfile/webdataset/storage errors: the rest of the shard is lost
+                    where = f"after sample {last_key}" if last_key else "before its first sample"
+                    detail = str(exc.args[0]) if exc.args else repr(exc)  # webdataset appends " @ <url>"
+                    self._shard_problem(shard, "unreadable_shard", f"{shard.url}: corrupt or truncated tar {where} "
+                                        f"({type(exc).__name__}: {detail})", max(0, shard.samples - seen))
+                    return
+                seen += 1
+                last_key = sample.get("__key__")
+                record = self._check(shard, sample)
+                if record is not None:
+                    yield record
+            if seen != shard.samples:
+                # tarfile's stream mode ends silently at a damaged or truncated header.
+                self._shard_problem(shard, "sample_count", f"{shard.url}: {seen} samples (the last: {last_key}) but the "
+                                    f"manifest says {shard.samples}: truncated or corrupt tar",
+                                    max(0, shard.samples - seen))
+                return
+            if self.checksums == "stream":
+                try:
+                    stream.drain()
+                except Exception as exc:  # a connection lost at the very end
+                    self._shard_problem(shard, "unreadable_shard", f"{shard.url}: read failed after sample {last_key} "
+                                        f"({exc!r})", 0)
+                    return
+                if stream.hexdigest() != shard.sha256:
+                    message = (f"{shard.url}: sha256 {stream.hexdigest()} != manifest {shard.sha256} (found at the end "
+                               f"of the shard, after sample {last_key}; its samples were already used)")
+                    if self.policy == "strict":
+                        raise ShardFormatError(message)
+                    self.counts["checksum_mismatches"] += 1
+                    self._warn_once(shard, message)
+                    return
+            self.counts["shards_completed"] += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching helpers
+# --------------------------------------------------------------------------------------------------
+
+
+class _CaptionPool:
+    """The per-slot shuffle: a pool of images; each batch takes one caption from each of
+    `batch_size` distinct images drawn at random (see the module docstring)."""
+
+    def __init__(self, capacity: int, batch_size: int, rng: np.random.Generator) -> None:
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.rng = rng
+        self.entries: list[tuple[ImageRecord, list[int]]] = []  # (image, its captions not yet used)
+
+    def _take(self, picks: Sequence[int]) -> list[tuple[ImageRecord, int]]:
+        pairs = [(self.entries[i][0], self.entries[i][1].pop()) for i in picks]
+        self.entries = [entry for entry in self.entries if entry[1]]
+        return pairs
+
+    def batches(self, records: Iterator[ImageRecord]) -> Iterator[list[tuple[ImageRecord, int]]]:
+        """Full batches from the pool and `records`; at the end of `records`, leftovers of less
+        than a batch stay in the pool (for a top-up pass, or dropped)."""
+        exhausted = False
+        while True:
+            while not exhausted and len(self.entries) < self.capacity:
+                record = next(records, None)
+                if record is None:
+                    exhausted = True
+                else:
+                    self.entries.append((record, self.rng.permutation(len(record.captions)).tolist()))
+            if len(self.entries) >= self.batch_size:
+                yield self._take(self.rng.choice(len(self.entries), size=self.batch_size, replace=False).tolist())
+            elif sum(len(left) for _, left in self.entries) >= self.batch_size:
+                # The slot's last batches: fewer images than a batch, so some repeat (masked by id).
+                pairs: list[tuple[ImageRecord, int]] = []
+                while len(pairs) < self.batch_size:
+                    picks = self.rng.permutation(len(self.entries))[: self.batch_size - len(pairs)]
+                    pairs.extend(self._take(picks.tolist()))
+                yield pairs
+            else:
+                return
+
+
+def _region_index(boxes: np.ndarray | None, regions: int, order: RegionOrder,
+                  rng: np.random.Generator | None) -> np.ndarray | None:
+    """(R,) index putting one image's regions in `order`; None for stored order.
+
+    "area": descending box area, stable (as model.vsrn.order_regions); "random": a permutation
+    drawn from `rng`.
+    """
+    if order == "stored":
+        return None
+    if order == "area":
+        assert boxes is not None  # checked per sample when region_order == "area"
+        area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+        return np.argsort(-area, kind="stable")
+    assert rng is not None
+    return rng.permutation(regions)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor; inside a loader worker it is allocated in shared memory, as torch's
+    default_collate does, so that handing the batch to the main process copies nothing (the
+    copy would cost as much as building the batch)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    template = torch.empty(0, dtype=dtype)
+    storage = template._typed_storage()._new_shared(math.prod(shape))
+    return template.new(storage).resize_(shape)
+
+
+def _tokens(tokenize: Tokenize, captions: Sequence[str], keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize and pad with 0: (tokens (C, T) int64, lengths (C,) int64)."""
+    ids = [tokenize(caption) for caption in captions]
+    for sequence, caption, key in zip(ids, captions, keys):
+        if len(sequence) == 0:
+            raise ValueError(f"tokenize returned no tokens for caption {caption!r} of sample {key}")
+    lengths = torch.tensor([len(sequence) for sequence in ids], dtype=torch.long)
+    tokens = torch.full((len(ids), int(lengths.max()) if ids else 0), PAD_ID, dtype=torch.long)
+    for row, sequence in enumerate(ids):
+        tokens[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return tokens, lengths
+
+
+def _image_arrays(records: Sequence[ImageRecord], order: RegionOrder, output_dtype: str,
+                  rngs: Sequence[np.random.Generator | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Regions (N, R, D) in `output_dtype` and boxes (N, R, 4) float32 (None unless every image
+    has boxes) of `records`, each row in `order` (random: row i draws from `rngs[i]`).
+
+    Conversion uses torch (about twice as fast as numpy for float16 -> float32). In a loader
+    worker (one torch thread) each row is converted straight into the shared-memory output; in
+    the calling process the rows are stacked first and converted in one call, because a call per
+    row would pay torch's intra-op thread pool synchronisation per row, which costs milliseconds
+    each when a busy machine deschedules its threads.
+    """
+    regions_per_image = records[0].regions.shape[0]
+    indices = [_region_index(r.boxes, regions_per_image, order, rng) for r, rng in zip(records, rngs)]
+    rows = [r.regions if i is None else r.regions[i] for r, i in zip(records, indices)]
+    regions = _empty((len(rows), *rows[0].shape), getattr(torch, output_dtype))
+    if rows[0].dtype == np.dtype(output_dtype):
+        np.stack(rows, out=regions.numpy())
+    elif get_worker_info() is not None:
+        for row, values in enumerate(rows):
+            regions[row].copy_(torch.from_numpy(values))
+    else:
+        regions.copy_(torch.from_numpy(np.stack(rows)))
+    boxes = None
+    if all(r.boxes is not None for r in records):
+        boxes = _empty((len(rows), regions_per_image, 4), torch.float32)
+        np.stack([r.boxes if i is None else r.boxes[i] for r, i in zip(records, indices)],  # type: ignore[index]
+                 out=boxes.numpy())
+    return regions, boxes
+
+
+def _worker_slot(slots: int, offset: int = 0) -> tuple[int, int]:
+    """(this process's loader worker id, the slot it plays); checks the worker count."""
+    info = get_worker_info()
+    workers, worker_id = (info.num_workers, info.id) if info is not None else (1, 0)
+    if workers != slots:
+        raise RuntimeError(f"the reader was planned for {slots} reading slot(s) (ReaderConfig.num_workers) but the "
+                           f"DataLoader has {workers} worker(s); build it with TrainReader.loader/EvalReader")
+    return worker_id, (worker_id + offset) % slots
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainDataset(IterableDataset):
+    """One rank's epoch as an IterableDataset of `TrainBatch`es (use with DataLoader(batch_size=None))."""
+
+    def __init__(self, spec: SplitSpec, config: ReaderConfig, tokenize: Tokenize, plan: EpochPlan,
+                 rank: int, start_batch: int = 0) -> None:
+        super().__init__()
+        self.spec, self.config, self.tokenize, self.plan, self.rank = spec, config, tokenize, plan, rank
+        self.start_batch = start_batch
+        self.skips, self.slot_offset = plan.resume_point(rank, start_batch)
+        order = plan.delivery_order(rank)
+        self.positions: list[list[int]] = [[] for _ in range(plan.slots_per_rank)]
+        for position, slot in enumerate(order):
+            self.positions[slot].append(position)
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_rank - self.start_batch
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        _, slot = _worker_slot(self.plan.slots_per_rank, self.slot_offset)
+        target, skip = self.plan.batches[self.rank][slot], self.skips[slot]
+        if skip >= target:
+            return
+        cfg, epoch = self.config, self.plan.epoch
+        shards = [self.spec.shards[p] for p in self.plan.shards[self.rank][slot]]
+        source = _ShardSource(self.spec, cfg)
+        pool = _CaptionPool(cfg.pool_size, cfg.batch_size, np.random.default_rng([cfg.seed, epoch, _POOL_STREAM,
+                                                                                  self.rank, slot]))
+        made = 0
+        for reading in itertools.count():  # pass 0 is the epoch; later passes top up a short slot
+            if reading == 1:
+                log.warning("epoch %d rank %d slot %d: its shards gave only %d of %d batches; topping up with "
+                            "another pass (counted in topup_images)", epoch, self.rank, slot, made, target)
+            tally = [0]
+            records = self._pass(source, shards, topup=reading > 0, tally=tally)
+            batches = pool.batches(records)
+            try:
+                for pairs in batches:
+                    if made >= skip:
+                        yield self._collate(pairs, slot, made, source.take_counts())
+                    made += 1
+                    if made == target:
+                        return
+            finally:
+                batches.close()
+                records.close()
+            if tally[0] == 0:
+                raise ShardFormatError(f"epoch {epoch} rank {self.rank} slot {slot}: no readable image left in its "
+                                       f"shards ({[s.name for s in shards]}) to make batch {made} of {target}")
+
+    @staticmethod
+    def _pass(source: _ShardSource, shards: Sequence[ShardRef], topup: bool, tally: list[int]) -> Iterator[ImageRecord]:
+        """One pass over the slot's shards; `tally[0]` counts the images it gave."""
+        for shard in shards:
+            for record in source.records(shard):
+                tally[0] += 1
+                if topup:
+                    source.counts["topup_images"] += 1
+                yield record
+
+    def _collate(self, pairs: Sequence[tuple[ImageRecord, int]], slot: int, made: int,
+                 stats: dict[str, int]) -> TrainBatch:
+        cfg = self.config
+        records = [record for record, _ in pairs]
+        keys = [r.key for r in records]
+        captions = [record.captions[j] for record, j in pairs]
+        rng = np.random.default_rng([cfg.seed, self.plan.epoch, _REGION_STREAM, self.rank, slot, made])
+        regions, boxes = _image_arrays(records, cfg.region_order, cfg.output_dtype, [rng] * len(records))
+        tokens, lengths = _tokens(self.tokenize, captions, keys)
+        return TrainBatch(
+            regions=regions, boxes=boxes, tokens=tokens, lengths=lengths,
+            image_ids=torch.tensor([r.index for r in records], dtype=torch.long),
+            caption_index=torch.tensor([j for _, j in pairs], dtype=torch.long),
+            keys=keys, captions=captions, epoch=self.plan.epoch, index=self.positions[slot][made], slot=slot,
+            stats=stats)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else RANK / WORLD_SIZE from the environment (Ray and torchrun set them)."""
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = rank if rank is not None else int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world}")
+    return rank, world
+
+
+def _make_loader(dataset: IterableDataset, config: ReaderConfig, pin_memory: bool) -> DataLoader:
+    workers = config.num_workers
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=config.prefetch_factor if workers > 0 else None,
+                      persistent_workers=False)
+
+
+class TrainReader:
+    """The training reader of one rank.
+
+    >>> reader = TrainReader(ReaderConfig("s3://bucket/coco/train"), vocab.encode)  # rank from RANK/WORLD_SIZE
+    >>> for batch in reader.epoch(epoch, start_batch=k): ...
+    >>> metrics = reader.stats.as_dict()
+    """
+
+    def __init__(self, config: ReaderConfig, tokenize: Tokenize, *, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        self.config = config
+        self.tokenize = tokenize
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.spec = load_split(config)
+        self.stats = ReaderStats()
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's plan; the same on every rank."""
+        return make_plan([s.samples for s in self.spec.shards], images=self.spec.images, captions=self.spec.captions,
+                         world_size=self.world_size, slots_per_rank=self.config.slots,
+                         batch_size=self.config.batch_size, seed=self.config.seed, epoch=epoch)
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        return self.plan(epoch).batches_per_rank
+
+    def dataset(self, epoch: int, start_batch: int = 0) -> TrainDataset:
+        plan = self.plan(epoch)
+        log.info("epoch %d: %d shards over %d ranks x %d slots: %d batches of %d per rank (about %d pairs "
+                 "left out this epoch), starting at batch %d", epoch, len(self.spec.shards), self.world_size,
+                 plan.slots_per_rank, plan.batches_per_rank, plan.batch_size, plan.dropped_pairs, start_batch)
+        return TrainDataset(self.spec, self.config, self.tokenize, plan, self.rank, start_batch)
+
+    def loader(self, epoch: int, start_batch: int = 0, pin_memory: bool = False) -> DataLoader:
+        """A DataLoader over the epoch with config.num_workers workers. Iterating it directly does
+        not update `self.stats`; call `self.stats.add(batch.stats)` or use `epoch()`."""
+        return _make_loader(self.dataset(epoch, start_batch), self.config, pin_memory)
+
+    def epoch(self, epoch: int, start_batch: int = 0, pin_memory: bool = False) -> Iterator[TrainBatch]:
+        """The rank's batches of `epoch` from `start_batch` on, adding their stats to `self.stats`."""
+        for batch in self.loader(epoch, start_batch, pin_memory):
+            self.stats.add(batch.stats)
+            yield batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+class EvalDataset(IterableDataset):
+    """Shard j is read by loader worker j % workers, in chunks of at most batch_size images; every
+    shard ends with a chunk marked last_in_shard (possibly empty) so the reader can reorder."""
+
+    def __init__(self, spec: SplitSpec, config: ReaderConfig, tokenize: Tokenize) -> None:
+        super().__init__()
+        self.spec, self.config, self.tokenize = spec, config, tokenize
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        worker_id, _ = _worker_slot(self.config.slots)
+        source = _ShardSource(self.spec, self.config)
+        for shard in self.spec.shards[worker_id :: self.config.slots]:
+            chunk: list[ImageRecord] = []
+            number = 0
+            for record in source.records(shard):
+                chunk.append(record)
+                if len(chunk) == self.config.batch_size:
+                    yield self._collate(chunk, shard, number, False, source.take_counts())
+                    chunk, number = [], number + 1
+            yield self._collate(chunk, shard, number, True, source.take_counts())
+
+    def _collate(self, records: list[ImageRecord], shard: ShardRef, chunk: int, last: bool,
+                 stats: dict[str, int]) -> EvalBatch:
+        cfg = self.config
+        captions = [caption for r in records for caption in r.captions]
+        caption_image_ids = torch.tensor([r.index for r in records for _ in r.captions], dtype=torch.long)
+        keys = [r.key for r in records for _ in r.captions]
+        if records:
+            rngs = ([np.random.default_rng([cfg.seed, _REGION_STREAM, r.index]) for r in records]
+                    if cfg.region_order == "random" else [None] * len(records))
+            regions, boxes = _image_arrays(records, cfg.region_order, cfg.output_dtype, rngs)
+            tokens, lengths = _tokens(self.tokenize, captions, keys)
+        else:
+            shape = (0, *self.spec.feature_shape)
+            regions, boxes = torch.zeros(shape, dtype=getattr(torch, cfg.output_dtype)), None
+            tokens, lengths = torch.zeros((0, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return EvalBatch(regions=regions, boxes=boxes,
+                         image_ids=torch.tensor([r.index for r in records], dtype=torch.long),
+                         keys=[r.key for r in records], captions=captions, tokens=tokens, lengths=lengths,
+                         caption_image_ids=caption_image_ids, shard_position=shard.position, chunk=chunk,
+                         last_in_shard=last, stats=stats)
+
+
+class EvalReader:
+    """Every image and caption of a split exactly once, in source order (meta index order).
+
+    Iterating yields non-empty `EvalBatch`es in order, whatever `config.num_workers`: the workers
+    read different shards and the batches are put back in order here. Concatenating `regions`
+    (or the image embeddings) and `captions` over the batches gives images in index order and
+    their captions image by image. Raises ShardFormatError if the indices are not strictly
+    increasing, and under `strict` if fewer images than the manifest lists were read.
+    """
+
+    def __init__(self, config: ReaderConfig, tokenize: Tokenize) -> None:
+        self.config = config
+        self.tokenize = tokenize
+        self.spec = load_split(config)
+        self.stats = ReaderStats()
+
+    @property
+    def images(self) -> int:
+        """Images in the selected shards, as the manifest counts them."""
+        return sum(s.samples for s in self.spec.shards)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        loader = _make_loader(EvalDataset(self.spec, self.config, self.tokenize), self.config, pin_memory=False)
+        pending: dict[tuple[int, int], EvalBatch] = {}
+        wanted = (0, 0)
+        previous: int | None = None
+        delivered = 0
+        for batch in loader:
+            self.stats.add(batch.stats)
+            pending[(batch.shard_position, batch.chunk)] = batch
+            while wanted in pending:
+                batch = pending.pop(wanted)
+                wanted = (wanted[0] + 1, 0) if batch.last_in_shard else (wanted[0], wanted[1] + 1)
+                for image_id, key in zip(batch.image_ids.tolist(), batch.keys):
+                    if previous is not None and image_id <= previous:
+                        shard = self.spec.shards[batch.shard_position]
+                        raise ShardFormatError(f"{shard.url}: sample {key} has index {image_id} after {previous}: "
+                                               "the shards are not in source order")
+                    previous = image_id
+                delivered += len(batch.keys)
+                if batch.keys:
+                    yield batch
+        if pending or wanted != (len(self.spec.shards), 0):
+            raise RuntimeError(f"evaluation reader lost chunks: expected {wanted}, still holding {sorted(pending)}")
+        if self.config.bad_data == "strict" and delivered != self.images:
+            raise ShardFormatError(f"{self.spec.location}: read {delivered} images, the manifest lists {self.images}")
