@@ -143,6 +143,22 @@ class LoggingConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for tests and drills; all off by default."""
+
+    # Stop cleanly after this many optimizer steps (with a checkpoint), as if interrupted; a
+    # re-run with the same checkpoint.run_name (and max_steps 0) continues the run.
+    max_steps: int = 0
+    # Rank `fail_rank` hard-exits (os._exit(1)) right after this step, once per run (a marker file
+    # in the run directory stops it from failing again after Ray restarts the workers).
+    fail_at_step: int = 0
+    fail_rank: int = 0
+
+    def validate(self) -> None:
+        _non_negative(self, "max_steps", "fail_at_step", "fail_rank")
+
+
+@dataclass
 class TrainConfig:
     model: VSRNConfig = field(default_factory=VSRNConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,6 +167,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -160,6 +177,9 @@ class TrainConfig:
         if self.optim.global_batch_size % self.distributed.workers:
             raise ConfigError(f"optim.global_batch_size ({self.optim.global_batch_size}) must be divisible "
                               f"by distributed.workers ({self.distributed.workers})")
+        if self.debug.fail_at_step and self.debug.fail_rank >= self.distributed.workers:
+            raise ConfigError(f"debug.fail_rank ({self.debug.fail_rank}) must be < distributed.workers "
+                              f"({self.distributed.workers})")
 
     @property
     def per_worker_batch_size(self) -> int:

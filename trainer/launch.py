@@ -1,8 +1,21 @@
-"""Entry point of the main job.
+"""The main job: `python trainer/launch.py [--config FILE] [--set section.key=value ...]`.
 
-Today: `python trainer/launch.py` trains a tiny VSRN in this process on the built-in synthetic data
-(CPU, a minute or two) and prints the losses and the recall table. The distributed trainer issue
-turns this into the Ray/DeepSpeed job with the same command.
+Without --config it runs configs/tiny.yaml: generates the synthetic dataset into a cache
+directory if missing and shards it, starts a local Ray, trains a small VSRN with 2 CPU workers
+(Ray Train + DeepSpeed on gloo), scores each checkpoint with the evaluation worker, and prints the
+best checkpoint's recall table.
+
+Steps: configuration (errors exit 2 naming the key, before any Ray work) -> data
+(trainer/data.py) -> RUN_DIR/config.yaml (the resolved configuration) -> Ray: the cluster of the
+job submission or RAY_ADDRESS, else a local one sized for the job -> a TorchTrainer
+(trainer/worker.py on every worker; RunConfig with the run name and storage path, local or
+s3://, FailureConfig, and a callback that hands each checkpoint to the evaluation worker as soon
+as Ray has committed it) -> wait for the evaluator -> the table and, as the LAST line of stdout,
+one JSON object: {"run_dir", "best" (best.json: checkpoint, step, epoch, dev_rsum, metrics),
+"latest_checkpoint", "run_name", "wall_s"}.
+
+Re-running with the same checkpoint.run_name (and storage path) resumes that run from its latest
+checkpoint (trainer/run_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -10,27 +23,265 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
-from trainer.evaluation import format_table
-from trainer.local_train import LocalTrainConfig, train
+if __name__ == "__main__" and __package__ in (None, ""):  # `python trainer/launch.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_shards.storage import is_s3_url, open_location
+from trainer.config import (
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+)
+from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
+
+log = logging.getLogger("trainer.launch")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
+EVAL_WAIT_S = 3600.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directory, storage, Ray
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_run(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """The config with a run name (timestamped when empty) and an absolute local storage path,
+    and RUN_DIR = storage_path/run_name."""
+    checkpoint = config.checkpoint
+    name = checkpoint.run_name or time.strftime("vsrn-%Y%m%d-%H%M%S")
+    storage = checkpoint.storage_path.rstrip("/")
+    if not is_s3_url(storage):
+        storage = os.path.abspath(os.path.expanduser(storage))
+    config = replace(config, checkpoint=replace(checkpoint, run_name=name, storage_path=storage))
+    return config, f"{storage}/{name}"
+
+
+def effective_config(config: TrainConfig, data: PreparedData) -> TrainConfig:
+    """The configuration the workers train with: resolved data locations and the vocabulary's size."""
+    feature_dim = data.feature_shape[1]
+    if config.model.img_dim != feature_dim:
+        raise ConfigError(f"model.img_dim is {config.model.img_dim} but the features of {data.train} have "
+                          f"{feature_dim} dimensions")
+    if config.model.vocab_size != data.vocab_size:
+        log.info("model.vocab_size: %d -> %d (the vocabulary's size)", config.model.vocab_size, data.vocab_size)
+    return replace(config, model=replace(config.model, vocab_size=data.vocab_size),
+                   data=replace(config.data, train=data.train, dev=data.dev, test=data.test, vocab=data.vocab))
+
+
+def pyarrow_s3_filesystem(config: TrainConfig) -> Any:
+    """Ray's storage filesystem for an s3:// storage path, with the endpoint of data.s3_endpoint_url
+    or the environment (credentials: the default AWS chain of each process)."""
+    import pyarrow.fs
+
+    options = storage_options_for(config.data)
+    kwargs: dict[str, Any] = {}
+    endpoint = options.get("endpoint_url")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = options.get("client_kwargs", {}).get("region_name")
+    if region:
+        kwargs["region"] = region
+    return pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def connect_ray(config: TrainConfig) -> bool:
+    """Attach to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local one
+    with enough logical CPUs for the workers and the evaluator. True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True
+    dist = config.distributed
+    needed = dist.workers * dist.cpus_per_worker + (config.eval.cpus if config.eval.enabled else 0)
+    cpus = max(os.cpu_count() or 1, math.ceil(needed))
+    log.info("starting a local Ray instance with %d CPUs", cpus)
+    # address="local": a plain ray.init() would attach to any cluster recorded in /tmp/ray.
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (it logs
+    # a warning every few seconds without it); it picks the next free port when 8265 is taken.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             logging_level=logging.WARNING)
+    return True
+
+
+def write_run_config(config: TrainConfig, run_dir: str) -> None:
+    location = open_location(run_dir, storage_options_for(config.data) if is_s3_url(run_dir) else None)
+    location.makedirs()
+    location.write_bytes_atomic("config.yaml", config_to_yaml(config).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints -> evaluation worker
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_callback(evaluator: Any, run_dir: str, keep_last: int, storage_options: dict[str, Any] | None) -> Any:
+    from ray.train import UserCallback
+
+    class EvaluateCheckpoints(UserCallback):
+        """Runs in Ray Train's controller after every report whose checkpoint Ray has committed:
+        queues it on the evaluation actor (submit only enqueues, so training is not held up) and
+        prunes evaluated checkpoints beyond the newest `keep_last` and the best."""
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if checkpoint is None:
+                return
+            url = f"s3://{checkpoint.path}" if is_s3_url(run_dir) else checkpoint.path
+            if evaluator is not None:
+                evaluator.submit.remote(url)
+            prune(run_dir, keep_last, storage_options)
+
+    return EvaluateCheckpoints()
+
+
+def prune(run_dir: str, keep_last: int, storage_options: dict[str, Any] | None) -> None:
+    from trainer.eval_worker import prune_checkpoints
+
+    try:
+        prune_checkpoints(run_dir, keep_last, storage_options)
+    except Exception as error:  # noqa: BLE001 - pruning is housekeeping; never stop training for it
+        log.warning("pruning checkpoints of %s failed: %s", run_dir, error)
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) the run of `config` through Ray Train; returns the summary (see module doc).
+
+    Uses the Ray instance of this process if there is one, else connects/starts one (and leaves it
+    running: main() shuts it down).
+    """
+    started = time.perf_counter()
+    config, run_dir = resolve_run(config)
+    data = prepare_data(config.data)
+    config = effective_config(config, data)
+    write_run_config(config, run_dir)
+    log.info("run directory %s", run_dir)
+
+    connect_ray(config)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from model.vocab import Vocabulary
+    from trainer.worker import train_loop_per_worker
+
+    storage_options = data.storage_options or None
+    evaluator = None
+    if config.eval.enabled:
+        from trainer.eval_worker import make_evaluation_actor
+
+        evaluator = make_evaluation_actor(config.eval, dev=data.dev, test=data.test, run_dir=run_dir,
+                                          storage_options=storage_options, region_order=config.data.region_order)
+    dist = config.distributed
+    resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
+    storage_path, storage_fs = config.checkpoint.storage_path, None
+    if is_s3_url(storage_path):
+        storage_path, storage_fs = storage_path[len("s3://"):], pyarrow_s3_filesystem(config)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": config_to_dict(config), "data": data.to_dict(),
+                           "vocab_words": Vocabulary.load_json(data.vocab).idx2word, "run_dir": run_dir,
+                           "run_name": config.checkpoint.run_name},
+        scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=config.checkpoint.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # pruned by prune(): keeps the best too
+            callbacks=[_make_callback(evaluator, run_dir, config.checkpoint.keep_last, storage_options)]),
+    )
+    result = trainer.fit()
+    latest = None
+    if result.checkpoint is not None:
+        latest = f"s3://{result.checkpoint.path}" if is_s3_url(run_dir) else result.checkpoint.path
+    best = None
+    if evaluator is not None:
+        log.info("waiting for the evaluation worker")
+        ray.get(evaluator.wait_idle.remote(EVAL_WAIT_S))
+        best = ray.get(evaluator.best.remote())
+        prune(run_dir, config.checkpoint.keep_last, storage_options)
+        ray.kill(evaluator)
+    return {"run_dir": run_dir, "best": best, "latest_checkpoint": latest, "run_name": config.checkpoint.run_name,
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"YAML configuration (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one configuration value (YAML syntax); repeatable, applied in order")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = LocalTrainConfig()
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--train-images", type=int, default=defaults.train_images)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = LocalTrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                           train_images=args.train_images, seed=args.seed)
-    result = train(cfg)
-    print(format_table(result["metrics"]))
-    print(json.dumps({"final_loss": result["losses"][-1], "metrics": result["metrics"]}))
+    try:
+        config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    except ConfigError as error:
+        print(f"launch: configuration error: {error}", file=sys.stderr)
+        return 2
+    started_ray = False
+    try:
+        started_ray = not _ray_initialized()
+        summary = run(config)
+    except ConfigError as error:
+        print(f"launch: configuration error: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:
+        print(f"launch: data error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if started_ray:
+            _shutdown_ray()  # also stops the streaming of worker logs, so the JSON line stays last
+    from trainer.evaluation import format_table
+
+    best = summary["best"]
+    if best and best.get("metrics"):
+        print(f"best checkpoint: {best['checkpoint']} (step {best.get('step')}, epoch {best.get('epoch')}, "
+              f"dev rsum {best.get('dev_rsum')})")
+        print(format_table(best["metrics"]))
+    print(json.dumps(summary))
     return 0
+
+
+def _ray_initialized() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 if __name__ == "__main__":

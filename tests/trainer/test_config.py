@@ -89,3 +89,14 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     saved.write_text(config_to_yaml(config))
     assert load_config(saved) == config
     assert yaml.safe_load(saved.read_text())["optim"]["epochs"] == 7
+
+
+def test_debug_section_for_fault_injection() -> None:
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["debug.max_steps=30", "debug.fail_at_step=12",
+                                                          "debug.fail_rank=1"])
+    assert (config.debug.max_steps, config.debug.fail_at_step, config.debug.fail_rank) == (30, 12, 1)
+    assert load_config(ROOT / "configs" / "tiny.yaml").debug.max_steps == 0  # off by default
+    with pytest.raises(ConfigError, match=r"debug.max_steps must be >= 0, got -1"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["debug.max_steps=-1"])
+    with pytest.raises(ConfigError, match=r"debug.fail_rank \(2\) must be < distributed.workers \(2\)"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["debug.fail_at_step=5", "debug.fail_rank=2"])

@@ -1,26 +1,105 @@
-"""The main job (`python trainer/launch.py`): trains on the synthetic world and prints recall."""
+"""The main job (`python trainer/launch.py`): configuration errors, and an end-to-end run through
+Ray Train + DeepSpeed with the evaluation worker scoring every checkpoint."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.config import load_config
+from trainer.launch import pyarrow_s3_filesystem, resolve_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_main_job_learns_and_prints_a_recall_table() -> None:
-    result = subprocess.run(
-        [sys.executable, "trainer/launch.py", "--epochs", "6", "--train-images", "192"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "trainer/launch.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "optim.lrr=1"], "unknown key(s): optim.lrr"),
+    (["--set", "distributed.zero_stage=3"], "distributed.zero_stage must be 0, 1 or 2"),
+    (["--config", "configs/missing.yaml"], "missing.yaml: cannot read"),
+])
+def test_configuration_errors_exit_2_naming_the_key_before_any_ray_work(
+        args: list[str], message: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = launch(*args, "--set", f"checkpoint.storage_path={tmp_path}", env={"RAY_ADDRESS": "127.0.0.1:1"},
+                    timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert result.stdout == ""
+    # No Ray: nothing was started or contacted (RAY_ADDRESS points nowhere), no run directory made.
+    assert "Ray" not in result.stderr and list(tmp_path.iterdir()) == []
+    assert time.monotonic() - started < 60
+
+
+def test_a_config_that_does_not_fit_the_data_exits_2(tmp_path: Path) -> None:
+    result = launch("--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"checkpoint.storage_path={tmp_path}",
+                    "--set", "data.synthetic_train_images=20", "--set", "model.img_dim=32",
+                    env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.img_dim is 32 but the features of" in result.stderr and "have 64 dimensions" in result.stderr
+
+
+def test_run_names_and_storage_paths() -> None:
+    config, run_dir = resolve_run(load_config(ROOT / "configs" / "tiny.yaml", ["checkpoint.run_name=r1",
+                                                                              "checkpoint.storage_path=~/runs/"]))
+    assert run_dir == os.path.expanduser("~/runs/r1") and config.checkpoint.storage_path == os.path.expanduser("~/runs")
+    config, run_dir = resolve_run(load_config(ROOT / "configs" / "coco.yaml"))
+    assert config.checkpoint.run_name.startswith("vsrn-") and run_dir == f"s3://vsrn-runs/{config.checkpoint.run_name}"
+
+
+def test_s3_storage_filesystem_gets_the_endpoint() -> None:
+    config = load_config(ROOT / "configs" / "coco.yaml", ["data.s3_endpoint_url=http://127.0.0.1:9000"])
+    fs = pyarrow_s3_filesystem(config)
+    assert fs.type_name == "s3" and "127.0.0.1:9000" in repr(fs.__reduce__())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(
+        ray_local: Any, tmp_path: Path) -> None:
+    # Attach to the session's Ray (2 CPUs) through RAY_ADDRESS, as under `ray job submit`: starting
+    # another local Ray would cost ~15 s. 2 workers x 0.75 CPU + the evaluator's 0.5 CPU.
+    address = ray_local.get_runtime_context().gcs_address
+    result = launch(
+        "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"checkpoint.storage_path={tmp_path / 'runs'}",
+        "--set", "checkpoint.run_name=e2e", "--set", "distributed.cpus_per_worker=0.75", "--set", "eval.cpus=0.5",
+        "--set", "data.synthetic_train_images=200", "--set", "optim.epochs=4", "--set", "optim.warmup_epochs=1",
+        "--set", "optim.lr_decay_every_epochs=3", "--set", "checkpoint.keep_last=2",
+        env={"RAY_ADDRESS": address})
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     lines = result.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])  # pinned: the last line is one JSON object
+    run_dir = tmp_path / "runs" / "e2e"
+    assert summary["run_dir"] == str(run_dir) and summary["run_name"] == "e2e"
     assert any(line.startswith("protocol") and "R@1" in line for line in lines)
-    summary = json.loads(lines[-1])
-    metrics = summary["metrics"]["all"]
-    # 100 held-out images: chance is R@1 = 1 % (t2i) and rsum ~ 50; a model that learns the
-    # region-caption grounding of the synthetic world is far above that.
-    assert metrics["rsum"] > 150, metrics
-    assert metrics["i2t_r10"] > 30 and metrics["t2i_r10"] > 30, metrics
-    assert "L_M" in result.stderr and "L_G" in result.stderr  # losses are logged
+
+    best = summary["best"]
+    assert best == json.loads((run_dir / "best.json").read_text())
+    metrics = best["metrics"]["all"]
+    # 100 held-out test images: chance is R@1 1 %, R@10 10 %, rsum ~32. Far above that:
+    assert metrics["rsum"] > 150 and metrics["i2t_r10"] > 30 and metrics["t2i_r10"] > 30, metrics
+
+    # One checkpoint per epoch (30 steps each); the evaluator scored every one; pruning kept the
+    # newest two and the best.
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    names = [p.name for p in checkpoints]
+    assert names[-2:] == ["checkpoint_000000090", "checkpoint_000000120"] and len(names) <= 3
+    assert Path(best["checkpoint"]).name in names
+    for checkpoint in checkpoints:
+        payload = json.loads((checkpoint / "metrics.json").read_text())
+        assert payload["dev_rsum"] > 0 and "all" in payload["test"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "train_log.jsonl").is_file()
+    config = load_config(run_dir / "config.yaml")  # the resolved configuration, with the data it used
+    assert config.data.train.endswith("shards/train") and config.model.vocab_size < 200
+    assert "L_M" in result.stderr and "L_G" in result.stderr and "samples/s" in result.stderr

@@ -1,0 +1,214 @@
+"""Checkpoints and resume (trainer/run_checkpoint.py), through Ray Train + DeepSpeed on 2 CPU workers.
+
+The Ray tests share one module fixture of runs on a tiny configuration (96 synthetic images,
+global batch 16, 30 steps per epoch, 2 epochs, ZeRO stage 1 so that optimizer states are
+partitioned by rank, a checkpoint every 10 steps):
+
+* "full": uninterrupted;
+* "cut": the same configuration stopped by debug.max_steps=25, then re-run with the same run
+  name; in that second part rank 1 hard-exits after step 45 (debug.fail_at_step), and Ray
+  restarts the workers from the step-40 checkpoint. Its per-step losses must equal "full"'s.
+  (One run covers both, as each Ray Train start costs ~20 s on 2 cores.)
+* "moved": a copy of "cut" at the interruption, resumed with ONE worker (universal checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_inference_checkpoint
+from model.vocab import build_vocab
+from model.vsrn import VSRN, VSRNConfig
+from trainer.config import TrainConfig, load_config
+from trainer.run_checkpoint import (
+    TrainState,
+    checkpoint_dir_name,
+    export_inference,
+    rng_state,
+    set_rng_state,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS_PER_EPOCH = 30
+
+
+# --------------------------------------------------------------------------------------------------
+# Without Ray
+# --------------------------------------------------------------------------------------------------
+
+
+def test_train_state_round_trip_and_next_position() -> None:
+    state = TrainState(epoch=3, step=120, batch_in_epoch=7, epoch_complete=False, world_size=2,
+                       global_batch_size=128, best_rsum=412.5)
+    again = TrainState.from_json(state.to_json(), "x")
+    assert again == state and again.next_position() == (3, 7)
+    done = TrainState(epoch=3, step=130, batch_in_epoch=17, epoch_complete=True, world_size=2, global_batch_size=128)
+    assert done.next_position() == (4, 0)
+    assert checkpoint_dir_name(130) == "checkpoint_000000130"  # names sort by step
+
+
+def test_rng_states_restore_torch_numpy_and_python() -> None:
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    saved = rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5)
+    np.random.rand(5)
+    random.random()
+    set_rng_state(saved)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_inference_export_of_a_bf16_module_has_float32_weights(tmp_path: Path) -> None:
+    vocab = build_vocab(["a dog on a mat", "a cat"], 1)
+    config = VSRNConfig(img_dim=8, embed_size=16, word_dim=8, vocab_size=len(vocab), num_reasoning_layers=1,
+                        caption_hidden=8, caption_word_dim=8)
+    module = VSRN(config).to(torch.bfloat16)
+    export_inference(tmp_path / "inference", module, vocab, {"step": 3})
+    model, loaded_vocab = load_inference_checkpoint(tmp_path / "inference")
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and len(loaded_vocab) == len(vocab)
+    for name, value in module.state_dict().items():
+        expected = value.float() if value.is_floating_point() else value  # num_batches_tracked stays int64
+        torch.testing.assert_close(model.state_dict()[name], expected, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Through Ray Train
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny(root: Path, name: str, *extra: str) -> TrainConfig:
+    return load_config(ROOT / "configs" / "tiny.yaml", [
+        f"data.cache_dir={root / 'cache'}", f"checkpoint.storage_path={root / 'runs'}", f"checkpoint.run_name={name}",
+        "data.synthetic_train_images=96", "data.synthetic_dev_images=10", "data.synthetic_test_images=10",
+        "optim.global_batch_size=16", "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_decay_every_epochs=1",
+        "distributed.zero_stage=1", "checkpoint.every_steps=10", "eval.enabled=false", "logging.interval_steps=10",
+        *extra])
+
+
+def losses(run_dir: Path) -> dict[int, tuple[float, float, float]]:
+    """step -> (L_M, L_G, lr) of a run's train_log.jsonl; every step must appear once."""
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
+    return {r["step"]: (r["loss_matching"], r["loss_caption"], r["lr"]) for r in records}
+
+
+def tree_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from trainer.launch import run
+
+    root = tmp_path_factory.mktemp("resume")
+    out: dict[str, Any] = {"root": root, "runs": root / "runs"}
+    out["full"] = run(tiny(root, "full"))
+    out["cut_first"] = run(tiny(root, "cut", "debug.max_steps=25"))
+    cut = root / "runs" / "cut"
+    shutil.copytree(cut, root / "runs" / "moved")
+    out["cut_files_after_interruption"] = sorted(p.name for p in cut.iterdir())
+    out["checkpoint_25_digest"] = tree_digest(cut / checkpoint_dir_name(25))
+    # An upload that crashed half way: a directory without train_state.json, at a step the resumed
+    # run will checkpoint again. Resuming must ignore it and rewrite it completely.
+    partial = cut / checkpoint_dir_name(30) / "deepspeed"
+    partial.mkdir(parents=True)
+    (partial / "latest").write_text("garbage")
+    out["cut"] = run(tiny(root, "cut", "debug.fail_at_step=45", "debug.fail_rank=1", "checkpoint.max_failures=1"))
+    out["moved"] = run(tiny(root, "moved", "distributed.workers=1"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_worker_training_through_ray_and_deepspeed(runs: dict[str, Any]) -> None:
+    run_dir = runs["runs"] / "full"
+    assert runs["full"]["run_dir"] == str(run_dir)
+    assert runs["full"]["latest_checkpoint"] == str(run_dir / checkpoint_dir_name(60))
+    log = losses(run_dir)
+    assert sorted(log) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert all(np.isfinite(v).all() for v in log.values())
+    # The learning rate decays at epoch 1 (lr_decay_every_epochs=1) and the model learns.
+    assert log[1][2] == pytest.approx(5e-4) and log[60][2] == pytest.approx(5e-5)
+    assert log[60][0] < 0.5 * log[1][0]
+    # Every 10 steps and at the end of each epoch; the resolved configuration beside them.
+    names = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert names == [checkpoint_dir_name(s) for s in (10, 20, 30, 40, 50, 60)]
+    assert (run_dir / "config.yaml").is_file()
+    checkpoint = run_dir / checkpoint_dir_name(30)
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state == {"epoch": 0, "step": 30, "batch_in_epoch": 30, "epoch_complete": True, "world_size": 2,
+                     "global_batch_size": 16, "best_rsum": None, "format_version": 1}
+    deepspeed = checkpoint / "deepspeed"
+    assert (deepspeed / "latest").read_text().strip() == "global_step30"
+    assert {p.name for p in (deepspeed / "global_step30").iterdir()} >= {
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # ZeRO-1: each rank's optimizer partition
+    assert sorted(p.name for p in (deepspeed / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    model, vocab = load_inference_checkpoint(checkpoint / "inference")
+    assert model.config.vocab_size == len(vocab) and model.config.img_dim == 64
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_interrupted_and_resumed_run_gives_the_same_losses(runs: dict[str, Any]) -> None:
+    cut_dir = runs["runs"] / "cut"
+    assert runs["cut_first"]["latest_checkpoint"] == str(cut_dir / checkpoint_dir_name(25))
+    assert "checkpoint_000000030" not in runs["cut_files_after_interruption"]
+    full, resumed = losses(runs["runs"] / "full"), losses(cut_dir)
+    assert sorted(resumed) == sorted(full)
+    for step, values in full.items():
+        assert resumed[step] == pytest.approx(values, rel=1e-6, abs=1e-6), step
+    # The checkpoint resumed from is untouched; the half-written one was redone completely.
+    assert tree_digest(cut_dir / checkpoint_dir_name(25)) == runs["checkpoint_25_digest"]
+    assert (cut_dir / checkpoint_dir_name(30) / "deepspeed" / "latest").read_text().strip() == "global_step30"
+    assert (cut_dir / checkpoint_dir_name(30) / "train_state.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_with_another_number_of_workers(runs: dict[str, Any]) -> None:
+    moved_dir = runs["runs"] / "moved"
+    assert runs["moved"]["latest_checkpoint"] == str(moved_dir / checkpoint_dir_name(60))
+    log, full = losses(moved_dir), losses(runs["runs"] / "full")
+    assert sorted(log) == list(range(1, 61))
+    assert all(log[s] == pytest.approx(full[s], rel=1e-6) for s in range(1, 26))  # before the move
+    # Model and optimizer continue (no restart from scratch: the loss stays at its step-25 level;
+    # the batches after the move are other ones, so only levels compare), the lr follows the epoch.
+    def mean(values: dict[int, tuple[float, float, float]], steps: range) -> float:
+        return float(np.mean([values[s][0] for s in steps]))
+
+    fresh, before, after = mean(full, range(1, 6)), mean(full, range(26, 31)), mean(log, range(26, 31))
+    assert after < 0.9 * fresh and abs(after - before) < 0.2 * before, (fresh, before, after)
+    assert abs(mean(log, range(51, 61)) - mean(full, range(51, 61))) < 0.3 * mean(full, range(51, 61))
+    assert log[60][2] == pytest.approx(5e-5)
+    state = json.loads((moved_dir / checkpoint_dir_name(60) / "train_state.json").read_text())
+    assert state["world_size"] == 1 and state["step"] == 60
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killed_worker_is_restarted_from_the_last_checkpoint(runs: dict[str, Any]) -> None:
+    cut_dir = runs["runs"] / "cut"
+    assert (cut_dir / ".debug-failed-at-step-45").is_file()  # rank 1 did exit once, after step 45
+    assert runs["cut"]["latest_checkpoint"] == str(cut_dir / checkpoint_dir_name(60))  # and the run finished
+    log, full = losses(cut_dir), losses(runs["runs"] / "full")
+    # Steps 41..45 were redone from the step-40 checkpoint, logged once, with the same values.
+    assert sorted(log) == sorted(full)
+    for step in range(41, 61):
+        assert log[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step

@@ -1,0 +1,320 @@
+"""Training checkpoints of a run: what they hold, how they reach storage, how a run resumes.
+
+Layout (docs/run_layout.md), one directory per report, `RUN_DIR/checkpoint_<step, 9 digits>/`:
+
+    deepspeed/            engine.save_checkpoint of every rank: module, optimizer (ZeRO shards
+                          from each rank), DeepSpeed's step counters; plus
+    deepspeed/rng/rank_<r>.pt   each rank's RNG states (torch, numpy, python): dropout masks and
+                          anything else random continue as in an uninterrupted run
+    inference/            rank 0: model/checkpoint.py format (float32 weights, config, vocab),
+                          what evaluate.py, encode.py and the evaluation worker read
+    train_state.json      rank 0, written LAST: epoch, step, data position, world size, global
+                          batch, best dev rsum so far
+
+How a checkpoint lands: every rank writes its part into a local temporary directory and calls
+`ray.train.report(checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=...)`; Ray
+copies the ranks' directories into the same `RUN_DIR/checkpoint_*` (local or s3://) and registers
+the checkpoint only once every rank's upload has returned. The upload function here adds a
+barrier so that rank 0 publishes `train_state.json` (temporary name, then a rename) after every
+rank's files are in place: a directory with train_state.json is complete, one without is an
+interrupted upload. Each report gets a NEW directory and Ray's resume point only moves to it
+after registration, so a crash while writing never touches the previous checkpoint.
+
+Resume: Ray hands the latest registered checkpoint to the restarted (after a worker failure,
+`FailureConfig.max_failures`) or re-launched (same `checkpoint.run_name` and storage path) workers
+through `ray.train.get_checkpoint()`. `restore_checkpoint` loads the engine state and this rank's
+RNG states and returns the `TrainState`; the trainer continues at the batch after the saved one
+with the learning rate of that epoch (a function of the epoch), and the sharded reader replays the
+epoch's order from that batch, so the losses equal an uninterrupted run's.
+
+Different number of workers: with ZeRO stage 0 the engine checkpoint holds whole optimizer
+states and loads as it is; with ZeRO 1-2 each rank converts the checkpoint into a DeepSpeed
+universal checkpoint (deepspeed.checkpoint.ds_to_universal) and loads that. The global batch and
+the learning rate do not depend on the worker count; the order of the rest of an interrupted
+epoch does (the reader's plan depends on the world size), which is logged.
+
+Pruning ("keep the last K and the best") is not Ray's: CheckpointConfig(num_to_keep) cannot know
+the best, whose metrics arrive later from the evaluation worker. The launcher calls
+`trainer.eval_worker.prune_checkpoints(RUN_DIR, checkpoint.keep_last)` after each report and at
+the end; it only deletes evaluated checkpoints that are neither among the newest K nor the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_shards.storage import open_location
+from model.checkpoint import save_inference_checkpoint
+from model.vocab import Vocabulary
+from model.vsrn import VSRN
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TRAIN_STATE = "train_state.json"
+DEEPSPEED_DIR = "deepspeed"
+INFERENCE_DIR = "inference"
+RNG_DIR = "rng"
+BEST_FILE = "best.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+UNIVERSAL_LATEST = "latest_universal"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed as configured; the message says what to do."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands after `step` optimizer steps (the content of train_state.json)."""
+
+    epoch: int  # the epoch of the last step taken
+    step: int  # optimizer steps taken since the start of the run
+    batch_in_epoch: int  # batches of `epoch` consumed by every rank
+    epoch_complete: bool  # `epoch` is finished: continue with epoch + 1, batch 0
+    world_size: int
+    global_batch_size: int
+    best_rsum: float | None = None  # best dev rsum the evaluation worker had reported, if any
+    format_version: int = FORMAT_VERSION
+
+    def next_position(self) -> tuple[int, int]:
+        """(epoch, first batch) to continue with."""
+        return (self.epoch + 1, 0) if self.epoch_complete else (self.epoch, self.batch_in_epoch)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> TrainState:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ResumeError(f"{where}: not valid JSON ({error})") from None
+        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+            raise ResumeError(f"{where}: unsupported train state (format_version "
+                              f"{payload.get('format_version') if isinstance(payload, dict) else None!r}, "
+                              f"this code reads {FORMAT_VERSION})")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in known})
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """`checkpoint_000001234`: one per step, so names sort by step and never repeat in a run."""
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG states
+# --------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, numpy and python RNG states as plain data (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, cached],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+
+
+def read_best_rsum(run_dir: str, storage_options: dict[str, Any] | None) -> float | None:
+    """The dev rsum in RUN_DIR/best.json (written by the evaluation worker), if there is one."""
+    try:
+        payload = json.loads(open_location(run_dir, storage_options).read_text(BEST_FILE))
+        value = payload.get("dev_rsum")
+        return float(value) if value is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def export_inference(directory: Path, module: torch.nn.Module, vocab: Vocabulary, extra: dict[str, Any]) -> None:
+    """The model as an inference checkpoint with float32 weights (bf16/fp16 training included)."""
+    state = {key: value.detach().float() if value.is_floating_point() else value.detach()
+             for key, value in module.state_dict().items()}
+    model = VSRN(module.config)
+    model.load_state_dict(state)
+    save_inference_checkpoint(directory, model, vocab, extra)
+
+
+def save_checkpoint(engine: Any, vocab: Vocabulary, state: TrainState, metrics: dict[str, Any], *,
+                    rank: int, run_name: str) -> None:
+    """Write this rank's part of a checkpoint and report it through Ray (every rank must call).
+
+    `metrics` are reported with it (rank 0's end up attached to the checkpoint).
+    """
+    # Nothing in saving may draw from the global RNGs (export_inference builds a VSRN, whose
+    # initialization does): a run that saved here must continue exactly like one resumed from here.
+    with torch.random.fork_rng(devices=[]):
+        _save_checkpoint(engine, vocab, state, metrics, rank=rank, run_name=run_name)
+
+
+def _save_checkpoint(engine: Any, vocab: Vocabulary, state: TrainState, metrics: dict[str, Any], *,
+                     rank: int, run_name: str) -> None:
+    import ray.train
+
+    local = Path(tempfile.mkdtemp(prefix=f"vsrn-ckpt-{state.step}-rank{rank}-"))
+    try:
+        tag = f"global_step{state.step}"
+        # Every rank saves: stage 0 writes the module and optimizer on rank 0 only, ZeRO 1-2 write
+        # each rank's optimizer partition; save_checkpoint synchronizes the ranks itself.
+        engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=tag,
+                               client_state={"train_state": asdict(state)}, save_latest=True)
+        (local / DEEPSPEED_DIR / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), local / DEEPSPEED_DIR / RNG_DIR / f"rank_{rank:05d}.pt")
+        train_state = None
+        if rank == 0:
+            export_inference(local / INFERENCE_DIR, engine.module, vocab,
+                             {"source": "vsrn-dist training", "run": run_name, "step": state.step,
+                              "epoch": state.epoch})
+            train_state = state.to_json()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=checkpoint_dir_name(state.step),
+                         checkpoint_upload_fn=_uploader(train_state))
+        log.debug("rank %d: reported %s", rank, checkpoint_dir_name(state.step))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _uploader(train_state: str | None) -> Callable[[Any, str], Any]:
+    """Ray's checkpoint_upload_fn: copy this rank's files, wait for every rank, then (rank 0)
+    publish train_state.json, so that its presence means the directory is complete."""
+
+    def upload(checkpoint: Any, dir_name: str) -> Any:
+        import pyarrow.fs
+        import ray.train
+        import torch.distributed as dist
+
+        storage = ray.train.get_context().get_storage()  # DeveloperAPI: the run's filesystem and path
+        fs = storage.storage_filesystem
+        destination = storage.build_checkpoint_path_from_name(dir_name)
+        fs.create_dir(destination)
+        # S3 uploads are not thread-safe in pyarrow (Ray's own copy disables threads too).
+        pyarrow.fs.copy_files(checkpoint.path, destination, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs,
+                              use_threads=not isinstance(fs, pyarrow.fs.S3FileSystem))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if train_state is not None:
+            temporary = f"{destination}/.{TRAIN_STATE}.tmp"
+            with fs.open_output_stream(temporary) as stream:
+                stream.write(train_state.encode())
+            fs.move(temporary, f"{destination}/{TRAIN_STATE}")
+        return ray.train.Checkpoint(filesystem=fs, path=destination)
+
+    return upload
+
+
+# --------------------------------------------------------------------------------------------------
+# Restoring
+# --------------------------------------------------------------------------------------------------
+
+
+def read_train_state(checkpoint: Any) -> TrainState:
+    """The TrainState of a Ray checkpoint (reads one small file, no download of the rest)."""
+    path = f"{checkpoint.path}/{TRAIN_STATE}"
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode("utf-8")
+    except (OSError, FileNotFoundError) as error:
+        raise ResumeError(f"{path}: cannot read the train state of the checkpoint to resume ({error}); "
+                          "it is incomplete: remove that checkpoint directory and re-run") from None
+    return TrainState.from_json(text, path)
+
+
+def needs_universal(saved: TrainState, world_size: int, zero_stage: int) -> bool:
+    """Whether the engine checkpoint must go through a universal checkpoint to load: ZeRO 1-2
+    partition optimizer states by rank, so they only load on the same number of ranks as such."""
+    return saved.world_size != world_size and zero_stage > 0
+
+
+def restore_checkpoint(engine: Any, checkpoint: Any, *, rank: int, world_size: int, zero_stage: int,
+                       seed: int) -> TrainState:
+    """Load the engine and this rank's RNG states from a Ray checkpoint; returns its TrainState.
+
+    The engine must have been initialized with `{"checkpoint": {"load_universal": true}}` when
+    `needs_universal(...)` is true.
+    """
+    saved = read_train_state(checkpoint)
+    with checkpoint.as_directory() as directory:
+        root = Path(directory) / DEEPSPEED_DIR
+        tag = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        if tag is None:
+            raise ResumeError(f"{root}: no 'latest' file; the checkpoint's DeepSpeed state is incomplete")
+        with contextlib.ExitStack() as stack:
+            load_dir = root
+            if needs_universal(saved, world_size, zero_stage):
+                load_dir = stack.enter_context(_universal_copy(root, tag))
+                log.warning("resuming a %d-worker ZeRO-%d checkpoint on %d workers through a universal checkpoint",
+                            saved.world_size, zero_stage, world_size)
+            path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if path is None:
+                raise ResumeError(f"{load_dir}/{tag}: DeepSpeed could not load the checkpoint")
+        rng_file = root / RNG_DIR / f"rank_{rank:05d}.pt"
+        if saved.world_size == world_size and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            # Another worker count: there is no state for this rank to continue; derive one.
+            seed_everything(seed + 1000 * saved.step + rank)
+    if saved.world_size != world_size:
+        log.warning("the checkpoint was written by %d workers, this run has %d: step, learning rate and "
+                    "model/optimizer state continue; the data order of the rest of epoch %d differs from "
+                    "an uninterrupted run", saved.world_size, world_size, saved.epoch)
+    return saved
+
+
+@contextlib.contextmanager
+def _universal_copy(root: Path, tag: str):
+    """`root/tag` converted by deepspeed.checkpoint.ds_to_universal into a temporary directory."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    output = Path(tempfile.mkdtemp(prefix="vsrn-universal-"))
+    try:
+        args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(output / tag),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=True)
+        try:
+            ds_to_universal.main(args)
+        except Exception as error:  # the converter raises assorted errors on unsupported layouts
+            raise ResumeError(
+                f"{root}: converting this checkpoint of another worker count to a DeepSpeed universal "
+                f"checkpoint failed ({type(error).__name__}: {error}). Resume with the checkpoint's "
+                "worker count (distributed.workers) or start a new run (another checkpoint.run_name)") from error
+        (output / UNIVERSAL_LATEST).write_text(tag)
+        yield output
+    finally:
+        shutil.rmtree(output, ignore_errors=True)

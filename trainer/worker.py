@@ -1,0 +1,447 @@
+"""The training loop that Ray Train runs on every worker: `train_loop_per_worker(config)`.
+
+Process group: Ray's TorchTrainer creates it (gloo on CPU, NCCL on GPU) before this function
+runs; DeepSpeed finds it initialized and uses it as it is.
+
+Optimization (the reference's defaults live in trainer/config.py): torch.optim.Adam without weight
+decay, handed to DeepSpeed as a client optimizer (DeepSpeed's own CPU Adam would JIT-compile a C++
+op on first use); gradient clipping set explicitly (DeepSpeed clips at 1.0 when the key is
+missing); ZeRO stage 0-2; bf16, or fp16 with dynamic loss scaling on GPUs. The learning rate is
+`learning_rate * lr_decay_factor ** (epoch // lr_decay_every_epochs)`, set at the start of each
+epoch from the epoch number alone, so a resumed run gets it right without scheduler state.
+
+Batch: the global batch is fixed (optim.global_batch_size) and each of the W workers takes
+global / W pairs from its share of the sharded reader (data_shards/reader.py splits the shards by
+rank and gives every rank the same number of batches).
+
+Loss: L = L_M + λ·L_G (model.caption_loss_weight = λ).
+* L_M is the hinge loss with hardest negatives over the GLOBAL batch: the embeddings of all workers
+  are gathered with autograd and each rank's loss is the sum over its own anchors (model/loss.py),
+  so the ranks' losses sum to the reference's loss of one batch of `global` pairs. DeepSpeed
+  averages gradients over ranks (a factor 1/W), so each rank's L_M is multiplied by W: the averaged
+  gradient is then exactly the reference's single-process gradient of the global batch, and
+  clipping at 2.0 and the learning rate mean what they mean in the reference, for any W.
+* L_G (caption NLL summed over tokens / local batch) is already a per-pair mean: the average over
+  ranks is the mean over the global batch, as in the reference. No factor.
+Similarities, hinges and the hardest-negative max run in float32 whatever the precision (model/loss.py).
+
+Logs: rank 0 writes a progress line per logging interval (epoch, step, samples/s, both loss terms,
+learning rate, data wait) and one JSON line per step to RUN_DIR/train_log.jsonl (loss_matching,
+loss_caption, loss, lr, samples_per_s, data_wait_s, step_time_s; global-batch values, so the
+numbers do not depend on the worker count). The means since the previous checkpoint and the
+reader's counters are reported to Ray with each checkpoint. Checkpoints: trainer/run_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_shards.reader import ReaderConfig, TrainBatch, TrainReader
+from data_shards.storage import open_location
+from model.loss import gathered_hardest_negative_loss
+from model.vocab import Vocabulary
+from model.vsrn import VSRN, VSRNConfig, VSRNOutput
+from trainer.config import OptimConfig, TrainConfig, config_from_dict
+from trainer.run_checkpoint import (
+    TrainState,
+    needs_universal,
+    read_best_rsum,
+    read_train_state,
+    restore_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+
+log = logging.getLogger("trainer.worker")
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------------
+
+
+def learning_rate(optim: OptimConfig, epoch: int) -> float:
+    """Step decay: x lr_decay_factor every lr_decay_every_epochs epochs (the reference's lr_update)."""
+    return optim.learning_rate * optim.lr_decay_factor ** (epoch // optim.lr_decay_every_epochs)
+
+
+def hardest_negatives(optim: OptimConfig, epoch: int, step: int) -> bool:
+    """Max violation after the warm-up (all negatives during the first warmup_epochs / warmup_steps)."""
+    return optim.max_violation and epoch >= optim.warmup_epochs and step >= optim.warmup_steps
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed
+# --------------------------------------------------------------------------------------------------
+
+
+def deepspeed_config(cfg: TrainConfig, universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed configuration of a run (per-worker batch derived from the global one)."""
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.optim.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.per_worker_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch Adam as a client optimizer under ZeRO 1-2
+        "steps_per_print": 2**31 - 1,  # progress is logged here
+        "wall_clock_breakdown": False,
+    }
+    if cfg.distributed.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.distributed.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    if universal:
+        ds["checkpoint"] = {"load_universal": True}
+    return ds
+
+
+def _skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU.
+
+    Its TorchBackend builds `deepspeed_shm_comm` (a minute or two of C++ compilation on a small
+    machine, on first use) for inference_all_reduce, which training never calls: gradients go
+    through torch.distributed (gloo). `deepspeed.ops.__compatible_ops__` is only consulted for that
+    op (deepspeed 0.19), and setting it also skips probing every other op's compiler support.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+
+
+def build_engine(cfg: TrainConfig, model: VSRN, universal: bool) -> Any:
+    import deepspeed
+
+    if not cfg.distributed.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_cpu_shm_comm_op()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.learning_rate)  # no weight decay, as the reference
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, universal),
+                                           dist_init_required=False)
+    return engine
+
+
+def set_learning_rate(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-step log
+# --------------------------------------------------------------------------------------------------
+
+
+class StepLog:
+    """RUN_DIR/train_log.jsonl, one JSON object per step, written by rank 0.
+
+    Local run directories are appended to line by line. On s3:// the file is kept locally and
+    uploaded whole at every checkpoint (objects cannot be appended to). After a restart, lines
+    of steps beyond the restored checkpoint (replayed now) are dropped first, so every step
+    appears once.
+    """
+
+    def __init__(self, run_dir: str, storage_options: dict[str, Any] | None) -> None:
+        self.location = open_location(run_dir, storage_options)
+        if self.location.is_s3:
+            self.path = os.path.join(tempfile.mkdtemp(prefix="vsrn-trainlog-"), TRAIN_LOG)
+            try:
+                existing = self.location.read_bytes(TRAIN_LOG)
+            except FileNotFoundError:
+                existing = b""
+            with open(self.path, "wb") as stream:
+                stream.write(existing)
+        else:
+            self.location.makedirs()
+            self.path = self.location.child_path(TRAIN_LOG)
+
+    def truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as stream:
+            lines = [line for line in stream if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w", encoding="utf-8") as stream:
+            stream.writelines(lines)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def sync(self) -> None:
+        if self.location.is_s3 and os.path.exists(self.path):
+            with open(self.path, "rb") as stream:
+                self.location.write_bytes_atomic(TRAIN_LOG, stream.read())
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Interval:
+    """Sums over a span of steps (since the last progress line, or since the last checkpoint)."""
+
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    data_wait: float = 0.0
+    loss_matching: float = 0.0
+    loss_caption: float = 0.0
+
+    def add(self, samples: int, seconds: float, wait: float, matching: float, caption: float) -> None:
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+        self.data_wait += wait
+        self.loss_matching += matching
+        self.loss_caption += caption
+
+    def metrics(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {"loss_matching": self.loss_matching / steps, "loss_caption": self.loss_caption / steps,
+                "samples_per_s": self.samples / max(self.seconds, 1e-9), "data_wait_s": self.data_wait / steps,
+                "step_time_s": (self.seconds - self.data_wait) / steps}
+
+
+def _setup_logging(rank: int) -> None:
+    """INFO from this project's packages, warnings from the rest (Ray logs every report at INFO)."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s", force=True)
+    for package in ("trainer", "data_shards", "model"):
+        logging.getLogger(package).setLevel(logging.INFO)
+    # model/loss.py's size check uses all_gather_into_tensor, which torch 2.13 marks deprecated.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+
+def _fail_once(run_dir: str, storage_options: dict[str, Any] | None, step: int) -> None:
+    """debug.fail_at_step: hard-exit this process once per run (a marker in RUN_DIR remembers)."""
+    location = open_location(run_dir, storage_options)
+    marker = f".debug-failed-at-step-{step}"
+    if location.exists(marker):
+        return
+    location.write_bytes_atomic(marker, b"")
+    # Ray commits a checkpoint only once it has collected every rank's report (it polls every few
+    # seconds); wait for that, so the simulated crash resumes from a known checkpoint (the last one).
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                           timeout_s=60)
+    log.warning("debug.fail_at_step: exiting at step %d to simulate a worker failure", step)
+    logging.shutdown()
+    os._exit(1)
+
+
+def training_loss(out: VSRNOutput, image_ids: torch.Tensor, cfg: TrainConfig, world: int,
+                  hardest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss this rank back-propagates, this rank's share of L_M).
+
+    L_M is this rank's anchors against the gathered global batch, times W: DeepSpeed averages the
+    gradients over the W ranks, and the reference sums L_M over the whole batch, so the averaged
+    gradient equals the reference's gradient of one global batch (see the module docstring).
+    L_G is a per-pair mean already: the average over ranks is the global mean, no factor.
+    """
+    matching = gathered_hardest_negative_loss(out.image_emb, out.caption_emb, image_ids,
+                                              margin=cfg.optim.margin, max_violation=hardest)
+    loss = matching * world
+    if out.caption_loss is not None:
+        loss = loss + cfg.model.caption_loss_weight * out.caption_loss.float()
+    return loss, matching
+
+
+def _global_losses(matching: torch.Tensor, caption: torch.Tensor | None, world: int) -> tuple[float, float]:
+    """(L_M of the global batch, L_G mean over the global batch), for logging."""
+    zero = torch.zeros((), device=matching.device)
+    values = torch.stack([matching.detach().float(), caption.detach().float() if caption is not None else zero])
+    if world > 1:
+        dist.all_reduce(values)  # on the loss's device: NCCL reduces GPU tensors only
+    matching_sum, caption_sum = values.cpu().tolist()
+    return matching_sum, caption_sum / world
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"train": TrainConfig as a dict, "data": PreparedData as a
+    dict, "vocab_words": [...], "run_dir": RUN_DIR, "run_name": name} (built by trainer/launch.py)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["train"])
+    data = config["data"]
+    run_dir: str = config["run_dir"]
+    storage_options = data.get("storage_options") or None
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _setup_logging(rank)
+    if world != cfg.distributed.workers:
+        raise RuntimeError(f"Ray started {world} workers but distributed.workers is {cfg.distributed.workers}")
+
+    vocab = Vocabulary(config["vocab_words"])
+    model_config = VSRNConfig.from_dict({**cfg.model.to_dict(), "vocab_size": len(vocab)})
+    seed_everything(cfg.optim.seed)  # the same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway)
+    model = VSRN(model_config)
+    device = ray.train.torch.get_device() if cfg.distributed.use_gpu else torch.device("cpu")
+    model.to(device)
+
+    checkpoint = ray.train.get_checkpoint()
+    saved = read_train_state(checkpoint) if checkpoint is not None else None
+    universal = saved is not None and needs_universal(saved, world, cfg.distributed.zero_stage)
+    engine = build_engine(cfg, model, universal)
+    step_log = StepLog(run_dir, storage_options) if rank == 0 else None
+
+    seed_everything(cfg.optim.seed + 1 + rank)  # per-rank dropout masks
+    epoch, start_batch, step = 0, 0, 0
+    if checkpoint is not None:
+        saved = restore_checkpoint(engine, checkpoint, rank=rank, world_size=world,
+                                   zero_stage=cfg.distributed.zero_stage, seed=cfg.optim.seed)
+        epoch, start_batch = saved.next_position()
+        step = saved.step
+        if rank == 0:
+            log.info("resuming at step %d: epoch %d, batch %d (checkpoint %s)", step, epoch, start_batch,
+                     checkpoint.path)
+        if saved.global_batch_size != cfg.optim.global_batch_size:
+            log.warning("the checkpoint was trained with a global batch of %d, this run uses %d",
+                        saved.global_batch_size, cfg.optim.global_batch_size)
+
+    if step_log is not None:
+        # Steps logged after the checkpoint we continue from (or all, when there is none) are redone now.
+        step_log.truncate_after(step)
+    reader = TrainReader(
+        ReaderConfig(location=data["train"], batch_size=cfg.per_worker_batch_size,
+                     num_workers=cfg.data.loader_workers, seed=cfg.optim.seed,
+                     pool_images=max(cfg.per_worker_batch_size, cfg.data.shuffle_buffer),
+                     region_order=cfg.data.region_order, bad_data=cfg.data.bad_data,
+                     storage_options=storage_options),
+        vocab.encode, rank=rank, world_size=world)
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())
+        log.info("training %d parameters on %d %s worker(s): global batch %d (%d per worker), %s, ZeRO %d, "
+                 "epochs %d, lr %.2e", params, world, "GPU" if cfg.distributed.use_gpu else "CPU",
+                 cfg.optim.global_batch_size, cfg.per_worker_batch_size, cfg.distributed.precision,
+                 cfg.distributed.zero_stage, cfg.optim.epochs, cfg.optim.learning_rate)
+
+    loop = _Loop(cfg, engine, reader, vocab, step_log, rank, world, run_dir, storage_options,
+                 config.get("run_name", ""))
+    loop.run(epoch, start_batch, step)
+
+
+class _Loop:
+    """The epoch/step loop; state that outlives a step lives here."""
+
+    def __init__(self, cfg: TrainConfig, engine: Any, reader: TrainReader, vocab: Vocabulary,
+                 step_log: StepLog | None, rank: int, world: int, run_dir: str,
+                 storage_options: dict[str, Any] | None, run_name: str) -> None:
+        self.cfg, self.engine, self.reader, self.vocab, self.step_log = cfg, engine, reader, vocab, step_log
+        self.rank, self.world, self.run_dir, self.storage_options, self.run_name = (
+            rank, world, run_dir, storage_options, run_name)
+        self.interval = Interval()  # since the last progress line
+        self.since_checkpoint = Interval()  # since the last checkpoint (reported to Ray with it)
+        self.device = next(engine.module.parameters()).device
+
+    def run(self, first_epoch: int, start_batch: int, step: int) -> None:
+        cfg = self.cfg
+        for epoch in range(first_epoch, cfg.optim.epochs):
+            lr = learning_rate(cfg.optim, epoch)
+            set_learning_rate(self.engine, lr)
+            batches = self.reader.batches_per_epoch(epoch)
+            first, start_batch = start_batch, 0
+            if first >= batches:  # a checkpoint at the very end of an epoch not marked complete
+                continue
+            iterator = iter(self.reader.epoch(epoch, first))
+            for position in range(first, batches):
+                waited = time.perf_counter()
+                # torch's DataLoader draws its base seed from the global RNG when its iterator starts
+                # (at the first batch of an epoch, or of a resumed epoch); keep that draw off the
+                # RNG the model uses (dropout), or a resumed run would diverge from an uninterrupted one.
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(iterator)
+                started = time.perf_counter()
+                wait = started - waited
+                hardest = hardest_negatives(cfg.optim, epoch, step)
+                matching, caption = self.train_step(batch, hardest)
+                step += 1
+                seconds = time.perf_counter() - started
+                self.record(epoch, position, batches, step, lr, hardest, matching, caption, seconds, wait)
+
+                if cfg.debug.fail_at_step == step and self.rank == cfg.debug.fail_rank:
+                    _fail_once(self.run_dir, self.storage_options, step)
+                end_of_epoch = position + 1 == batches
+                stop = bool(cfg.debug.max_steps) and step >= cfg.debug.max_steps
+                periodic = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+                if end_of_epoch or stop or periodic:
+                    self.checkpoint(TrainState(epoch=epoch, step=step, batch_in_epoch=position + 1,
+                                               epoch_complete=end_of_epoch, world_size=self.world,
+                                               global_batch_size=cfg.optim.global_batch_size))
+                if stop:
+                    if self.rank == 0:
+                        log.info("debug.max_steps: stopping after step %d; re-run with the same "
+                                 "checkpoint.run_name to continue", step)
+                    iterator.close()
+                    return
+            iterator.close()
+
+    def train_step(self, batch: TrainBatch, hardest: bool) -> tuple[float, float]:
+        cfg, engine = self.cfg, self.engine
+        batch = batch.to(self.device)
+        out = engine(batch.regions, batch.tokens, batch.lengths, batch.boxes)
+        loss, matching = training_loss(out, batch.image_ids, cfg, self.world, hardest)
+        engine.backward(loss)
+        engine.step()
+        global_matching, global_caption = _global_losses(matching, out.caption_loss, self.world)
+        if not (math.isfinite(global_matching) and math.isfinite(global_caption)):
+            raise FloatingPointError(f"non-finite loss: L_M {global_matching}, L_G {global_caption}")
+        return global_matching, global_caption
+
+    def record(self, epoch: int, position: int, batches: int, step: int, lr: float, hardest: bool,
+               matching: float, caption: float, seconds: float, wait: float) -> None:
+        cfg = self.cfg
+        samples = cfg.optim.global_batch_size
+        total = cfg.model.caption_loss_weight * caption + matching
+        self.interval.add(samples, seconds + wait, wait, matching, caption)
+        self.since_checkpoint.add(samples, seconds + wait, wait, matching, caption)
+        if self.step_log is not None:
+            self.step_log.append({
+                "step": step, "epoch": epoch, "batch": position, "loss": total, "loss_matching": matching,
+                "loss_caption": caption, "lr": lr, "hardest_negatives": hardest,
+                "samples_per_s": samples / max(seconds + wait, 1e-9), "data_wait_s": wait, "step_time_s": seconds,
+                "time": time.time()})
+        if self.rank == 0 and (step % cfg.logging.interval_steps == 0 or position + 1 == batches):
+            iv = self.interval
+            m = iv.metrics()
+            log.info("epoch %d step %d (batch %d/%d)  L_M %.4f  L_G %.4f  lr %.2e  %.0f samples/s  "
+                     "data wait %.3fs/step (%.0f%%)  %s", epoch, step, position + 1, batches, m["loss_matching"],
+                     m["loss_caption"], lr, m["samples_per_s"], m["data_wait_s"],
+                     100 * iv.data_wait / max(iv.seconds, 1e-9), "hardest negatives" if hardest else "all negatives")
+            self.interval = Interval()
+
+    def checkpoint(self, state: TrainState) -> None:
+        if self.rank == 0:
+            state.best_rsum = read_best_rsum(self.run_dir, self.storage_options)
+            if self.step_log is not None:
+                self.step_log.sync()
+        # Metrics go to Ray with the checkpoints only: the controller collects one report per worker
+        # per poll (every ~2 s) and a worker's next report waits for that, so reporting every
+        # logging interval would throttle fast steps.
+        metrics = {"epoch": state.epoch, "step": state.step, "lr": learning_rate(self.cfg.optim, state.epoch),
+                   **self.since_checkpoint.metrics(),
+                   **{f"data/{k}": v for k, v in self.reader.stats.as_dict().items()}}
+        self.since_checkpoint = Interval()
+        started = time.perf_counter()
+        save_checkpoint(self.engine, self.vocab, state, metrics, rank=self.rank, run_name=self.run_name)
+        if self.rank == 0:
+            log.info("checkpoint at step %d (epoch %d, batch %d) in %.1fs", state.step, state.epoch,
+                     state.batch_in_epoch, time.perf_counter() - started)
