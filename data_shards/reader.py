@@ -581,7 +581,7 @@ class _ShardSource:
             while chunk := raw.read(CHUNK_SIZE):
                 digest.update(chunk)
                 spool.write(chunk)
-        except Exception as exc:  # a broken connection or file: the shard is unreadable
+        except Exception as exc:  # noqa: BLE001 - a broken connection or file: the shard is unreadable
             spool.close()
             self._shard_problem(shard, "unreadable_shard", f"{shard.url}: read failed ({exc!r})", shard.samples)
             return None
@@ -618,7 +618,7 @@ class _ShardSource:
                     sample = next(samples)
                 except StopIteration:
                     break
-                except Exception as exc:  # tarfile/webdataset/storage errors: the rest of the shard is lost
+                except Exception as exc:  # noqa: BLE001 - tarfile/webdataset/storage errors: the shard is lost
                     where = f"after sample {last_key}" if last_key else "before its first sample"
                     detail = str(exc.args[0]) if exc.args else repr(exc)  # webdataset appends " @ <url>"
                     self._shard_problem(shard, "unreadable_shard", f"{shard.url}: corrupt or truncated tar {where} "
@@ -638,7 +638,7 @@ class _ShardSource:
             if self.checksums == "stream":
                 try:
                     stream.drain()
-                except Exception as exc:  # a connection lost at the very end
+                except Exception as exc:  # noqa: BLE001 - a connection lost at the very end
                     self._shard_problem(shard, "unreadable_shard", f"{shard.url}: read failed after sample {last_key} "
                                         f"({exc!r})", 0)
                     return

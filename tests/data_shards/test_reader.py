@@ -23,7 +23,15 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_shards.format import MANIFEST_NAME, ImageRecord, Manifest, ShardFormatError, ShardInfo, encode_record, sample_key
+from data_shards.format import (
+    MANIFEST_NAME,
+    ImageRecord,
+    Manifest,
+    ShardFormatError,
+    ShardInfo,
+    encode_record,
+    sample_key,
+)
 from data_shards.reader import (
     EvalReader,
     ReaderConfig,
