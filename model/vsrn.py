@@ -125,6 +125,88 @@ def order_regions(regions: Tensor, order: RegionOrder, boxes: Tensor | None = No
     return torch.gather(regions, 1, index.unsqueeze(-1).expand_as(regions))
 
 
+class _GRUSequence(torch.autograd.Function):
+    """A one-layer GRU over a whole sequence with nn.GRU's math, and a backward pass that forms
+    the weight gradients in one matrix product each (over all steps) instead of one per step.
+
+    forward(x (B, T, I), h0 (B, H), w_ih, w_hh, b_ih, b_hh) -> outputs (T, B, H), time-major.
+    Gates in nn.GRU's layout (r, z, n): r, z = sigmoid(W_i x + b_i + W_h h + b_h),
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+                b_hh: Tensor) -> Tensor:
+        batch, steps, _ = x.shape
+        h = w_hh.shape[1]
+        # Input-to-hidden part of every step in one product.
+        gi = torch.addmm(b_ih, x.reshape(batch * steps, -1), w_ih.t()).view(batch, steps, 3 * h)
+        outputs = x.new_empty(steps, batch, h)
+        rz = x.new_empty(steps, batch, 2 * h)
+        n = x.new_empty(steps, batch, h)
+        gh = x.new_empty(steps, batch, 3 * h)
+        state = h0
+        for t in range(steps):
+            torch.addmm(b_hh, state, w_hh.t(), out=gh[t])
+            gi_t = gi[:, t]
+            rz_t = torch.add(gi_t[:, :2 * h], gh[t, :, :2 * h], out=rz[t]).sigmoid_()
+            n_t = torch.addcmul(gi_t[:, 2 * h:], rz_t[:, :h], gh[t, :, 2 * h:], out=n[t]).tanh_()
+            state = torch.addcmul(n_t, rz_t[:, h:], state - n_t, out=outputs[t])  # (1 - z) n + z h
+        ctx.save_for_backward(x, h0, w_ih, w_hh, outputs, rz, n, gh[..., 2 * h:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        x, h0, w_ih, w_hh, outputs, rz, n, gh_n = ctx.saved_tensors
+        batch, steps, _ = x.shape
+        h = w_hh.shape[1]
+        r, z = rz[..., :h], rz[..., h:]
+        prev = torch.cat([h0.unsqueeze(0), outputs[:-1]])
+        # Local derivatives of h_t with respect to the gates' pre-activations, for all steps at once.
+        coef_n = (1 - z) * (1 - n * n)  # d h / d n_pre
+        coef_z = (prev - n) * z * (1 - z)  # d h / d z_pre
+        coef_r = gh_n * r * (1 - r)  # d n_pre / d r_pre
+        grad_gi = x.new_empty(batch, steps, 3 * h)  # d loss / d (W_i x + b_i), batch-major like x
+        grad_gh = x.new_empty(steps, batch, 3 * h)  # d loss / d (W_h h + b_h)
+        grad_h = grad_outputs[steps - 1]
+        for t in reversed(range(steps)):
+            if t < steps - 1:
+                grad_h = grad_h + grad_outputs[t]
+            gi_t, gh_t = grad_gi[:, t], grad_gh[t]
+            grad_n = torch.mul(grad_h, coef_n[t], out=gi_t[:, 2 * h:])
+            torch.mul(grad_h, coef_z[t], out=gi_t[:, h:2 * h])
+            torch.mul(grad_n, coef_r[t], out=gi_t[:, :h])
+            gh_t[:, :2 * h] = gi_t[:, :2 * h]
+            torch.mul(grad_n, r[t], out=gh_t[:, 2 * h:])
+            grad_h = torch.addmm(grad_h * z[t], gh_t, w_hh)  # to h_{t-1}, through z and W_hh
+        flat_gi = grad_gi.view(batch * steps, 3 * h)
+        grad_x = grad_w_ih = grad_w_hh = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (flat_gi @ w_ih).view_as(x)
+        if ctx.needs_input_grad[2]:
+            grad_w_ih = flat_gi.t() @ x.reshape(batch * steps, -1)
+        if ctx.needs_input_grad[3]:
+            grad_w_hh = grad_gh.view(steps * batch, 3 * h).t() @ prev.view(steps * batch, h)
+        grad_b_ih = flat_gi.sum(0) if ctx.needs_input_grad[4] else None
+        grad_b_hh = grad_gh.sum((0, 1)) if ctx.needs_input_grad[5] else None
+        grad_h0 = grad_h if ctx.needs_input_grad[1] else None
+        return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+def run_gru(gru: nn.GRU, x: Tensor) -> tuple[Tensor, Tensor]:
+    """`gru(x)` from a zero state for a one-layer batch-first nn.GRU: (outputs (B, T, H), h_T (1, B, H)).
+
+    On CPU (outside autocast) it runs `_GRUSequence`, whose backward is faster than autograd
+    through torch's per-step CPU GRU; elsewhere (cuDNN) it calls the module itself.
+    """
+    if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or gru.num_layers != 1
+            or gru.bidirectional or not gru.bias or not gru.batch_first or x.shape[1] == 0):
+        return gru(x)
+    h0 = x.new_zeros(x.shape[0], gru.hidden_size)
+    outputs = _GRUSequence.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    return outputs.transpose(0, 1), outputs[-1].unsqueeze(0)
+
+
 class RegionRelationReasoning(nn.Module):
     """One RRR layer (Eq. 2-3): V* = W_r(R V W_g) + V with R = theta(V) phi(V)^T / regions.
 
@@ -132,6 +214,11 @@ class RegionRelationReasoning(nn.Module):
     Conv1d(D, D, 1) projections; Linear layers over (B, regions, D) compute the same thing. The
     residual branch ends in a BatchNorm whose scale and shift start at zero, so each layer is the
     identity at initialisation.
+
+    When batch x regions > D (the paper's batch of 128 x 36 regions against D = 2048), the layer
+    is computed in an equivalent, cheaper order (see `_folded_residual`): 2 instead of 4 products
+    of the (B x regions, D) features with D x D matrices, at the price of 2 D x D x D products
+    of the weights. `folded` forces one order (None: choose by cost).
     """
 
     def __init__(self, dim: int) -> None:
@@ -143,14 +230,40 @@ class RegionRelationReasoning(nn.Module):
         self.residual_norm = nn.BatchNorm1d(dim)
         nn.init.zeros_(self.residual_norm.weight)
         nn.init.zeros_(self.residual_norm.bias)
+        self.folded: bool | None = None
 
     def forward(self, v: Tensor) -> Tensor:
-        num_regions = v.shape[1]
-        affinity = torch.bmm(self.theta(v), self.phi(v).transpose(1, 2)) / num_regions
-        y = torch.bmm(affinity, self.g(v))
+        batch, num_regions, dim = v.shape
+        folded = self.folded if self.folded is not None else batch * num_regions > dim
+        if folded:
+            pre_norm = self._folded_residual(v)
+        else:
+            affinity = torch.bmm(self.theta(v), self.phi(v).transpose(1, 2)) / num_regions
+            pre_norm = self.residual_proj(torch.bmm(affinity, self.g(v)))
         # BatchNorm over channels with statistics across batch and regions, as Conv1d + BN1d does.
-        w_y = self.residual_norm(self.residual_proj(y).reshape(-1, y.shape[-1])).reshape(y.shape)
+        w_y = self.residual_norm(pre_norm.reshape(-1, dim)).reshape(v.shape)
         return w_y + v
+
+    def _folded_residual(self, v: Tensor) -> Tensor:
+        """W_r(R g(V)) + b_r with the products regrouped (associativity and distributivity only):
+
+            theta(V) phi(V)^T = (V (W_theta^T W_phi) + b_theta^T W_phi) V^T + (V W_theta^T b_phi + b_theta . b_phi) 1^T
+            W_r(R g(V)) + b_r = R (V (W_r W_g)^T + (W_r b_g)^T) + b_r
+
+        so the features meet two D x D matrices instead of four. Gradients flow to the same
+        parameters through the weight products.
+        """
+        batch, num_regions, dim = v.shape
+        w_theta, b_theta = self.theta.weight, self.theta.bias
+        w_phi, b_phi = self.phi.weight, self.phi.bias
+        w_g, b_g = self.g.weight, self.g.bias
+        w_r, b_r = self.residual_proj.weight, self.residual_proj.bias
+        flat = v.reshape(-1, dim)
+        keys = torch.addmm(b_theta @ w_phi, flat, w_theta.t() @ w_phi).view(v.shape)  # theta(V) W_phi
+        values = torch.addmm(w_r @ b_g, flat, w_g.t() @ w_r.t()).view(v.shape)  # g(V) W_r^T
+        row_term = torch.addmv(b_theta.dot(b_phi), flat, w_theta.t() @ b_phi).view(batch, num_regions, 1)
+        affinity = (torch.bmm(keys, v.transpose(1, 2)) + row_term) / num_regions  # theta(V) phi(V)^T / N
+        return torch.baddbmm(b_r, affinity, values)
 
 
 class ImageEncoder(nn.Module):
@@ -181,7 +294,7 @@ class ImageEncoder(nn.Module):
             v = layer(v)
         v = normalize_regions(v, cfg.region_norm)
         if self.gsr is not None:
-            _, hidden = self.gsr(v)  # zero initial memory; the final memory m_k is the image
+            _, hidden = run_gru(self.gsr, v)  # zero initial memory; the final memory m_k is the image
             image = hidden[-1]
         else:
             image = v.mean(dim=1)
@@ -211,18 +324,31 @@ class TextEncoder(nn.Module):
 
 
 class AdditiveAttention(nn.Module):
-    """score_i = w^T tanh(W [region_i; hidden]); context = softmax(score) . regions."""
+    """score_i = w^T tanh(W [region_i; hidden] + b); context = softmax(score) . regions.
+
+    W [region_i; hidden] = W_regions region_i + W_hidden hidden (the two column halves of the
+    same weight), and the regions' half does not change while a caption is decoded, so decoders
+    compute it once (`project_regions`) and pass it to `attend` at every step.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.proj = nn.Linear(2 * dim, dim)
         self.score = nn.Linear(dim, 1, bias=False)
 
-    def forward(self, hidden: Tensor, encoded: Tensor) -> tuple[Tensor, Tensor]:
-        expanded = hidden.unsqueeze(1).expand(-1, encoded.shape[1], -1)
-        scores = self.score(torch.tanh(self.proj(torch.cat([encoded, expanded], dim=2)))).squeeze(2)
+    def project_regions(self, encoded: Tensor) -> Tensor:
+        """W_regions region_i + b for every region: (B, regions, dim)."""
+        return F.linear(encoded, self.proj.weight[:, :encoded.shape[-1]], self.proj.bias)
+
+    def attend(self, hidden: Tensor, encoded: Tensor, projected: Tensor) -> tuple[Tensor, Tensor]:
+        """(context (B, dim), weights (B, regions)) given `projected = project_regions(encoded)`."""
+        query = F.linear(hidden, self.proj.weight[:, hidden.shape[-1]:])
+        scores = self.score(torch.tanh(projected + query.unsqueeze(1))).squeeze(2)
         weights = torch.softmax(scores, dim=1)
         return torch.bmm(weights.unsqueeze(1), encoded).squeeze(1), weights
+
+    def forward(self, hidden: Tensor, encoded: Tensor) -> tuple[Tensor, Tensor]:
+        return self.attend(hidden, encoded, self.project_regions(encoded))
 
 
 class GeneratedCaptions(NamedTuple):
@@ -247,15 +373,20 @@ class CaptionGenerator(nn.Module):
         nn.init.xavier_normal_(self.output.weight)
         self.dropout = nn.Dropout(config.caption_dropout)
 
-    def _encode(self, regions: Tensor) -> tuple[Tensor, Tensor]:
-        encoded, hidden = self.region_rnn(self.dropout(self.region_proj(regions)))
-        return encoded, hidden
+    def _encode(self, regions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(encoded regions (B, regions, h), their attention projection, initial state (1, B, h))."""
+        encoded, hidden = run_gru(self.region_rnn, self.dropout(self.region_proj(regions)))
+        encoded = encoded.contiguous()
+        return encoded, self.attention.project_regions(encoded), hidden
 
-    def _step(self, words: Tensor, hidden: Tensor, encoded: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        context, weights = self.attention(hidden[-1], encoded)
-        step_input = self.dropout(torch.cat([self.word_embed(words), context], dim=1)).unsqueeze(1)
+    def _step(self, word_vectors: Tensor, hidden: Tensor, encoded: Tensor,
+              projected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoder step from the embedded input words (B, word_dim): (decoder output (B, h),
+        new state (1, B, h), attention weights)."""
+        context, weights = self.attention.attend(hidden[-1], encoded, projected)
+        step_input = self.dropout(torch.cat([word_vectors, context], dim=1)).unsqueeze(1)
         out, hidden = self.decoder_rnn(step_input, hidden)
-        return F.log_softmax(self.output(out.squeeze(1)).float(), dim=-1), hidden, weights
+        return out.squeeze(1), hidden, weights
 
     def loss(self, regions: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Teacher-forced negative log-likelihood, summed over tokens and averaged over the batch.
@@ -265,29 +396,37 @@ class CaptionGenerator(nn.Module):
         <start> up to and including the first pad after <end>, captions longer than
         max_caption_len are cut there and end in <end>, and at most max_caption_len - 1 steps are
         unrolled. Unlike the reference (always 59 steps), only the longest caption of the batch
-        is unrolled: the steps after it are fully masked, so the loss is unchanged.
+        is unrolled: the steps after it are fully masked, so the loss is unchanged. The
+        recurrence only needs the decoder states, so the vocabulary projection and the
+        log-softmax + NLL run once after it, on the unmasked (caption, step) positions only
+        (masked ones contribute exactly 0 in the reference).
         """
         targets, mask, steps = caption_targets(tokens, lengths, self.config.max_caption_len)
-        encoded, hidden = self._encode(regions)
-        total = torch.zeros((), dtype=torch.float32, device=regions.device)
+        encoded, projected, hidden = self._encode(regions)
+        word_vectors = self.word_embed(targets[:, :steps])  # one lookup (and one backward) for all steps
+        states = []
         for t in range(steps):
-            log_probs, hidden, _ = self._step(targets[:, t], hidden, encoded)
-            nll = -log_probs.gather(1, targets[:, t + 1].unsqueeze(1)).squeeze(1)
-            total = total + (nll * mask[:, t]).sum()
-        return total / tokens.shape[0]
+            out, hidden, _ = self._step(word_vectors[:, t], hidden, encoded, projected)
+            states.append(out)
+        valid = mask > 0
+        logits = self.output(torch.stack(states, dim=1)[valid])  # (unmasked positions, vocab)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
+        nll = F.cross_entropy(logits, targets[:, 1:][valid], reduction="sum")
+        return nll / tokens.shape[0]
 
     @torch.no_grad()
     def generate(self, regions: Tensor, max_steps: int | None = None) -> GeneratedCaptions:
         """Greedy decoding from <start> until every caption has produced <end>."""
         steps = max_steps or self.config.max_caption_len - 1
-        encoded, hidden = self._encode(regions)
+        encoded, projected, hidden = self._encode(regions)
         batch = regions.shape[0]
         words = torch.full((batch,), START_ID, dtype=torch.long, device=regions.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=regions.device)
         out_tokens, out_weights = [], []
         for _ in range(steps):
-            log_probs, hidden, weights = self._step(words, hidden, encoded)
-            words = log_probs.argmax(dim=1).masked_fill(finished, PAD_ID)
+            out, hidden, weights = self._step(self.word_embed(words), hidden, encoded, projected)
+            # argmax of the logits = argmax of the log-softmax
+            words = self.output(out).argmax(dim=1).masked_fill(finished, PAD_ID)
             out_tokens.append(words)
             out_weights.append(weights)
             finished |= words == END_ID

@@ -237,3 +237,105 @@ def test_bf16_weights_accept_float32_inputs() -> None:
     tokens, lengths = _captions([5, 3])
     out = model(torch.randn(2, 5, 24), tokens, lengths)
     assert out.image_emb.dtype == torch.bfloat16 and torch.isfinite(out.caption_loss)
+
+
+# --- the faster formulations (CPU GRU with batched weight gradients, folded RRR layers, caption
+# loss after the recurrence) against the plain ones, forward and backward -------------------------
+
+
+def test_gru_sequence_equals_nn_gru_with_gradients() -> None:
+    from model.vsrn import _GRUSequence, run_gru
+
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(7, 5, batch_first=True).double()
+    x = torch.randn(3, 6, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, 5, dtype=torch.float64)
+    grads = []
+    for run in (gru, lambda inputs: run_gru(gru, inputs)):
+        outputs, last = run(x)
+        loss = (outputs * weight).sum() + 3 * last.sum()
+        grads.append((outputs, last, torch.autograd.grad(loss, [x, *gru.parameters()])))
+    (out_a, last_a, grads_a), (out_b, last_b, grads_b) = grads
+    assert torch.allclose(out_a, out_b, atol=1e-12) and torch.allclose(last_a, last_b, atol=1e-12)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-12)
+    h0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GRUSequence.apply, (x[:, :4], h0, *gru.parameters()))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_folded_reasoning_layer_equals_the_plain_one(train: bool) -> None:
+    torch.manual_seed(0)
+    layer = RegionRelationReasoning(6).double().train(train)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-0.5, 0.5)
+        layer.residual_norm.running_var.uniform_(0.5, 2.0)
+    v = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for folded in (False, True):
+        layer.folded = folded
+        out = layer(v)
+        results.append((out, torch.autograd.grad((out * out.detach().cos()).sum(), [v, *layer.parameters()])))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-12)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-11)
+    # By default the order is chosen by cost: folded when batch x regions > D.
+    from unittest import mock
+
+    layer.folded = None
+    wide = RegionRelationReasoning(32).double().train(train)
+    for module, inputs, expected in ((layer, v, True), (wide, torch.randn(2, 5, 32, dtype=torch.float64), False)):
+        with mock.patch.object(module, "_folded_residual", wraps=module._folded_residual) as spy:
+            module(inputs)
+        assert spy.called == expected
+
+
+def test_caption_loss_gradients_equal_the_reference_full_unroll() -> None:
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, max_caption_len=12)).double().eval()
+    tokens, lens = _captions([5, 9, 3, 7, 14])
+    reasoned = torch.randn(5, 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [reasoned, *model.caption_generator.parameters()]
+    ours = torch.autograd.grad(model.caption_generator.loss(reasoned, tokens, lens), params)
+    expected = torch.autograd.grad(_reference_caption_loss(model, reasoned, tokens, lens, 12), params)
+    for a, b in zip(ours, expected):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_training_step_equals_the_benchmarks_reference_style_model() -> None:
+    """bench/train_throughput.py times our model against a plain re-creation of the reference's
+    modules (Conv1d reasoning layers, nn.GRU, packed text GRU, 59-step decoder); both must compute
+    the same loss and gradients from the same weights."""
+    import importlib.util
+    from pathlib import Path
+
+    from model.loss import hardest_negative_loss
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    config = VSRNConfig(**TINY, num_reasoning_layers=2, caption_dropout=0.0, max_caption_len=12)
+    ours = VSRN(config).double().train()
+    with torch.no_grad():
+        for layer in ours.image_encoder.reasoning:  # non-zero residual branches
+            layer.residual_norm.weight.uniform_(0.5, 1.5)
+            layer.residual_norm.bias.uniform_(-0.5, 0.5)
+    ref = bench.ReferenceStyleVSRN(config).double().load_from(ours).train()
+    tokens, lengths = _captions([14, 9, 7, 5, 4, 3])  # sorted, as the reference's loader sorts
+    feats = torch.randn(6, 5, 24, dtype=torch.float64)
+    labels, masks = bench.reference_caption_labels(tokens, lengths, 12)
+    loss_ref = ref.loss(feats, tokens, lengths, labels, masks)
+    out = ours(feats, tokens, lengths)
+    loss_ours = hardest_negative_loss(out.image_emb, out.caption_emb) + out.caption_loss
+    assert torch.allclose(loss_ours, loss_ref, atol=1e-10)
+    loss_ref.backward()
+    loss_ours.backward()
+    our_params = dict(ours.named_parameters())
+    for name, p in ref.named_parameters():
+        mine = our_params.pop(ref.our_name(name))
+        assert torch.allclose(p.grad.reshape(mine.shape), mine.grad, atol=1e-10), name
+    assert not our_params  # every parameter compared
