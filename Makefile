@@ -7,8 +7,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The tests also run a real Prometheus server and promtool (Debian's prometheus package) and render
+# the Kubernetes manifests with `kubectl kustomize`; installed here when missing and run as root.
+SYSTEM_TOOLS := prometheus promtool prometheus-pushgateway
 
-.PHONY: run test install clean
+.PHONY: run test install clean system-tools
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +22,20 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q prometheus prometheus-pushgateway >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q prometheus prometheus-pushgateway >/dev/null)) && \
+	    echo "installed prometheus, promtool and prometheus-pushgateway"; \
+	  else echo "prometheus/promtool missing: install Debian's prometheus package (tests needing them will fail)"; fi; \
+	fi
+
 run: $(STAMP)
 	$(PY) trainer/launch.py $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6.0",
         "safetensors>=0.4",
         "nltk>=3.8",
+        "matplotlib>=3.7",  # trainer/report.py: PNG plots of a run
     ],
     extras_require={
         "test": [
@@ -32,6 +33,9 @@ setup(
             "moto[server]>=5.2.5",
             "botocore<1.43.118",
             "boto3",
+            # manifest validation: built-in kinds with kubernetes-validate, KubeRay kinds with jsonschema
+            "kubernetes-validate>=1.28",
+            "jsonschema>=4.18",
         ],
     },
 )
