@@ -76,8 +76,8 @@ TRAIN_ACCELERATOR_MEMORY = MetricSpec("vsrn_train_accelerator_memory_bytes", "ga
 _EVAL = ("run",)
 
 EVAL_RECALL = MetricSpec("vsrn_eval_recall_ratio", "gauge",
-                         "Recall@K of the last evaluated checkpoint (0-1); split dev or test, protocol dev, "
-                         "1k-5fold or all, direction i2t or t2i, k 1, 5 or 10.",
+                         "Recall@K of the last evaluated checkpoint (0-1); split dev or test, protocol all or "
+                         "1k-5fold (dev is always all), direction i2t or t2i, k 1, 5 or 10.",
                          (*_EVAL, "split", "protocol", "direction", "k"))
 EVAL_RSUM = MetricSpec("vsrn_eval_rsum", "gauge",
                        "rsum of the last evaluated checkpoint: the sum of the six recalls in percent (0-600).",

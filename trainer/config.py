@@ -143,6 +143,23 @@ class LoggingConfig:
 
 
 @dataclass
+class MonitoringConfig:
+    """Prometheus metrics (monitoring/metrics.py lists them)."""
+
+    # Record the training and evaluation metrics through ray.util.metrics.
+    enabled: bool = True
+    # For the local Ray instance launch.py starts (ignored on an existing cluster, whose
+    # `ray start --metrics-export-port` decides): the port of Ray's metrics endpoint; 0 lets Ray
+    # pick one, which it writes to /tmp/ray/prom_metrics_service_discovery.json.
+    metrics_export_port: int = 0
+
+    def validate(self) -> None:
+        if not 0 <= self.metrics_export_port <= 65535:
+            raise ConfigError(f"monitoring.metrics_export_port must be a port number (0-65535), "
+                              f"got {self.metrics_export_port}")
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests and drills; all off by default."""
 
@@ -167,6 +184,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self) -> None:

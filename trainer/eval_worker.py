@@ -64,6 +64,7 @@ from model.checkpoint import (
 )
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
+from monitoring.recorders import EvaluationMetrics, RayBackend
 from trainer.config import ConfigError, EvalConfig, TrainConfig, config_from_dict
 from trainer.evaluation import (
     CAPTIONS_PER_IMAGE,
@@ -603,9 +604,11 @@ def evaluate_and_record(
     *,
     loader_workers: int = 0,
     region_order: str = "stored",
+    metrics: EvaluationMetrics | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint and record the outcome (metrics.json + best.json, or eval_error.json);
-    never raises for a bad checkpoint or bad data: returns a summary with status ok/failed."""
+    """Evaluate one checkpoint and record the outcome (metrics.json + best.json, or eval_error.json,
+    and the Prometheus series through ``metrics`` when given); never raises for a bad checkpoint or
+    bad data: returns a summary with status ok/failed."""
     started = time.perf_counter()
     display = checkpoint
     with contextlib.suppress(Exception):
@@ -624,6 +627,8 @@ def evaluate_and_record(
             record_failure(checkpoint, error, storage_options)
         except Exception as record_error:  # noqa: BLE001 - e.g. the store is down; keep going
             logger.error("cannot write %s for %s: %s", ERROR_FILE, checkpoint, record_error)
+        if metrics is not None:
+            metrics.record_failure(time.perf_counter() - started)
         return _summary(display, step, epoch, status="failed", error=f"{type(error).__name__}: {error}",
                         elapsed_s=round(time.perf_counter() - started, 3))
     best_error = None
@@ -632,6 +637,11 @@ def evaluate_and_record(
     except Exception as error:  # noqa: BLE001 - metrics.json is written: the evaluation itself succeeded
         logger.error("%s: cannot update %s: %s: %s", checkpoint, BEST_FILE, type(error).__name__, error)
         is_best, best_error = False, f"{BEST_FILE} not updated: {type(error).__name__}: {error}"
+    if metrics is not None:
+        best = read_best(run_dir or run_dir_of(checkpoint), storage_options)
+        best_rsum = best.get("dev_rsum") if best is not None else None
+        metrics.record_evaluation(payload, best_rsum if isinstance(best_rsum, (int, float)) else None,
+                                  time.perf_counter() - started)
     logger.info("checkpoint %s (step %s, epoch %s): dev rsum %s%s\n%s", payload["checkpoint"], payload["step"],
                 payload["epoch"], "n/a" if payload["dev_rsum"] is None else f"{payload['dev_rsum']:.2f}",
                 " (new best)" if is_best else "", results_table(payload))
@@ -656,6 +666,7 @@ def evaluate_run(
     *,
     retry_failed: bool = False,
     loader_workers: int = 0,
+    metrics: EvaluationMetrics | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every complete checkpoint of ``run_dir`` that has neither metrics.json nor
     eval_error.json (with ``retry_failed``, also those with eval_error.json), in step order.
@@ -687,7 +698,8 @@ def evaluate_run(
     for entry in pending:
         logger.info("evaluating %s (step %s)", entry.url, entry.step)
         summaries.append(evaluate_and_record(entry.url, dev, test, eval_config, run_dir, storage_options, device,
-                                             loader_workers=loader_workers, region_order=region_order))
+                                             loader_workers=loader_workers, region_order=region_order,
+                                             metrics=metrics))
     return summaries
 
 
@@ -762,9 +774,11 @@ class EvaluationWorker:
         loader_workers: int = 0,
         region_order: str = "stored",
         torch_threads: int | None = None,
+        metrics_run: str | None = None,
     ) -> None:
         """Start the evaluation thread. ``torch_threads``: torch's intra-op threads in this process
-        (the actor's CPU share; None leaves the process setting alone, e.g. when run in-process)."""
+        (the actor's CPU share; None leaves the process setting alone, e.g. when run in-process).
+        ``metrics_run``: export the evaluation metrics through Ray with this run label (None: none)."""
         if dev is None and test is None:
             raise ValueError("EvaluationWorker needs dev and/or test shards")
         if not logging.getLogger().handlers:  # a Ray worker process: make INFO (the tables) visible
@@ -776,6 +790,7 @@ class EvaluationWorker:
         self.loader_workers = loader_workers
         self.region_order = region_order
         self.threads = torch_threads
+        self.metrics = EvaluationMetrics(RayBackend(), metrics_run) if metrics_run is not None else None
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         if str(self.device).startswith("cuda"):
@@ -844,7 +859,8 @@ class EvaluationWorker:
             try:
                 summary = evaluate_and_record(
                     checkpoint, self.dev, self.test, self.eval_config, self.run_dir, self.storage_options,
-                    self.device, loader_workers=self.loader_workers, region_order=self.region_order)
+                    self.device, loader_workers=self.loader_workers, region_order=self.region_order,
+                    metrics=self.metrics)
             except BaseException as error:  # the thread must survive anything
                 logger.exception("evaluation worker: unexpected failure on %s", checkpoint)
                 summary = _summary(checkpoint, None, None, status="failed", error=f"{type(error).__name__}: {error}")
@@ -865,6 +881,7 @@ def make_evaluation_actor(
     loader_workers: int = 0,
     region_order: str = "stored",
     name: str | None = None,
+    metrics_run: str | None = None,
 ) -> Any:
     """Start an :class:`EvaluationWorker` actor with ``eval_config.cpus`` CPUs and ``eval_config.gpus``
     GPUs (Ray must be initialized); returns its handle.
@@ -880,4 +897,5 @@ def make_evaluation_actor(
         options["name"] = name
     # As many torch threads as CPUs reserved: more would compete with the training workers.
     return remote_class.options(**options).remote(eval_config, dev, test, run_dir, storage_options, device,
-                                                  loader_workers, region_order, max(1, int(eval_config.cpus)))
+                                                  loader_workers, region_order, max(1, int(eval_config.cpus)),
+                                                  metrics_run)

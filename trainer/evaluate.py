@@ -8,7 +8,8 @@ Usage::
     python trainer/evaluate.py --sims S.npy [--sims S2.npy ...] --protocol all
     python trainer/evaluate.py --checkpoint DIR_or_s3 --data TEST_SHARDS [--dev DEV_SHARDS] \\
         [--protocol all ...] [--output metrics.json]
-    python trainer/evaluate.py --watch RUN_DIR [--data TEST_SHARDS] [--dev DEV_SHARDS] [--retry-failed]
+    python trainer/evaluate.py --watch RUN_DIR [--data TEST_SHARDS] [--dev DEV_SHARDS] [--retry-failed] \
+        [--metrics-port PORT | --pushgateway URL]
 
 Inputs (one kind; giving several embedding or similarity files evaluates their ensemble, whose
 similarity matrices are averaged before ranking):
@@ -165,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--watch: evaluate again the checkpoints that have an eval_error.json")
     models.add_argument("--endpoint-url", metavar="URL",
                         help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    exported = parser.add_argument_group(
+        "Prometheus metrics of --checkpoint and --watch (monitoring/metrics.py: vsrn_eval_*)")
+    exported.add_argument("--metrics-port", type=int, metavar="PORT",
+                          help="serve /metrics on --metrics-host:PORT while evaluating (0: any free port)")
+    exported.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                          help="address for --metrics-port (default: 127.0.0.1; 0.0.0.0 in a pod)")
+    exported.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                          help="keep serving this long after the last evaluation, so that a scrape sees "
+                          "the final values (default: 0)")
+    exported.add_argument("--pushgateway", metavar="URL",
+                          help="push the metrics to this Pushgateway after each checkpoint (job vsrn_eval, "
+                          "grouped by run): what a CronJob that exits between scrapes needs")
+    exported.add_argument("--run-name", metavar="NAME",
+                          help="the run label of the metrics (default: the run directory's name)")
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -200,6 +215,16 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"{name} must be >= 1, got {value}")
     if args.loader_workers < 0:
         parser.error(f"--loader-workers must be >= 0, got {args.loader_workers}")
+    metric_options = {"--metrics-port": args.metrics_port, "--pushgateway": args.pushgateway,
+                      "--run-name": args.run_name, "--metrics-linger": args.metrics_linger or None}
+    if not (args.checkpoint or args.watch):
+        given = [name for name, value in metric_options.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --checkpoint or --watch")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be a port number (0-65535), got {args.metrics_port}")
+    if args.metrics_linger < 0:
+        parser.error(f"--metrics-linger must be >= 0, got {args.metrics_linger}")
 
 
 def _open_npy_or_npz(path: Path) -> Any:
@@ -313,6 +338,37 @@ def _full_precision(device: str) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
+class _ExportedMetrics:
+    """The vsrn_eval_* series of this process (prometheus-client), served and/or pushed as the
+    options say; a no-op without --metrics-port and --pushgateway."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: str) -> None:
+        from monitoring.recorders import EvaluationMetrics, PrometheusBackend
+
+        self.backend: PrometheusBackend | None = None
+        self.recorder: EvaluationMetrics | None = None
+        self.linger = args.metrics_linger
+        if args.metrics_port is None and args.pushgateway is None:
+            return
+        run = args.run_name or Path(run_dir.rstrip("/")).name
+        self.backend = PrometheusBackend()
+        if args.pushgateway is not None:
+            self.backend.push_to(args.pushgateway, job="vsrn_eval", grouping_key={"run": run})
+        self.recorder = EvaluationMetrics(self.backend, run)
+        if args.metrics_port is not None:
+            port = self.backend.serve(args.metrics_port, args.metrics_host)
+            print(f"metrics: http://{args.metrics_host}:{port}/metrics", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.backend is None:
+            return
+        self.backend.push()  # the final state (e.g. a run with nothing left to evaluate)
+        if self.linger:
+            logger.info("serving metrics for %.0f s more (--metrics-linger)", self.linger)
+            time.sleep(self.linger)
+        self.backend.close()
+
+
 def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
     """``--checkpoint``: evaluate one checkpoint, print the table, write metrics.json."""
     from trainer.config import EvalConfig
@@ -328,6 +384,10 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
 
     options = _storage_options(args)
     _full_precision(args.device)
+    from trainer.eval_worker import read_best
+
+    exported = _ExportedMetrics(args, run_dir_of(args.checkpoint))
+    started = time.perf_counter()
     try:
         # A checkpoint of a run is evaluated with the run's eval settings (dev subset size above
         # all), so that its dev rsum compares with the others in best.json.
@@ -344,6 +404,9 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
         if Path(args.checkpoint.rstrip("/")).name not in message:
             message = f"{args.checkpoint}: {message}"
         print(f"{prog}: error: {message}", file=sys.stderr)
+        if exported.recorder is not None:
+            exported.recorder.record_failure(time.perf_counter() - started)
+        exported.close()
         return EXIT_BAD_INPUT
     print(results_table(payload))
     for protocol, reason in payload["skipped"].items():
@@ -362,7 +425,16 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
     except OSError as error:
         target = args.output if args.output is not None else f"metrics.json beside {args.checkpoint}"
         print(f"{prog}: error: cannot write {target}: {error}", file=sys.stderr)
+        if exported.recorder is not None:
+            exported.recorder.record_failure(time.perf_counter() - started)
+        exported.close()
         return EXIT_WRITE_FAILED
+    if exported.recorder is not None:
+        best = read_best(run_dir_of(args.checkpoint), options) if in_run else None
+        best_rsum = best.get("dev_rsum") if best is not None else None
+        exported.recorder.record_evaluation(payload, best_rsum if isinstance(best_rsum, (int, float)) else None,
+                                            time.perf_counter() - started)
+    exported.close()
     return EXIT_OK
 
 
@@ -373,15 +445,18 @@ def run_watch(args: argparse.Namespace, prog: str) -> int:
 
     options = _storage_options(args)
     _full_precision(args.device)
+    exported = _ExportedMetrics(args, args.watch)
     try:
         settings = read_run_settings(args.watch, options)
         eval_config = _eval_config(args, settings.eval if settings is not None else EvalConfig())
         summaries = evaluate_run(args.watch, dev=args.dev, test=args.data, eval_config=eval_config,
                                  storage_options=options, device=args.device, retry_failed=args.retry_failed,
-                                 loader_workers=args.loader_workers)
+                                 loader_workers=args.loader_workers, metrics=exported.recorder)
     except (ValueError, OSError) as error:  # no shards, an unreadable config.yaml or split, the store
         print(f"{prog}: error: {error}", file=sys.stderr)
+        exported.close()
         return EXIT_BAD_INPUT
+    exported.close()
     failed = [s for s in summaries if s["status"] != "ok"]
     for summary in summaries:
         if summary["status"] == "ok":

@@ -118,8 +118,13 @@ def connect_ray(config: TrainConfig) -> bool:
     # address="local": a plain ray.init() would attach to any cluster recorded in /tmp/ray.
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (it logs
     # a warning every few seconds without it); it picks the next free port when 8265 is taken.
+    # Ray's metrics endpoint (monitoring.metrics_export_port) listens on every interface: Ray turns
+    # a loopback node address into the machine's address, so it cannot be held to 127.0.0.1.
+    extra: dict[str, Any] = {}
+    if config.monitoring.metrics_export_port:
+        extra["_metrics_export_port"] = config.monitoring.metrics_export_port
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, **extra)
     return True
 
 
@@ -194,7 +199,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         from trainer.eval_worker import make_evaluation_actor
 
         evaluator = make_evaluation_actor(config.eval, dev=data.dev, test=data.test, run_dir=run_dir,
-                                          storage_options=storage_options, region_order=config.data.region_order)
+                                          storage_options=storage_options, region_order=config.data.region_order,
+                                          metrics_run=config.checkpoint.run_name if config.monitoring.enabled else None)
     dist = config.distributed
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
     storage_path, storage_fs = config.checkpoint.storage_path, None

@@ -53,6 +53,7 @@ from data_shards.storage import open_location
 from model.loss import gathered_hardest_negative_loss
 from model.vocab import Vocabulary
 from model.vsrn import VSRN, VSRNConfig, VSRNOutput
+from monitoring.recorders import RayBackend, TrainingMetrics
 from trainer.config import OptimConfig, TrainConfig, config_from_dict
 from trainer.run_checkpoint import (
     TrainState,
@@ -334,8 +335,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  cfg.optim.global_batch_size, cfg.per_worker_batch_size, cfg.distributed.precision,
                  cfg.distributed.zero_stage, cfg.optim.epochs, cfg.optim.learning_rate)
 
-    loop = _Loop(cfg, engine, reader, vocab, step_log, rank, world, run_dir, storage_options,
-                 config.get("run_name", ""))
+    run_name = config.get("run_name", "")
+    metrics = TrainingMetrics(RayBackend(), run=run_name, rank=rank) if cfg.monitoring.enabled else None
+    loop = _Loop(cfg, engine, reader, vocab, step_log, rank, world, run_dir, storage_options, run_name, metrics)
     loop.run(epoch, start_batch, step)
 
 
@@ -344,10 +346,12 @@ class _Loop:
 
     def __init__(self, cfg: TrainConfig, engine: Any, reader: TrainReader, vocab: Vocabulary,
                  step_log: StepLog | None, rank: int, world: int, run_dir: str,
-                 storage_options: dict[str, Any] | None, run_name: str) -> None:
+                 storage_options: dict[str, Any] | None, run_name: str,
+                 metrics: TrainingMetrics | None = None) -> None:
         self.cfg, self.engine, self.reader, self.vocab, self.step_log = cfg, engine, reader, vocab, step_log
         self.rank, self.world, self.run_dir, self.storage_options, self.run_name = (
             rank, world, run_dir, storage_options, run_name)
+        self.metrics = metrics
         self.interval = Interval()  # since the last progress line
         self.since_checkpoint = Interval()  # since the last checkpoint (reported to Ray with it)
         self.device = next(engine.module.parameters()).device
@@ -403,6 +407,9 @@ class _Loop:
         engine.step()
         global_matching, global_caption = _global_losses(matching, out.caption_loss, self.world)
         if not (math.isfinite(global_matching) and math.isfinite(global_caption)):
+            if self.metrics is not None:  # what the loss-NaN alert looks for, before this worker fails
+                self.metrics.record_losses({"matching": global_matching, "caption": global_caption,
+                                            "total": global_matching + cfg.model.caption_loss_weight * global_caption})
             raise FloatingPointError(f"non-finite loss: L_M {global_matching}, L_G {global_caption}")
         return global_matching, global_caption
 
@@ -419,6 +426,16 @@ class _Loop:
                 "loss_caption": caption, "lr": lr, "hardest_negatives": hardest,
                 "samples_per_s": samples / max(seconds + wait, 1e-9), "data_wait_s": wait, "step_time_s": seconds,
                 "time": time.time()})
+        if self.metrics is not None:
+            self.metrics.record_step(epoch=epoch, samples=cfg.per_worker_batch_size, learning_rate=lr,
+                                     losses={"matching": matching, "caption": caption, "total": total},
+                                     step_seconds=seconds, data_wait_seconds=wait)
+            if step % cfg.logging.interval_steps == 0 or position + 1 == batches:
+                self.metrics.record_reader_stats(self.reader.stats.as_dict())
+                if self.device.type == "cuda":
+                    self.metrics.record_accelerator_memory(
+                        torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
+                        torch.cuda.max_memory_allocated(self.device))
         if self.rank == 0 and (step % cfg.logging.interval_steps == 0 or position + 1 == batches):
             iv = self.interval
             m = iv.metrics()
@@ -441,7 +458,14 @@ class _Loop:
                    **{f"data/{k}": v for k, v in self.reader.stats.as_dict().items()}}
         self.since_checkpoint = Interval()
         started = time.perf_counter()
-        save_checkpoint(self.engine, self.vocab, state, metrics, rank=self.rank, run_name=self.run_name)
+        try:
+            save_checkpoint(self.engine, self.vocab, state, metrics, rank=self.rank, run_name=self.run_name)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.record_checkpoint_failure()
+            raise
+        if self.metrics is not None:
+            self.metrics.record_checkpoint(time.perf_counter() - started)
         if self.rank == 0:
             log.info("checkpoint at step %d (epoch %d, batch %d) in %.1fs", state.step, state.epoch,
                      state.batch_in_epoch, time.perf_counter() - started)
