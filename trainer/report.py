@@ -1,0 +1,755 @@
+"""Plots and a markdown summary of a training run: ``python trainer/report.py RUN_DIR --output DIR``.
+
+RUN_DIR is a run directory as docs/run_layout.md describes it, local or ``s3://`` (read through
+data_shards/storage.py; S3 endpoint from ``--endpoint-url``, else ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``, credentials from the environment). DIR is a local directory; it receives
+
+* ``losses.png``: L_M (matching), L_G (caption) and the total loss over the steps, raw and smoothed,
+  and the learning rate in its own panel; epoch boundaries and the switch to hardest negatives
+  are marked;
+* ``throughput.png``: samples/s and data wait per step (rolling mean, raw values faint);
+* ``recall.png``: R@1/5/10 (image-to-text and text-to-image) of every test protocol present and the
+  dev and test rsum by checkpoint step, the best checkpoint marked;
+* ``summary.md``: run name, configuration highlights (from ``RUN_DIR/config.yaml``), steps and
+  epochs done, wall time, mean throughput, final losses, the best checkpoint's recall table (the
+  layout the evaluation worker logs), every checkpoint with its rsum, and links to the plots.
+
+The inputs are ``train_log.jsonl`` (one JSON object per step, trainer/worker.py's ``StepLog``),
+the ``checkpoint_*/metrics.json`` and ``eval_error.json`` files and ``best.json``
+(trainer/eval_worker.py). A run with missing pieces (no step log yet, no evaluation yet, a
+checkpoint whose evaluation failed, a pruned checkpoint) gives the plots it can, and summary.md
+says what is missing. A corrupt step-log line or metrics.json stops the report with a message
+naming the file (and the line); the exception is an unparsable *last* step-log line without a
+newline, which is a line still being written by a live run and is skipped with a warning.
+
+Exit status: 0 on success, printing the paths written (one per line) on stdout; 2 when the run
+directory cannot be read or an input is corrupt (a one-line message on stderr). Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__" and __package__ in (None, ""):  # `python trainer/report.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; must precede the pyplot import
+
+import itertools
+
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from data_shards.storage import (
+    Location,
+    StorageError,
+    is_s3_url,
+    open_location,
+    s3_storage_options,
+)
+from trainer.eval_worker import (
+    BEST_FILE,
+    CONFIG_YAML,
+    ERROR_FILE,
+    METRICS_FILE,
+    list_checkpoints,
+    results_table,
+)
+from trainer.worker import TRAIN_LOG
+
+logger = logging.getLogger("trainer.report")
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+LOSSES_PNG = "losses.png"
+THROUGHPUT_PNG = "throughput.png"
+RECALL_PNG = "recall.png"
+SUMMARY_MD = "summary.md"
+PLOT_FILES = (LOSSES_PNG, THROUGHPUT_PNG, RECALL_PNG)
+
+# The fields of a step-log record this report uses (trainer/worker.py `_Loop.record` writes them).
+STEP_FIELDS = ("step", "epoch", "loss", "loss_matching", "loss_caption", "lr", "samples_per_s",
+               "data_wait_s", "step_time_s", "time")
+# The keys evaluate.py writes per protocol (trainer/evaluation.py), and the recalls plotted.
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
+               "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum")
+RECALL_KS = (1, 5, 10)
+FIGSIZE = (9.0, 6.0)
+
+
+class ReportInputError(ValueError):
+    """An input of the run cannot be used; the message names the file (and line)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepSeries:
+    """The step log as columns, in step order."""
+
+    step: np.ndarray
+    epoch: np.ndarray
+    loss: np.ndarray
+    loss_matching: np.ndarray
+    loss_caption: np.ndarray
+    lr: np.ndarray
+    samples_per_s: np.ndarray
+    data_wait_s: np.ndarray
+    step_time_s: np.ndarray
+    time: np.ndarray
+    hardest_negatives: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.step.size)
+
+    @property
+    def samples(self) -> np.ndarray:
+        """Pairs trained per step: the writer logs samples / (step time + data wait)."""
+        return self.samples_per_s * (self.step_time_s + self.data_wait_s)
+
+
+@dataclass
+class CheckpointInfo:
+    """A complete checkpoint of the run and what the evaluator recorded for it."""
+
+    name: str
+    step: int | None
+    epoch: int | None
+    metrics: dict[str, Any] | None = None  # metrics.json
+    error: str | None = None  # from eval_error.json
+
+    @property
+    def dev_rsum(self) -> float | None:
+        value = None if self.metrics is None else self.metrics.get("dev_rsum")
+        return float(value) if _is_number(value) else None
+
+    def test(self, protocol: str) -> dict[str, Any] | None:
+        return None if self.metrics is None else (self.metrics.get("test") or {}).get(protocol)
+
+
+@dataclass
+class Run:
+    """Everything read from a run directory, and what was missing or odd about it."""
+
+    url: str
+    name: str
+    is_s3: bool
+    config: dict[str, Any] | None
+    steps: StepSeries | None
+    checkpoints: list[CheckpointInfo]
+    incomplete: list[str]  # checkpoint_* directories without train_state.json
+    best_file: dict[str, Any] | None  # best.json
+    notes: list[str] = field(default_factory=list)  # what is missing, for summary.md
+
+    def config_value(self, section: str, key: str) -> Any:
+        return _config_value(self.config, section, key)
+
+    def protocols(self) -> list[str]:
+        """The test protocols present in any metrics.json, in order of first appearance."""
+        found: dict[str, None] = {}
+        for checkpoint in self.checkpoints:
+            for protocol in ((checkpoint.metrics or {}).get("test") or {}):
+                found[protocol] = None
+        return list(found)
+
+    def evaluated(self) -> list[CheckpointInfo]:
+        return [c for c in self.checkpoints if c.metrics is not None]
+
+
+def _config_value(config: dict[str, Any] | None, section: str, key: str) -> Any:
+    """``config[section][key]``, or None where the file lacks it (an older or hand-edited config)."""
+    block = (config or {}).get(section)
+    return block.get(key) if isinstance(block, dict) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_text(location: Location, name: str) -> str | None:
+    """The text of file ``name`` in ``location``; None if it does not exist."""
+    try:
+        if location.is_s3:
+            return location.read_text(name)
+        return Path(location.child_path(name)).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as error:
+        raise ReportInputError(f"{location.child_url(name)}: not UTF-8 text ({error})") from None
+
+
+def _parse_json_object(text: str, where: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ReportInputError(f"{where}: not valid JSON at line {error.lineno} column {error.colno}: "
+                               f"{error.msg}") from None
+    if not isinstance(payload, dict):
+        raise ReportInputError(f"{where}: expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def read_step_log(run: Location) -> StepSeries | None:
+    """``train_log.jsonl`` as columns; None when the file does not exist.
+
+    Raises ReportInputError naming the file and line for a line that is not a JSON object with
+    the numeric fields of STEP_FIELDS. An unparsable last line without a trailing newline is a
+    line the trainer is still appending: it is skipped with a warning.
+    """
+    text = _read_text(run, TRAIN_LOG)
+    if text is None:
+        return None
+    where = run.child_url(TRAIN_LOG)
+    lines = text.split("\n")  # a complete file ends with "\n": the last element is then ""
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: still being written
+                logger.warning("%s line %d: incomplete last line (being written?), skipped", where, number)
+                continue
+            raise ReportInputError(f"{where} line {number}: not valid JSON ({error.msg} at column "
+                                   f"{error.colno})") from None
+        if not isinstance(record, dict):
+            raise ReportInputError(f"{where} line {number}: expected a JSON object, got {type(record).__name__}")
+        for key in STEP_FIELDS:
+            if key not in record:
+                raise ReportInputError(f"{where} line {number}: no {key!r} field")
+            if not _is_number(record[key]):
+                raise ReportInputError(f"{where} line {number}: {key!r} is {record[key]!r}, not a finite number")
+        step = int(record["step"])
+        if step in by_step:  # StepLog truncates replayed steps on resume; keep the newer line if not
+            logger.warning("%s line %d: step %d logged twice; keeping this later line", where, number, step)
+        by_step[step] = record
+    records = [by_step[s] for s in sorted(by_step)]
+
+    def column(key: str, dtype: type = float) -> np.ndarray:
+        return np.array([r[key] for r in records], dtype=dtype)
+
+    return StepSeries(
+        step=column("step", int), epoch=column("epoch", int), loss=column("loss"),
+        loss_matching=column("loss_matching"), loss_caption=column("loss_caption"), lr=column("lr"),
+        samples_per_s=column("samples_per_s"), data_wait_s=column("data_wait_s"),
+        step_time_s=column("step_time_s"), time=column("time"),
+        hardest_negatives=np.array([bool(r.get("hardest_negatives", False)) for r in records], dtype=bool))
+
+
+def _validate_metrics(payload: dict[str, Any], where: str) -> None:
+    """The parts of a metrics.json payload the report reads (docs/run_layout.md)."""
+    dev = payload.get("dev")
+    if dev is not None:
+        _check_metric_block(dev, f"{where}: dev")
+    if payload.get("dev_rsum") is not None and not _is_number(payload["dev_rsum"]):
+        raise ReportInputError(f"{where}: dev_rsum is {payload['dev_rsum']!r}, not a number")
+    test = payload.get("test", {})
+    if not isinstance(test, dict):
+        raise ReportInputError(f"{where}: 'test' is {type(test).__name__}, expected an object of protocols")
+    for protocol, block in test.items():
+        _check_metric_block(block, f"{where}: test {protocol}")
+
+
+def _check_metric_block(block: Any, where: str) -> None:
+    if not isinstance(block, dict):
+        raise ReportInputError(f"{where} is {type(block).__name__}, expected an object of metrics")
+    for key in METRIC_KEYS:
+        if not _is_number(block.get(key)):
+            raise ReportInputError(f"{where}: {key} is {block.get(key)!r}, not a number")
+
+
+def _checkpoint_directories(run: Location) -> list[str]:
+    """Names of the checkpoint_* directories directly under the run, complete or not."""
+    run.fs.invalidate_cache(run.path)  # s3fs caches listings; the trainer writes behind its back
+    try:
+        entries = run.fs.ls(run.path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = (entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
+    return sorted(name for name in names if name.startswith("checkpoint_"))
+
+
+def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> Run:
+    """Read everything the report needs; raises ReportInputError for corrupt inputs and when the
+    location holds no run at all."""
+    location = open_location(run_dir, storage_options)
+    options = dict(storage_options) if storage_options is not None else None
+    notes: list[str] = []
+
+    config: dict[str, Any] | None = None
+    config_text = _read_text(location, CONFIG_YAML)
+    if config_text is None:
+        notes.append(f"no {CONFIG_YAML}: configuration highlights unavailable")
+    else:
+        try:
+            loaded = yaml.safe_load(config_text)
+        except yaml.YAMLError as error:
+            loaded = None
+            notes.append(f"{CONFIG_YAML} is not valid YAML ({error}); configuration highlights unavailable")
+        if isinstance(loaded, dict):
+            config = loaded
+        elif loaded is not None:
+            notes.append(f"{CONFIG_YAML} is not a mapping of sections; configuration highlights unavailable")
+
+    steps = read_step_log(location)
+    if steps is None:
+        notes.append(f"no {TRAIN_LOG}: loss, learning-rate and throughput plots not produced")
+    elif len(steps) == 0:
+        notes.append(f"{TRAIN_LOG} is empty (no step finished yet): loss, learning-rate and throughput "
+                     "plots not produced")
+
+    checkpoints = []
+    for entry in list_checkpoints(location.url, options):
+        info = CheckpointInfo(name=entry.name, step=entry.step, epoch=entry.epoch)
+        checkpoint = location.child(entry.name)
+        if entry.evaluated:
+            text = _read_text(checkpoint, METRICS_FILE)
+            if text is not None:  # deleted between listing and reading: pruned meanwhile
+                where = checkpoint.child_url(METRICS_FILE)
+                info.metrics = _parse_json_object(text, where)
+                _validate_metrics(info.metrics, where)
+        elif entry.failed:
+            text = _read_text(checkpoint, ERROR_FILE)
+            try:
+                info.error = str(_parse_json_object(text or "{}", checkpoint.child_url(ERROR_FILE)).get("error")
+                                 or "no error message recorded")
+            except ReportInputError as error:  # the failure record itself is damaged: still a failure
+                info.error = f"{ERROR_FILE} unreadable: {error}"
+        checkpoints.append(info)
+    complete = {c.name for c in checkpoints}
+    incomplete = [name for name in _checkpoint_directories(location) if name not in complete]
+
+    best_file: dict[str, Any] | None = None
+    best_text = _read_text(location, BEST_FILE)
+    if best_text is not None:
+        try:
+            best_file = _parse_json_object(best_text, location.child_url(BEST_FILE))
+        except ReportInputError as error:
+            # The trainer itself treats an unreadable best.json as absent (eval_worker.read_best).
+            logger.warning("%s", error)
+            notes.append(f"{BEST_FILE} unreadable ({error}); the best checkpoint is the highest dev rsum found")
+
+    if config is None and config_text is None and steps is None and not checkpoints and not incomplete \
+            and best_text is None:
+        raise ReportInputError(f"{location.url}: not a run directory (no {CONFIG_YAML}, {TRAIN_LOG}, "
+                               f"{BEST_FILE} or checkpoint_* found)")
+    name = str(_config_value(config, "checkpoint", "run_name") or location.url.rstrip("/").rsplit("/", 1)[-1])
+    return Run(url=location.url, name=name, is_s3=location.is_s3, config=config, steps=steps,
+               checkpoints=checkpoints, incomplete=incomplete, best_file=best_file, notes=notes)
+
+
+def find_best(run: Run) -> tuple[CheckpointInfo | None, dict[str, Any] | None, str]:
+    """The best checkpoint: (its entry if still in the run, a metrics.json-like payload for its
+    recall table, where the choice came from). best.json decides, as for the trainer; without a
+    usable one, the highest dev rsum among the metrics files (what prune_checkpoints also keeps)."""
+    by_name = {c.name: c for c in run.checkpoints}
+    fallback = f"highest dev rsum (no {BEST_FILE})"
+    if run.best_file is not None and run.best_file.get("checkpoint"):
+        name = str(run.best_file["checkpoint"]).rstrip("/").rsplit("/", 1)[-1]
+        entry = by_name.get(name)
+        if entry is not None and entry.metrics is not None:
+            return entry, entry.metrics, BEST_FILE
+        # best.json outlives its checkpoint's metrics.json only if someone deleted files by hand;
+        # its own copy of the metrics still gives the table (dev, dev_images, metrics = test blocks).
+        payload = {"checkpoint": run.best_file["checkpoint"], "step": run.best_file.get("step"),
+                   "epoch": run.best_file.get("epoch"), "dev": run.best_file.get("dev"),
+                   "dev_rsum": run.best_file.get("dev_rsum"),
+                   "data": {"dev_images": run.best_file.get("dev_images")},
+                   "test": run.best_file.get("metrics") or {}}
+        try:
+            _validate_metrics(payload, BEST_FILE)
+        except ReportInputError as error:  # unusable like an unreadable best.json: fall back
+            logger.warning("%s", error)
+            run.notes.append(f"{BEST_FILE} unusable ({error}); the best checkpoint is the highest dev rsum found")
+            fallback = f"highest dev rsum ({BEST_FILE} unusable)"
+        else:
+            missing = "directory" if entry is None else METRICS_FILE
+            return entry, payload, f"{BEST_FILE} (the checkpoint's {missing} is gone)"
+    candidates = [c for c in run.evaluated() if c.dev_rsum is not None]
+    if not candidates:
+        return None, None, ""
+    best = max(candidates, key=lambda c: (c.dev_rsum, -(c.step or 0)))  # ties: the earlier, as rsum > best
+    return best, best.metrics, fallback
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` values; the first values average what exists so far."""
+    if window <= 1 or values.size == 0:
+        return values.astype(float)
+    sums = np.cumsum(np.insert(values.astype(float), 0, 0.0))
+    ends = np.arange(1, values.size + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def segmented_rolling_mean(values: np.ndarray, window: int, segments: np.ndarray) -> np.ndarray:
+    """:func:`rolling_mean` restarted wherever ``segments`` changes value: L_M with hardest
+    negatives is a different sum than with all negatives, so no mean may span the switch."""
+    result = np.empty(values.size, dtype=float)
+    bounds = [0, *(np.nonzero(np.diff(segments.astype(int)) != 0)[0] + 1).tolist(), values.size]
+    for start, end in itertools.pairwise(bounds):
+        result[start:end] = rolling_mean(values[start:end], window)
+    return result
+
+
+def smoothing_window(count: int) -> int:
+    """About 5 % of the run, between 1 and 50 steps: visible trends without hiding epochs."""
+    return max(1, min(50, count // 20))
+
+
+def _epoch_starts(steps: StepSeries) -> list[int]:
+    """Steps that begin a new epoch (not the first epoch logged)."""
+    changes = np.nonzero(np.diff(steps.epoch) != 0)[0] + 1
+    return [int(steps.step[i]) for i in changes]
+
+
+def _mark_epochs(axes: Sequence[Axes], starts: Sequence[int]) -> None:
+    for ax in axes:
+        for step in starts:
+            ax.axvline(step - 0.5, color="0.6", linewidth=0.6, alpha=0.5, zorder=0)
+
+
+def _log_scale_if_wide(ax: Axes, values: np.ndarray) -> None:
+    """Log scale when the values are positive and span more than a factor 20 (loss drops, lr decays)."""
+    positive = values[np.isfinite(values)]
+    if positive.size and positive.min() > 0 and positive.max() / positive.min() > 20:
+        ax.set_yscale("log")
+
+
+def _save(figure: Figure, path: Path, dpi: int) -> Path:
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    logger.info("wrote %s", path)
+    return path
+
+
+def plot_losses(steps: StepSeries, path: Path, dpi: int) -> Path:
+    window = smoothing_window(len(steps))
+    figure, (loss_ax, lr_ax) = plt.subplots(2, 1, sharex=True, figsize=FIGSIZE,
+                                            gridspec_kw={"height_ratios": [3, 1]}, layout="constrained")
+    for values, label, color in ((steps.loss, "total", "black"), (steps.loss_matching, "L_M (matching)", "tab:blue"),
+                                 (steps.loss_caption, "L_G (caption)", "tab:orange")):
+        loss_ax.plot(steps.step, values, color=color, alpha=0.2, linewidth=0.7)
+        loss_ax.plot(steps.step, segmented_rolling_mean(values, window, steps.hardest_negatives), color=color,
+                     linewidth=1.4, label=label)
+    _log_scale_if_wide(loss_ax, np.concatenate([steps.loss, steps.loss_matching, steps.loss_caption]))
+    switch = np.nonzero(steps.hardest_negatives)[0]
+    if switch.size and switch[0] > 0:  # the hardest-negative warm-up ended inside the logged range
+        loss_ax.axvline(steps.step[switch[0]] - 0.5, color="tab:red", linestyle="--", linewidth=0.8,
+                        label="hardest negatives from here")
+    loss_ax.set_ylabel("loss per step")
+    loss_ax.set_title(f"Losses (lines: rolling mean over {window} steps; faint: per step)")
+    loss_ax.legend(loc="upper right", fontsize="small")
+    lr_ax.plot(steps.step, steps.lr, color="tab:green", linewidth=1.2, drawstyle="steps-post")
+    _log_scale_if_wide(lr_ax, steps.lr)
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("step (grey lines: epoch boundaries)")
+    _mark_epochs((loss_ax, lr_ax), _epoch_starts(steps))
+    return _save(figure, path, dpi)
+
+
+def plot_throughput(steps: StepSeries, path: Path, dpi: int) -> Path:
+    window = smoothing_window(len(steps))
+    figure, (rate_ax, wait_ax) = plt.subplots(2, 1, sharex=True, figsize=FIGSIZE, layout="constrained")
+    rate_ax.plot(steps.step, steps.samples_per_s, color="tab:blue", alpha=0.25, linewidth=0.7)
+    rate_ax.plot(steps.step, rolling_mean(steps.samples_per_s, window), color="tab:blue", linewidth=1.4)
+    rate_ax.set_ylabel("samples/s")
+    rate_ax.set_ylim(bottom=0)
+    rate_ax.set_title(f"Throughput and data wait (lines: rolling mean over {window} steps; faint: per step)")
+    wait_ms = 1000.0 * steps.data_wait_s
+    wait_ax.plot(steps.step, wait_ms, color="tab:purple", alpha=0.25, linewidth=0.7)
+    wait_ax.plot(steps.step, rolling_mean(wait_ms, window), color="tab:purple", linewidth=1.4)
+    wait_ax.set_ylabel("data wait (ms/step)")
+    wait_ax.set_ylim(bottom=0)
+    wait_ax.set_xlabel("step (grey lines: epoch boundaries)")
+    _mark_epochs((rate_ax, wait_ax), _epoch_starts(steps))
+    return _save(figure, path, dpi)
+
+
+def plot_recall(run: Run, best: CheckpointInfo | None, path: Path, dpi: int) -> Path | None:
+    """Recalls per test protocol and rsums by checkpoint step; None when nothing is evaluated."""
+    evaluated = [c for c in run.evaluated() if c.step is not None]
+    if not evaluated:
+        return None
+    protocols = run.protocols()
+    figure, axes = plt.subplots(len(protocols) + 1, 1, sharex=True, squeeze=False,
+                                figsize=(FIGSIZE[0], 2.6 * (len(protocols) + 1)), layout="constrained")
+    colors = {1: "tab:blue", 5: "tab:orange", 10: "tab:green"}
+    for ax, protocol in zip(axes[:-1, 0], protocols):
+        points = [(c.step, c.test(protocol)) for c in evaluated if c.test(protocol) is not None]
+        xs = [step for step, _ in points]
+        for k in RECALL_KS:
+            for direction, style, marker in (("i2t", "-", "o"), ("t2i", "--", "s")):
+                ax.plot(xs, [m[f"{direction}_r{k}"] for _, m in points], linestyle=style, marker=marker,
+                        markersize=3, color=colors[k], label=f"{direction} R@{k}")
+        ax.set_ylabel("recall (%)")
+        ax.set_title(f"test {protocol} (solid: image-to-text, dashed: text-to-image)", fontsize="medium")
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="x-small")
+    rsum_ax = axes[-1, 0]
+    dev = [(c.step, c.dev_rsum) for c in evaluated if c.dev_rsum is not None]
+    if dev:
+        rsum_ax.plot([s for s, _ in dev], [r for _, r in dev], marker="o", markersize=3, color="black",
+                     label="dev rsum")
+    for protocol in protocols:
+        points = [(c.step, c.test(protocol)) for c in evaluated if c.test(protocol) is not None]
+        rsum_ax.plot([s for s, _ in points], [float(m["rsum"]) for _, m in points], marker="s", markersize=3,
+                     linestyle="--", label=f"test {protocol} rsum")
+    if best is not None and best.step is not None:
+        for ax in axes[:, 0]:
+            ax.axvline(best.step, color="tab:red", linewidth=0.8, alpha=0.6)
+        if best.dev_rsum is not None:
+            rsum_ax.plot([best.step], [best.dev_rsum], marker="*", markersize=12, color="tab:red", linestyle="",
+                         label=f"best (step {best.step})")
+    if run.steps is not None and len(run.steps) > 0:  # the training's whole step range, as the other plots
+        rsum_ax.set_xlim(0, max(int(run.steps.step[-1]), max(c.step or 0 for c in evaluated)) * 1.02)
+    rsum_ax.set_ylabel("rsum")
+    rsum_ax.set_xlabel("checkpoint step (red line: best checkpoint by dev rsum)")
+    rsum_ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="x-small")
+    return _save(figure, path, dpi)
+
+
+# --------------------------------------------------------------------------------------------------
+# summary.md
+# --------------------------------------------------------------------------------------------------
+
+# (section, key, label) of the configuration shown in the summary.
+CONFIG_HIGHLIGHTS = (
+    ("model", "embed_size", "embedding size"),
+    ("model", "num_reasoning_layers", "reasoning layers"),
+    ("model", "aggregation", "aggregation"),
+    ("model", "caption_loss_weight", "caption loss weight (lambda)"),
+    ("data", "train", "train shards"),
+    ("data", "dev", "dev shards"),
+    ("data", "test", "test shards"),
+    ("optim", "epochs", "epochs"),
+    ("optim", "global_batch_size", "global batch size"),
+    ("optim", "learning_rate", "learning rate"),
+    ("optim", "lr_decay_every_epochs", "lr decay every (epochs)"),
+    ("optim", "warmup_epochs", "all-negatives warm-up (epochs)"),
+    ("distributed", "workers", "workers"),
+    ("distributed", "use_gpu", "GPUs"),
+    ("distributed", "precision", "precision"),
+    ("distributed", "zero_stage", "ZeRO stage"),
+    ("checkpoint", "every_steps", "checkpoint every (steps, 0: per epoch)"),
+    ("checkpoint", "keep_last", "checkpoints kept"),
+    ("eval", "test_protocols", "test protocols"),
+    ("eval", "dev_images", "dev images"),
+)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _config_section(run: Run) -> list[str]:
+    if run.config is None:
+        return ["Not available (see above)."]
+    lines = ["| setting | value |", "| --- | --- |"]
+    for section, key, label in CONFIG_HIGHLIGHTS:
+        value = run.config_value(section, key)
+        if value is None:
+            continue
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        lines.append(f"| {label} (`{section}.{key}`) | {shown} |")
+    return lines
+
+
+def _training_section(run: Run) -> list[str]:
+    steps = run.steps
+    if steps is None or len(steps) == 0:
+        return ["No steps logged."]
+    epochs_configured = run.config_value("optim", "epochs")
+    first_epoch, last_epoch = int(steps.epoch.min()), int(steps.epoch.max())
+    seconds = steps.step_time_s + steps.data_wait_s
+    # The first record's time marks the end of its step: the run started one step duration before.
+    wall = float(steps.time[-1] - (steps.time[0] - seconds[0]))
+    samples = float(steps.samples.sum())
+    tail = smoothing_window(len(steps))
+    lines = [
+        f"- steps logged: {len(steps)} (steps {int(steps.step[0])}-{int(steps.step[-1])})",
+        f"- epochs reached: {first_epoch}-{last_epoch} (0-based), i.e. {last_epoch + 1}"
+        + (f" of {epochs_configured} configured" if epochs_configured is not None else ""),
+        f"- training wall time: {wall:.1f} s (start of the first logged step to the end of the last)",
+        (f"- mean throughput: {samples / max(float(seconds.sum()), 1e-9):.1f} samples/s "
+         f"({samples:.0f} samples in {float(seconds.sum()):.1f} s of steps); data wait "
+         f"{1000 * float(steps.data_wait_s.mean()):.1f} ms/step "
+         f"({100 * float(steps.data_wait_s.sum()) / max(float(seconds.sum()), 1e-9):.1f} % of step time)"),
+        (f"- final losses (last step; mean of the last {tail} steps): "
+         f"L_M {steps.loss_matching[-1]:.4f} ({steps.loss_matching[-tail:].mean():.4f}), "
+         f"L_G {steps.loss_caption[-1]:.4f} ({steps.loss_caption[-tail:].mean():.4f}), "
+         f"total {steps.loss[-1]:.4f} ({steps.loss[-tail:].mean():.4f})"),
+        f"- final learning rate: {steps.lr[-1]:.3g}",
+    ]
+    if run.is_s3:
+        lines.append("- on s3:// the step log is uploaded at each checkpoint: steps after the last checkpoint "
+                     "are not in it yet")
+    return lines
+
+
+def _best_section(best: CheckpointInfo | None, payload: dict[str, Any] | None, source: str) -> list[str]:
+    if payload is None:
+        return ["No checkpoint with a dev rsum yet: no best checkpoint."]
+    name = str(payload.get("checkpoint", best.name if best else "?")).rstrip("/").rsplit("/", 1)[-1]
+    lines = [(f"`{name}` (step {payload.get('step')}, epoch {payload.get('epoch')}): dev rsum "
+              f"**{_fmt(payload.get('dev_rsum'))}** (chosen by: {source})"), "",
+             "```text", results_table(payload), "```"]
+    for protocol, reason in (payload.get("skipped") or {}).items():
+        lines.append(f"- test protocol `{protocol}` skipped: {reason}")
+    return lines
+
+
+def _checkpoints_section(run: Run, best: CheckpointInfo | None) -> list[str]:
+    if not run.checkpoints and not run.incomplete:
+        return ["No checkpoints yet."]
+    protocols = run.protocols()
+    header = "| checkpoint | step | epoch | dev rsum | " + " | ".join(f"test {p} rsum" for p in protocols) \
+        + (" | " if protocols else "") + "evaluation |"
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for checkpoint in run.checkpoints:
+        if checkpoint.metrics is not None:
+            status = "**best**" if best is not None and checkpoint.name == best.name else "evaluated"
+        elif checkpoint.error is not None:
+            status = "failed: " + checkpoint.error.splitlines()[0].replace("|", "\\|")[:200]
+        else:
+            status = "not evaluated yet"
+        tests = [_fmt(float(m["rsum"])) if (m := checkpoint.test(p)) is not None else "n/a" for p in protocols]
+        lines.append(f"| `{checkpoint.name}` | {checkpoint.step} | {checkpoint.epoch} | {_fmt(checkpoint.dev_rsum)} | "
+                     + "".join(f"{t} | " for t in tests) + f"{status} |")
+    for name in run.incomplete:
+        lines.append(f"| `{name}` | | | n/a | " + "n/a | " * len(protocols)
+                     + "incomplete (no readable train_state.json) |")
+    keep_last = run.config_value("checkpoint", "keep_last")
+    if keep_last is not None:
+        lines += ["", (f"Only checkpoints still in the run directory are listed: pruning deletes evaluated ones "
+                       f"beyond the newest {keep_last} (`checkpoint.keep_last`) and keeps the best.")]
+    return lines
+
+
+def write_summary(run: Run, best: CheckpointInfo | None, best_payload: dict[str, Any] | None, best_source: str,
+                  plots: Mapping[str, Path | None], path: Path) -> Path:
+    titles = {LOSSES_PNG: "Losses and learning rate", THROUGHPUT_PNG: "Throughput and data wait",
+              RECALL_PNG: "Recall and rsum by checkpoint"}
+    notes = list(run.notes)
+    if run.config_value("eval", "enabled") is False:
+        notes.append("evaluation is disabled in this run (`eval.enabled: false`)")
+    failed = [c for c in run.checkpoints if c.error is not None]
+    if failed:
+        notes.append(f"evaluation failed for {len(failed)} checkpoint(s) ({', '.join(c.name for c in failed)}); "
+                     f"see their {ERROR_FILE}")
+    pending = [c for c in run.checkpoints if c.metrics is None and c.error is None]
+    if pending:
+        notes.append(f"{len(pending)} checkpoint(s) not evaluated yet ({', '.join(c.name for c in pending)})")
+    if not run.evaluated():
+        notes.append("no evaluated checkpoint: recall plot and best-checkpoint table not produced")
+    if run.incomplete:
+        notes.append(f"incomplete checkpoint(s) being written or abandoned: {', '.join(run.incomplete)}")
+    lines = [f"# Run report: {run.name}", "",
+             f"Run directory: `{run.url}`  ",
+             (f"Report written {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')} "
+              f"by `trainer/report.py`."), ""]
+    if notes:
+        lines += ["## Missing or incomplete", ""] + [f"- {note}" for note in notes] + [""]
+    lines += ["## Configuration", "", f"From `{CONFIG_YAML}` (the resolved configuration of the run).", ""]
+    lines += _config_section(run) + ["", "## Training", ""] + _training_section(run)
+    lines += ["", "## Best checkpoint", ""] + _best_section(best, best_payload, best_source)
+    lines += ["", "## Checkpoints", ""] + _checkpoints_section(run, best)
+    lines += ["", "## Plots", ""]
+    for name, written in plots.items():
+        if written is None:
+            lines.append(f"- {titles[name]}: not produced (see above)")
+        else:
+            lines += [f"- [{titles[name]}]({written.name})", "", f"  ![{titles[name]}]({written.name})", ""]
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    logger.info("wrote %s", path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The report and the CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def make_report(run_dir: str, output: Path, storage_options: Mapping[str, Any] | None = None,
+                dpi: int = 100) -> list[Path]:
+    """Write the plots and summary.md of ``run_dir`` into ``output``; returns the files written.
+
+    Plot files of an earlier report in ``output`` that this run cannot produce are removed, so the
+    directory never shows a stale plot beside the new summary.
+    """
+    run = read_run(run_dir, storage_options)
+    output.mkdir(parents=True, exist_ok=True)
+    best, best_payload, best_source = find_best(run)
+    plots: dict[str, Path | None] = {LOSSES_PNG: None, THROUGHPUT_PNG: None, RECALL_PNG: None}
+    if run.steps is not None and len(run.steps) > 0:
+        plots[LOSSES_PNG] = plot_losses(run.steps, output / LOSSES_PNG, dpi)
+        plots[THROUGHPUT_PNG] = plot_throughput(run.steps, output / THROUGHPUT_PNG, dpi)
+    plots[RECALL_PNG] = plot_recall(run, best, output / RECALL_PNG, dpi)
+    for name, written in plots.items():
+        stale = output / name
+        if written is None and stale.exists():
+            logger.info("removing %s from an earlier report", stale)
+            stale.unlink()
+    summary = write_summary(run, best, best_payload, best_source, plots, output / SUMMARY_MD)
+    return [p for p in plots.values() if p is not None] + [summary]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer/report.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (local or s3://)")
+    parser.add_argument("--output", required=True, type=Path, metavar="DIR",
+                        help="local directory for the PNG plots and summary.md (created if missing)")
+    parser.add_argument("--endpoint-url", default=None,
+                        help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of the plots (default: 100)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="verbosity of the log on stderr (default: INFO)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (argparse itself exits 2 on usage errors)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    storage_options = s3_storage_options(endpoint_url=args.endpoint_url) if is_s3_url(args.run_dir) else None
+    try:
+        written = make_report(args.run_dir, args.output, storage_options, args.dpi)
+    except (ReportInputError, StorageError) as error:  # StorageError: a malformed location
+        logger.error("%s", error)
+        return EXIT_BAD_INPUT
+    except OSError as error:  # an unreachable store or a permission problem: no traceback needed
+        logger.error("%s: cannot read the run or write the report: %s", args.run_dir, error)
+        return EXIT_BAD_INPUT
+    for path in written:
+        print(os.fspath(path))  # the CLI's result: the files written
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
