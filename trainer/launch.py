@@ -118,8 +118,8 @@ def connect_ray(config: TrainConfig) -> bool:
     # address="local": a plain ray.init() would attach to any cluster recorded in /tmp/ray.
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (it logs
     # a warning every few seconds without it); it picks the next free port when 8265 is taken.
-    # Ray's metrics endpoint (monitoring.metrics_export_port) listens on every interface: Ray turns
-    # a loopback node address into the machine's address, so it cannot be held to 127.0.0.1.
+    # Ray's metrics endpoint (monitoring.metrics_export_port) listens on 127.0.0.1 when main()
+    # kept the cluster on loopback (keep_local_ray_on_loopback), else on every interface.
     extra: dict[str, Any] = {}
     if config.monitoring.metrics_export_port:
         extra["_metrics_export_port"] = config.monitoring.metrics_export_port
@@ -242,7 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def keep_local_ray_on_loopback() -> None:
+    """A local cluster (no RAY_ADDRESS) binds its services and its metrics endpoint to 127.0.0.1.
+
+    Ray turns a loopback node address into the machine's address on Linux, so its ports (the
+    metrics endpoint among them) listen on the network; the switch below is the one Ray itself
+    uses on laptops (macOS, Windows) to stay on loopback. It is read when ray is imported, so this
+    runs first; setting the variable to 1 restores Ray's default.
+    """
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_local_ray_on_loopback()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -103,3 +103,38 @@ def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(
     config = load_config(run_dir / "config.yaml")  # the resolved configuration, with the data it used
     assert config.data.train.endswith("shards/train") and config.model.vocab_size < 200
     assert "L_M" in result.stderr and "L_G" in result.stderr and "samples/s" in result.stderr
+
+
+LOOPBACK_PROBE = """
+import json, socket, sys
+from trainer.launch import keep_local_ray_on_loopback
+keep_local_ray_on_loopback()
+import ray
+from ray._private.services import node_ip_address_from_perspective
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+node = next(n for n in ray.nodes() if n["Alive"])
+port = node["MetricsExportPort"]
+def reachable(host):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+external = node_ip_address_from_perspective()
+print(json.dumps({"node": node["NodeManagerAddress"], "external": external,
+                  "loopback": reachable("127.0.0.1"), "on_external": reachable(external)}))
+ray.shutdown()
+"""
+
+
+def test_a_local_cluster_keeps_ray_and_its_metrics_endpoint_on_loopback() -> None:
+    # What `python trainer/launch.py` does before it starts a local Ray: its metrics endpoint
+    # (and every other Ray port) answers on 127.0.0.1 only.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE], cwd=ROOT, capture_output=True, text=True,
+                            timeout=180, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["node"] == "127.0.0.1" and probe["loopback"], probe
+    if probe["external"] != "127.0.0.1":  # a machine with a network address: nothing listens there
+        assert not probe["on_external"], probe
