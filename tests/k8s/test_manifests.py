@@ -708,8 +708,8 @@ def _has_s3_credentials(container: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize("directory", ENTRY_POINTS, ids=IDS)
 def test_ray_clusters(directory: Path) -> None:
-    """Token auth, a GPU-free head, GPUs requested by GPU groups, /dev/shm in memory on every Ray
-    pod, metrics on 8080, S3 credentials wherever project code runs."""
+    """Token auth, a GPU-free head, GPUs requested (and the GPU taint tolerated) by GPU groups,
+    /dev/shm in memory on every Ray pod, metrics on 8080, S3 credentials wherever project code runs."""
     objects = rendered(directory)
     for obj in objects:
         for job in _ray_job_specs(obj):
@@ -735,13 +735,20 @@ def test_ray_clusters(directory: Path) -> None:
                 if not is_head or driver_on_head:
                     assert _has_s3_credentials(ray), ray["name"]
             for group in groups:
+                name = group["groupName"]
                 assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
                 resources = group["template"]["spec"]["containers"][0]["resources"]
-                if group["groupName"].startswith("gpu"):
-                    assert int(resources["limits"]["nvidia.com/gpu"]) >= 1, group["groupName"]
-                    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
-                else:
-                    assert "nvidia.com/gpu" not in resources["limits"], group["groupName"]
+                gpus = resources["limits"].get("nvidia.com/gpu")
+                # gpu-* groups have GPUs, cpu-* groups none; the `eval` group has what the
+                # evaluator asks for (test_the_cluster_holds_the_job_and_no_gpu_idles).
+                assert gpus is not None or not name.startswith("gpu"), name
+                assert gpus is None or not name.startswith("cpu"), name
+                if gpus is not None:
+                    assert int(gpus) >= 1, name
+                    assert resources["requests"]["nvidia.com/gpu"] == gpus, name
+                    # GPU nodes are commonly tainted so that only pods asking for GPUs land there.
+                    tolerated = {t.get("key") for t in group["template"]["spec"].get("tolerations", [])}
+                    assert "nvidia.com/gpu" in tolerated, name
         if obj["kind"] == "CronJob":
             (container,) = obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
             assert _has_s3_credentials(container)
@@ -833,9 +840,13 @@ def test_entrypoints_parse_and_point_at_the_same_run(directory: Path) -> None:
     for split in (config.data.train, config.data.dev, config.data.test):
         assert split.startswith("s3://"), "workers in other pods read the shards: they must be on S3"
     run_dir = launch.resolve_run(config)[1]
+    # The job's own evaluation actor scores every checkpoint as soon as it is committed; the
+    # scheduled evaluation below only catches up on what it left without metrics.json.
+    assert config.eval.enabled, "the training job must run its evaluation actor (eval.enabled)"
 
     evaluations = _evaluations(objects)
-    assert len(evaluations) == 1, evaluations  # two schedulers would race on best.json
+    # One scheduled catch-up evaluator: two schedulers would only score the same leftovers twice.
+    assert len(evaluations) == 1, evaluations
     for name, argv, has_gpu in evaluations:
         args = evaluate_args(argv)
         assert args.watch == run_dir, name
@@ -865,31 +876,44 @@ def test_a_wrong_set_key_or_option_fails_the_command_check() -> None:
         evaluate_args([*argv, "--output", "metrics.json"])  # evaluate.py refuses --output with --watch
 
 
-def _ray_nodes(cluster: dict[str, Any]) -> list[dict[str, float]]:
-    """Logical resources of each Ray node: rayStartParams if given, else what KubeRay derives from
-    the container limits (CPU rounded up, GPUs from nvidia.com/gpu)."""
-    def node(params: dict[str, str], container: dict[str, Any]) -> dict[str, float]:
-        limits = container["resources"]["limits"]
-        cpu = str(limits["cpu"])
-        cpus = math.ceil(float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu))
-        return {"CPU": float(params.get("num-cpus", cpus)),
-                "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+EVAL_GROUP = "eval"  # the worker group of the training job's evaluation actor
 
+
+def _ray_node(params: dict[str, str], container: dict[str, Any]) -> dict[str, float]:
+    """Logical resources of a Ray node: rayStartParams if given, else what KubeRay derives from the
+    container limits (CPU rounded up, GPUs from nvidia.com/gpu)."""
+    limits = container["resources"]["limits"]
+    cpu = str(limits["cpu"])
+    cpus = math.ceil(float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu))
+    return {"CPU": float(params.get("num-cpus", cpus)),
+            "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+
+
+def _group_node(group: dict[str, Any]) -> dict[str, float]:
+    return _ray_node(group["rayStartParams"], group["template"]["spec"]["containers"][0])
+
+
+def _ray_nodes(cluster: dict[str, Any]) -> list[dict[str, float]]:
+    """Logical resources of each Ray node of a cluster: the head, then every replica of every
+    worker group."""
     head = cluster["headGroupSpec"]
-    nodes = [node(head["rayStartParams"], head["template"]["spec"]["containers"][0])]
+    nodes = [_ray_node(head["rayStartParams"], head["template"]["spec"]["containers"][0])]
     for group in cluster.get("workerGroupSpecs", []):
-        nodes += [node(group["rayStartParams"], group["template"]["spec"]["containers"][0])
-                  for _ in range(group["replicas"])]
+        nodes += [_group_node(group) for _ in range(group["replicas"])]
     return nodes
 
 
-def unplaced_bundles(nodes: list[dict[str, float]], bundles: list[dict[str, float]]) -> list[dict[str, float]]:
-    """First-fit of resource bundles (one per actor) into the nodes; the bundles that fit nowhere."""
-    free = [dict(n) for n in nodes]
+def _fits(capacity: dict[str, float], bundle: dict[str, float]) -> bool:
+    return all(capacity.get(k, 0) >= v for k, v in bundle.items())
+
+
+def _place(free: list[dict[str, float]], bundles: list[dict[str, float]]) -> list[dict[str, float]]:
+    """First-fit of resource bundles (one per actor) into `free`, which is updated; the bundles
+    that fit nowhere."""
     left = []
     for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b.get("CPU", 0))):
         for capacity in free:
-            if all(capacity.get(k, 0) >= v for k, v in bundle.items()):
+            if _fits(capacity, bundle):
                 for k, v in bundle.items():
                     capacity[k] -= v
                 break
@@ -898,14 +922,82 @@ def unplaced_bundles(nodes: list[dict[str, float]], bundles: list[dict[str, floa
     return left
 
 
-def training_bundles(config: Any) -> list[dict[str, float]]:
-    """What launch.py asks Ray for: one bundle per training worker, and the evaluation actor."""
+def unplaced_bundles(nodes: list[dict[str, float]], bundles: list[dict[str, float]]) -> list[dict[str, float]]:
+    """First-fit of resource bundles (one per actor) into the nodes; the bundles that fit nowhere."""
+    return _place([dict(n) for n in nodes], bundles)
+
+
+def worker_bundles(config: Any) -> list[dict[str, float]]:
+    """What launch.py asks Ray for per training worker (Ray Train's ScalingConfig)."""
     dist = config.distributed
-    bundles = [{"CPU": dist.cpus_per_worker, "GPU": dist.gpus_per_worker if dist.use_gpu else 0.0}
-               for _ in range(dist.workers)]
-    if config.eval.enabled:
-        bundles.append({"CPU": config.eval.cpus, "GPU": config.eval.gpus})
-    return bundles
+    return [{"CPU": dist.cpus_per_worker, "GPU": dist.gpus_per_worker if dist.use_gpu else 0.0}
+            for _ in range(dist.workers)]
+
+
+def evaluator_bundle(config: Any) -> dict[str, float] | None:
+    """What the evaluation actor asks for (trainer/eval_worker.py make_evaluation_actor:
+    num_cpus=eval.cpus, num_gpus=eval.gpus), None when launch.py starts none."""
+    return {"CPU": config.eval.cpus, "GPU": config.eval.gpus} if config.eval.enabled else None
+
+
+def training_bundles(config: Any) -> list[dict[str, float]]:
+    """Everything launch.py asks Ray for: the training workers and the evaluation actor."""
+    evaluator = evaluator_bundle(config)
+    return worker_bundles(config) + ([evaluator] if evaluator is not None else [])
+
+
+def placement_failures(nodes: list[dict[str, float]], config: Any) -> list[str]:
+    """The orders of scheduling in which the job does not fit, described; [] when it always fits.
+
+    launch.py creates the evaluation actor before Ray Train reserves the workers' placement group,
+    and neither asks for a custom resource: Ray may start the actor on any node with room for it,
+    or (actor creation being asynchronous) place the workers first. Every node the actor can land
+    on must leave room for all the workers, and the workers placed first must leave room for it."""
+    workers, evaluator = worker_bundles(config), evaluator_bundle(config)
+    if evaluator is None:
+        left = unplaced_bundles(nodes, workers)
+        return [f"workers that fit nowhere: {left}"] if left else []
+    failures = []
+    landings = [i for i, node in enumerate(nodes) if _fits(node, evaluator)]
+    if not landings:
+        failures.append(f"the evaluator {evaluator} fits on no node")
+    for i in landings:
+        free = [dict(n) for n in nodes]
+        for k, v in evaluator.items():
+            free[i][k] -= v
+        left = _place(free, workers)
+        if left:
+            failures.append(f"evaluator on node {i} {nodes[i]}: workers that fit nowhere: {left}")
+    free = [dict(n) for n in nodes]
+    left = _place(free, workers) + _place(free, [evaluator])
+    if left:
+        failures.append(f"workers placed first: bundles that fit nowhere: {left}")
+    return failures
+
+
+def sizing_problems(cluster: dict[str, Any], config: Any) -> list[str]:
+    """The worker groups as the manifests size them: the training groups (all but `eval`) have
+    exactly the training workers' GPUs, the `eval` group the evaluator's GPUs and at least its
+    CPUs, and the job fits whatever Ray schedules first (placement_failures)."""
+    problems = []
+    groups = cluster.get("workerGroupSpecs", [])
+    worker_gpus = sum(b["GPU"] for b in worker_bundles(config))
+    training_gpus = sum(_group_node(g)["GPU"] * g["replicas"] for g in groups if g["groupName"] != EVAL_GROUP)
+    if training_gpus != worker_gpus:
+        problems.append(f"training groups have {training_gpus} GPUs for workers of {worker_gpus}")
+    evaluator = evaluator_bundle(config)
+    eval_groups = [g for g in groups if g["groupName"] == EVAL_GROUP]
+    if evaluator is None:
+        if eval_groups:
+            problems.append(f"an `{EVAL_GROUP}` group but the job runs no evaluator (eval.enabled false)")
+    elif len(eval_groups) != 1 or eval_groups[0]["replicas"] != 1:
+        problems.append(f"the evaluator needs one `{EVAL_GROUP}` group of one replica")
+    else:
+        node = _group_node(eval_groups[0])
+        if node["GPU"] != evaluator["GPU"] or node["CPU"] < evaluator["CPU"]:
+            problems.append(f"`{EVAL_GROUP}` group {node} does not supply the evaluator's {evaluator}")
+    problems += placement_failures(_ray_nodes(cluster), config)
+    return problems
 
 
 @pytest.mark.parametrize("directory", [p for p in ENTRY_POINTS if p.name != "monitoring"],
@@ -913,11 +1005,12 @@ def training_bundles(config: Any) -> list[dict[str, float]]:
 def test_the_cluster_holds_the_job_and_no_gpu_idles(directory: Path) -> None:
     objects = rendered(directory)
     rayjob, config = _training(objects)
-    nodes = _ray_nodes(rayjob["spec"]["rayClusterSpec"])
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    nodes = _ray_nodes(cluster)
     bundles = training_bundles(config)
-    assert unplaced_bundles(nodes, bundles) == [], (nodes, config.distributed)
-    # GPUs are the expensive part: every GPU of the cluster has a worker to run.
-    assert sum(n["GPU"] for n in nodes) == sum(b["GPU"] for b in bundles), (nodes, config.distributed)
+    assert sizing_problems(cluster, config) == [], (nodes, config.distributed, config.eval)
+    # GPUs are the expensive part: every GPU of the cluster has a worker or the evaluator to run.
+    assert sum(n["GPU"] for n in nodes) == sum(b["GPU"] for b in bundles), (nodes, config.distributed, config.eval)
     for raycron in of_kind(objects, "RayCronJob"):
         job = raycron["spec"]["jobTemplate"]
         driver = {"CPU": float(job.get("entrypointNumCpus", 0)), "GPU": float(job.get("entrypointNumGpus", 0))}
@@ -926,7 +1019,32 @@ def test_the_cluster_holds_the_job_and_no_gpu_idles(directory: Path) -> None:
 
 def test_fit_check_fails_when_the_cluster_is_too_small() -> None:
     rayjob, config = _training(rendered(K8S / "overlays/production"))
-    cluster = copy.deepcopy(rayjob["spec"]["rayClusterSpec"])
-    assert unplaced_bundles(_ray_nodes(cluster), training_bundles(config)) == []
-    cluster["workerGroupSpecs"][0]["replicas"] = 1  # 8 GPUs for 16 workers
-    assert len(unplaced_bundles(_ray_nodes(cluster), training_bundles(config))) == 8
+    assert config.eval.enabled and (config.eval.cpus, config.eval.gpus) == (4, 1)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert sizing_problems(cluster, config) == []
+
+    small = copy.deepcopy(cluster)
+    small["workerGroupSpecs"][0]["replicas"] = 1  # 8 + 1 GPUs for 16 workers and the evaluator
+    assert len(unplaced_bundles(_ray_nodes(small), training_bundles(config))) == 8
+    assert any("training groups have 8.0 GPUs for workers of 16" in p for p in sizing_problems(small, config))
+
+    # Without the eval group the 16 GPUs hold the workers, but the evaluator is left over.
+    no_eval = copy.deepcopy(cluster)
+    no_eval["workerGroupSpecs"] = [g for g in no_eval["workerGroupSpecs"] if g["groupName"] != EVAL_GROUP]
+    assert unplaced_bundles(_ray_nodes(no_eval), training_bundles(config)) == [{"CPU": 4, "GPU": 1}]
+    assert any("needs one `eval` group" in p for p in sizing_problems(no_eval, config))
+    assert placement_failures(_ray_nodes(no_eval), config)
+
+    # An eval node with room for the evaluator only (1 GPU, 4 CPUs): the job fits if the evaluator
+    # lands there, but not if Ray starts it on a training node first (the displaced worker needs
+    # 8 CPUs): the check tries every landing.
+    tight = copy.deepcopy(cluster)
+    (group,) = [g for g in tight["workerGroupSpecs"] if g["groupName"] == EVAL_GROUP]
+    group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = "4"
+    assert unplaced_bundles(_ray_nodes(tight), training_bundles(config)) == []  # first-fit alone passes
+    failures = placement_failures(_ray_nodes(tight), config)
+    assert failures and all(f.startswith("evaluator on node") for f in failures), failures
+
+    # With eval disabled the eval group's GPU would idle.
+    disabled = training_config(rayjob["spec"]["entrypoint"] + " --set eval.enabled=false")
+    assert any("runs no evaluator" in p for p in sizing_problems(cluster, disabled))
