@@ -18,6 +18,8 @@ import hashlib
 import importlib.util
 import io
 import itertools
+import shutil
+import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,6 +172,25 @@ def test_tar_files_match_webdataset(kind: str, buffer_size: int) -> None:
         assert digest == hashlib.sha256(data).hexdigest()
     if kind in ("converter", "pax"):
         assert len(got) == 6 and error is None
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_members_match_webdataset(tmp_path: Path, fmt: str) -> None:
+    # tarfile cannot write sparse members; GNU tar can (old GNU 'S' headers, or pax GNU.sparse).
+    with open(tmp_path / "a.bin", "wb") as f:
+        f.write(b"head")
+        f.seek(300_000)
+        f.write(b"tail")
+    (tmp_path / "a.txt").write_bytes(b"after the sparse member")
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", "out.tar", "a.bin", "a.txt"], cwd=tmp_path,
+                   check=True)
+    data = (tmp_path / "out.tar").read_bytes()
+    expected, error = _samples_wds(data)
+    assert error is None and expected[0]["bin"] == b"head" + bytes(300_000 - 4) + b"tail"
+    for buffer_size in (700, 1 << 20):
+        got, got_error, digest = _samples_new(data, buffer_size)
+        assert (got, got_error) == (expected, None) and digest == hashlib.sha256(data).hexdigest()
 
 
 def _cut_points(data: bytes) -> Iterator[int]:
