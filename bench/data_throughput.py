@@ -10,6 +10,7 @@
 2. Raw read speed: every tar file read sequentially with a 1 MB buffer, twice. The files were
    just written and fit in RAM, so both passes read from the page cache (the second is reported
    as "warm"); nothing is dropped from the cache (that would need root and disturb other work).
+   Then once more with O_DIRECT (the storage's own speed), and again after the reader runs.
 3. The training reader, one full epoch (every caption once) for each `--workers` count, each in a
    fresh subprocess: decode, checks, sha256 while streaming, the caption pool, batches of
    `--batch-size` with a trivial tokenizer; output float32 and float16. samples/s counts (image,
@@ -379,6 +380,15 @@ def main() -> None:
                 log.info("reader, %d worker(s), %s out: %.0f pairs/s, %.0f images/s, %.0f MB/s (%.1f%% of raw)",
                          workers, output_dtype, result["pairs"] / result["seconds"],
                          result["images_read"] / result["seconds"], mb_s, 100 * mb_s / raw_mb_s)
+        # The O_DIRECT rate of this virtual disk varies a lot from minute to minute (the host's cache and
+        # other tenants): measured again after the reader runs, and the goal is judged against the
+        # faster of the two (the conservative choice).
+        direct_after = raw_read_direct(paths)
+        direct_after_mb_s = total_bytes / 1e6 / direct_after[0] if direct_after else None
+        log.info("O_DIRECT after the reader runs: %s MB/s", f"{direct_after_mb_s:.0f}" if direct_after_mb_s else "n/a")
+        direct_before_mb_s = direct_mb_s
+        if direct_mb_s and direct_after_mb_s:
+            direct_mb_s = max(direct_mb_s, direct_after_mb_s)
         small_shards = f"train-{{000000..{args.small_images // args.shard_size - 1:06d}}}.tar"
         memory = {}
         for label, shards in ((args.small_images, small_shards), (args.images, None)):
@@ -409,7 +419,11 @@ def main() -> None:
         f"{total_bytes / 1e6 / max(warm_cpu_s, 1e-9):.0f} | |"),
     ]
     if direct_mb_s:
-        lines.append(f"| raw read, 1 MB buffer, O_DIRECT (no page cache) | | | {direct_mb_s:.0f} | | 100 | | | | |")
+        lines.append(f"| raw read, 1 MB buffer, O_DIRECT (no page cache), before the reader runs | | | "
+                     f"{direct_before_mb_s:.0f} | | {100 * direct_before_mb_s / direct_mb_s:.0f} | | | | |")
+        if direct_after_mb_s:
+            lines.append(f"| raw read, 1 MB buffer, O_DIRECT, after the reader runs | | | {direct_after_mb_s:.0f} | | "
+                         f"{100 * direct_after_mb_s / direct_mb_s:.0f} | | | | |")
     for workers, output_dtype, result, mb_s, load_before, load_after in rows:
         direct_share = f"{100 * mb_s / direct_mb_s:.1f}" if direct_mb_s else "n/a"
         cpu = result["cpu_seconds"]
@@ -448,7 +462,9 @@ def main() -> None:
         lines.append(
             f"- Goal (the reader at 50 % of the raw read): the fastest configuration ({fastest[1]} out, {fastest[0]} "
             f"worker{'s' if fastest[0] > 1 else ''}) reads {fastest[3]:.0f} MB/s of shards, {share:.0f} % of the "
-            f"O_DIRECT read ({direct_mb_s:.0f} MB/s): {'the goal is met' if share >= 50 else 'below the goal'}. "
+            f"O_DIRECT read ({direct_mb_s:.0f} MB/s, the faster of the two O_DIRECT passes, which measured "
+            f"{direct_before_mb_s:.0f} and {direct_after_mb_s or 0:.0f} MB/s): "
+            f"{'the goal is met' if share >= 50 else 'below the goal'}. "
             f"Against the page-cache read ({raw_mb_s:.0f} MB/s, a memcpy) it is {100 * fastest[3] / raw_mb_s:.0f} %.")
     if "batch_ms_float16" in floor:
         hash_us = shard_kb_per_image / 1e3 / floor["sha256_mb_s"] * 1e6
