@@ -112,9 +112,13 @@ caption_index (B,) int64 (which of the image's captions), keys, captions, epoch,
 stats. `EvalBatch`: the images of one chunk of one shard with all their captions flattened in
 order, plus caption_image_ids.
 
-In a loader worker the batch tensors are allocated in shared memory (as torch's default_collate
-does), so handing them to the main process copies nothing. `output_dtype="float16"` halves the
-bytes per batch; on a GPU, convert after the transfer.
+In a loader worker the batch tensors are built in shared memory, so handing them to the main
+process copies nothing: the regions are written into a memfd with pwritev (`_shared_rows`; no page
+faults, no zero-filling), the small tensors share one block (one file descriptor to pass), and
+torch's default_collate way (`_empty`) remains where memfd or torch's file_descriptor sharing is
+not available. `output_dtype="float16"` halves the bytes per batch; on a GPU, convert after the
+transfer. Per image the work that remains is mostly unavoidable: sha256 of its bytes and its
+features written into five batches (docs/benchmarks.md, data reader throughput).
 
 Memory
 ------
