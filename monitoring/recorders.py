@@ -60,6 +60,9 @@ class Instrument(Protocol):
 class Backend(Protocol):
     def instrument(self, spec: MetricSpec) -> Instrument: ...
 
+    def push(self) -> None:
+        """Deliver what was recorded now, where the backend does not wait to be scraped."""
+
 
 def _check_labels(spec: MetricSpec, labels: Mapping[str, str]) -> dict[str, str]:
     if set(labels) != set(spec.labels):
@@ -117,6 +120,9 @@ class RayBackend:
             if spec.name not in self._instruments:
                 self._instruments[spec.name] = _RayInstrument(spec)
             return self._instruments[spec.name]
+
+    def push(self) -> None:
+        """Nothing to do: Ray's workers report to the node's metrics agent on their own."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,15 +317,10 @@ class EvaluationMetrics:
         self._get(m.EVAL_CHECKPOINTS).inc(1, self._labels)
         self._get(m.EVAL_DURATION).observe(seconds, self._labels)
         self._get(m.EVAL_LAST_SUCCESS).set(time.time(), self._labels)
-        self._push()
+        self.backend.push()
 
     def record_failure(self, seconds: float | None = None) -> None:
         self._get(m.EVAL_FAILURES).inc(1, self._labels)
         if seconds is not None:
             self._get(m.EVAL_DURATION).observe(seconds, self._labels)
-        self._push()
-
-    def _push(self) -> None:
-        push = getattr(self.backend, "push", None)
-        if push is not None:
-            push()
+        self.backend.push()

@@ -85,6 +85,7 @@ __all__ = [
     "EvaluationDataError",
     "EvaluationWorker",
     "RunSettings",
+    "best_dev_rsum",
     "encode_split",
     "evaluate_and_record",
     "evaluate_checkpoint",
@@ -469,6 +470,13 @@ def read_best(run_dir: str, storage_options: Mapping[str, Any] | None = None) ->
         return None
 
 
+def best_dev_rsum(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> float | None:
+    """The dev rsum recorded in the run's ``best.json`` (None: no best yet, or no number there)."""
+    best = read_best(run_dir, storage_options)
+    rsum = best.get("dev_rsum") if best is not None else None
+    return float(rsum) if isinstance(rsum, (int, float)) and not isinstance(rsum, bool) else None
+
+
 def update_best(run_dir: str, payload: dict[str, Any],
                 storage_options: Mapping[str, Any] | None = None) -> bool:
     """Make the checkpoint of ``payload`` (a metrics.json payload) the run's best if its dev rsum
@@ -638,9 +646,7 @@ def evaluate_and_record(
         logger.error("%s: cannot update %s: %s: %s", checkpoint, BEST_FILE, type(error).__name__, error)
         is_best, best_error = False, f"{BEST_FILE} not updated: {type(error).__name__}: {error}"
     if metrics is not None:
-        best = read_best(run_dir or run_dir_of(checkpoint), storage_options)
-        best_rsum = best.get("dev_rsum") if best is not None else None
-        metrics.record_evaluation(payload, best_rsum if isinstance(best_rsum, (int, float)) else None,
+        metrics.record_evaluation(payload, best_dev_rsum(run_dir or run_dir_of(checkpoint), storage_options),
                                   time.perf_counter() - started)
     logger.info("checkpoint %s (step %s, epoch %s): dev rsum %s%s\n%s", payload["checkpoint"], payload["step"],
                 payload["epoch"], "n/a" if payload["dev_rsum"] is None else f"{payload['dev_rsum']:.2f}",

@@ -340,7 +340,7 @@ def _full_precision(device: str) -> None:
 
 class _ExportedMetrics:
     """The vsrn_eval_* series of this process (prometheus-client), served and/or pushed as the
-    options say; a no-op without --metrics-port and --pushgateway."""
+    options say; every method is a no-op without --metrics-port and --pushgateway."""
 
     def __init__(self, args: argparse.Namespace, run_dir: str) -> None:
         from monitoring.recorders import EvaluationMetrics, PrometheusBackend
@@ -348,6 +348,7 @@ class _ExportedMetrics:
         self.backend: PrometheusBackend | None = None
         self.recorder: EvaluationMetrics | None = None
         self.linger = args.metrics_linger
+        self.started = time.perf_counter()
         if args.metrics_port is None and args.pushgateway is None:
             return
         run = args.run_name or Path(run_dir.rstrip("/")).name
@@ -358,6 +359,14 @@ class _ExportedMetrics:
         if args.metrics_port is not None:
             port = self.backend.serve(args.metrics_port, args.metrics_host)
             print(f"metrics: http://{args.metrics_host}:{port}/metrics", file=sys.stderr, flush=True)
+
+    def evaluated(self, payload: dict[str, Any], best_rsum: float | None) -> None:
+        if self.recorder is not None:
+            self.recorder.record_evaluation(payload, best_rsum, time.perf_counter() - self.started)
+
+    def failed(self) -> None:
+        if self.recorder is not None:
+            self.recorder.record_failure(time.perf_counter() - self.started)
 
     def close(self) -> None:
         if self.backend is None:
@@ -371,8 +380,19 @@ class _ExportedMetrics:
 
 def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
     """``--checkpoint``: evaluate one checkpoint, print the table, write metrics.json."""
+    from trainer.eval_worker import run_dir_of
+
+    exported = _ExportedMetrics(args, run_dir_of(args.checkpoint))
+    try:
+        return _evaluate_one_checkpoint(args, prog, exported)
+    finally:
+        exported.close()
+
+
+def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
     from trainer.config import EvalConfig
     from trainer.eval_worker import (
+        best_dev_rsum,
         evaluate_checkpoint,
         is_run_checkpoint,
         read_run_settings,
@@ -384,10 +404,6 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
 
     options = _storage_options(args)
     _full_precision(args.device)
-    from trainer.eval_worker import read_best
-
-    exported = _ExportedMetrics(args, run_dir_of(args.checkpoint))
-    started = time.perf_counter()
     try:
         # A checkpoint of a run is evaluated with the run's eval settings (dev subset size above
         # all), so that its dev rsum compares with the others in best.json.
@@ -404,9 +420,7 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
         if Path(args.checkpoint.rstrip("/")).name not in message:
             message = f"{args.checkpoint}: {message}"
         print(f"{prog}: error: {message}", file=sys.stderr)
-        if exported.recorder is not None:
-            exported.recorder.record_failure(time.perf_counter() - started)
-        exported.close()
+        exported.failed()
         return EXIT_BAD_INPUT
     print(results_table(payload))
     for protocol, reason in payload["skipped"].items():
@@ -425,27 +439,28 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
     except OSError as error:
         target = args.output if args.output is not None else f"metrics.json beside {args.checkpoint}"
         print(f"{prog}: error: cannot write {target}: {error}", file=sys.stderr)
-        if exported.recorder is not None:
-            exported.recorder.record_failure(time.perf_counter() - started)
-        exported.close()
+        exported.failed()
         return EXIT_WRITE_FAILED
-    if exported.recorder is not None:
-        best = read_best(run_dir_of(args.checkpoint), options) if in_run else None
-        best_rsum = best.get("dev_rsum") if best is not None else None
-        exported.recorder.record_evaluation(payload, best_rsum if isinstance(best_rsum, (int, float)) else None,
-                                            time.perf_counter() - started)
-    exported.close()
+    if exported.recorder is not None:  # (reading best.json costs a request on S3: only when exported)
+        exported.evaluated(payload, best_dev_rsum(run_dir_of(args.checkpoint), options) if in_run else None)
     return EXIT_OK
 
 
 def run_watch(args: argparse.Namespace, prog: str) -> int:
     """``--watch``: evaluate the run's checkpoints not yet evaluated; 3 if any of them failed."""
+    exported = _ExportedMetrics(args, args.watch)
+    try:
+        return _evaluate_run(args, prog, exported)
+    finally:
+        exported.close()
+
+
+def _evaluate_run(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
     from trainer.config import EvalConfig
     from trainer.eval_worker import evaluate_run, read_run_settings
 
     options = _storage_options(args)
     _full_precision(args.device)
-    exported = _ExportedMetrics(args, args.watch)
     try:
         settings = read_run_settings(args.watch, options)
         eval_config = _eval_config(args, settings.eval if settings is not None else EvalConfig())
@@ -454,9 +469,7 @@ def run_watch(args: argparse.Namespace, prog: str) -> int:
                                  loader_workers=args.loader_workers, metrics=exported.recorder)
     except (ValueError, OSError) as error:  # no shards, an unreadable config.yaml or split, the store
         print(f"{prog}: error: {error}", file=sys.stderr)
-        exported.close()
         return EXIT_BAD_INPUT
-    exported.close()
     failed = [s for s in summaries if s["status"] != "ok"]
     for summary in summaries:
         if summary["status"] == "ok":
