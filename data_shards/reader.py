@@ -63,7 +63,7 @@ Batches are made inside the dataset (DataLoader(batch_size=None)). torch's DataL
 batches from its workers round-robin, skipping exhausted ones; the order of a rank's epoch is
 therefore a pure function of (seed, epoch, world size, rank, num_workers), and each batch carries
 its position (`index`). The DataLoader must have exactly `config.num_workers` workers
-(`TrainReader.loader` builds it so); a different count is refused.
+(`TrainReader.epoch` builds it so); a different count is refused.
 
 Resume
 ------
@@ -112,19 +112,29 @@ caption_index (B,) int64 (which of the image's captions), keys, captions, epoch,
 stats. `EvalBatch`: the images of one chunk of one shard with all their captions flattened in
 order, plus caption_image_ids.
 
-In a loader worker the batch tensors are built in shared memory, so handing them to the main
-process copies nothing: the regions are written into a memfd with pwritev (`_shared_rows`; no page
-faults, no zero-filling), the small tensors share one block (one file descriptor to pass), and
-torch's default_collate way (`_empty`) remains where memfd or torch's file_descriptor sharing is
-not available. `output_dtype="float16"` halves the bytes per batch; on a GPU, convert after the
-transfer. Per image the work that remains is mostly unavoidable: sha256 of its bytes and its
-features written into five batches (docs/benchmarks.md, data reader throughput).
+How a batch is made, and where the memory is
+--------------------------------------------
+Every caption of an image makes a training pair, so an image's features end up in about five
+batches. A loader worker copies each image's features once into a row of its pool, which lives
+in shared memory (`_RowPool`); for each batch it sends the captions, tokens, ids and pool row
+numbers (small arrays, by value through the DataLoader's pipe). The main process maps the pool
+when the worker's first batch arrives and gathers each batch's regions from it (`np.take`, one
+thread) into memory that it reuses once the caller has let go of a batch (`_BatchBuffers`), or
+into pinned memory (`pin_memory=True` on a CUDA machine). Rows are recycled only after the main
+process has gathered every batch that used them (a counter in the pool's shared memory).
+Building each batch in a worker instead costs a fresh shared-memory block per batch, filled
+through page faults, five times per image: that was the reader's largest cost
+(docs/benchmarks.md). `output_dtype="float16"` halves the bytes per batch; `"stored"` skips any
+conversion (the model casts, on its device). The evaluation reader, which uses each image once,
+still builds its batches in the workers (`_shared_rows`: memfd + pwritev, no page faults).
 
 Memory
 ------
-Per training worker: the pool (pool_images x one image's features, e.g. 1024 x 147 KB) plus the
-batches in flight (prefetch_factor per worker); independent of the dataset size. The evaluation
-reader holds chunks that arrive ahead of their turn: at most about one shard's worth per worker.
+Per training worker: its pool in shared memory, (pool_images + (prefetch_factor + 2) x
+batch_size) rows of one image's features (1536 x 147 KB for batches of 128, float16), mapped by
+the worker and the main process; plus the main process's few batch buffers. Independent of the
+dataset size. The evaluation reader holds chunks that arrive ahead of their turn: at most about
+one shard's worth per worker.
 
 Region order (paper Table 5): "stored" (detector confidence), "area" (descending box area, stable,
 as model.vsrn.order_regions; needs boxes), "random" (a fresh permutation per pair and epoch;
@@ -133,6 +143,7 @@ evaluation: per image, seeded by (seed, image index)). Reordering here or in the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import heapq
@@ -143,6 +154,7 @@ import os
 import re
 import tarfile
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +211,8 @@ class ReaderConfig:
     bad_data: BadDataPolicy = "strict"
     checksums: ChecksumMode = "stream"
     storage_options: dict[str, Any] | None = None  # s3fs options; None: from the environment
-    output_dtype: Literal["float32", "float16"] = "float32"
+    # "stored": the shards' own dtype, no conversion (the model casts; on a GPU, after the copy)
+    output_dtype: Literal["float32", "float16", "stored"] = "float32"
     prefetch_factor: int = 2  # batches each worker prepares ahead
     spool_bytes: int = 256 << 20  # checksums="before": shard bytes kept in memory before spilling to disk
 
@@ -215,7 +228,7 @@ class ReaderConfig:
         if self.pool_images is not None and self.pool_images < self.batch_size:
             raise ValueError(f"ReaderConfig.pool_images ({self.pool_images}) must be >= batch_size ({self.batch_size})")
         choices = {"region_order": ("stored", "area", "random"), "bad_data": ("strict", "skip"),
-                   "checksums": ("stream", "before", "off"), "output_dtype": ("float32", "float16")}
+                   "checksums": ("stream", "before", "off"), "output_dtype": ("float32", "float16", "stored")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ReaderConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -272,7 +285,7 @@ class _BatchTensors:
 class TrainBatch(_BatchTensors):
     """B (image, caption) pairs; row i pairs image image_ids[i] with its caption caption_index[i]."""
 
-    regions: torch.Tensor  # (B, R, D) output_dtype, regions in config.region_order
+    regions: torch.Tensor  # (B, R, D) in the output dtype, regions in config.region_order
     boxes: torch.Tensor | None  # (B, R, 4) float32 in the same order, if every image has boxes
     tokens: torch.Tensor  # (B, T) int64, padded with 0
     lengths: torch.Tensor  # (B,) int64
@@ -286,6 +299,31 @@ class TrainBatch(_BatchTensors):
     stats: dict[str, int] = field(default_factory=dict)  # counter increments since the slot's previous batch
 
     _TENSORS = ("regions", "boxes", "tokens", "lengths", "image_ids", "caption_index")
+
+
+@dataclass
+class _TrainPart:
+    """What a loader worker sends for one training batch: everything but the regions, which the
+    main process gathers from the slot's `_RowPool` (`TrainReader.epoch`). The arrays are small
+    and travel by value through the DataLoader's pipe: a shared-memory tensor would cost a
+    file-descriptor handshake between the processes per batch, more than copying them."""
+
+    index_rows: np.ndarray  # (B,) pool rows, or (B x R,) region rows when `reordered`
+    reordered: bool
+    boxes: np.ndarray | None  # (B, R, 4) float32
+    tokens: np.ndarray  # (B, T) int64
+    lengths: np.ndarray
+    image_ids: np.ndarray
+    caption_index: np.ndarray
+    keys: list[str]
+    captions: list[str]
+    epoch: int
+    index: int
+    slot: int
+    made: int  # the batch's number within its slot's epoch (the pool's `gathered` counter)
+    stats: dict[str, int]
+    pool: torch.Tensor | None  # the slot's `_RowPool.tensor`, with the slot's first batch only
+    pool_rows: int
 
 
 @dataclass
@@ -869,43 +907,196 @@ class _ShardSource:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _PooledImage:
+    """An image in a slot's caption pool: what its batches need, its features being in `row` of
+    the slot's `_RowPool`."""
+
+    key: str
+    captions: list[str]
+    index: int
+    boxes: np.ndarray | None
+    row: int
+
+
 class _CaptionPool:
     """The per-slot shuffle: a pool of images; each batch takes one caption from each of
-    `batch_size` distinct images drawn at random (see the module docstring)."""
+    `batch_size` distinct images drawn at random (see the module docstring). `on_leave` is told
+    of each image whose last caption a batch has just taken."""
 
-    def __init__(self, capacity: int, batch_size: int, rng: np.random.Generator) -> None:
+    def __init__(self, capacity: int, batch_size: int, rng: np.random.Generator,
+                 on_leave: Callable[[_PooledImage], None] | None = None) -> None:
         self.capacity = capacity
         self.batch_size = batch_size
         self.rng = rng
-        self.entries: list[tuple[ImageRecord, list[int]]] = []  # (image, its captions not yet used)
+        self.on_leave = on_leave
+        self.entries: list[tuple[_PooledImage, list[int]]] = []  # (image, its captions not yet used)
 
-    def _take(self, picks: Sequence[int]) -> list[tuple[ImageRecord, int]]:
+    def _take(self, picks: Sequence[int]) -> list[tuple[_PooledImage, int]]:
         pairs = [(self.entries[i][0], self.entries[i][1].pop()) for i in picks]
-        self.entries = [entry for entry in self.entries if entry[1]]
+        kept = []
+        for entry in self.entries:
+            if entry[1]:
+                kept.append(entry)
+            elif self.on_leave is not None:
+                self.on_leave(entry[0])
+        self.entries = kept
         return pairs
 
-    def batches(self, records: Iterator[ImageRecord]) -> Iterator[list[tuple[ImageRecord, int]]]:
-        """Full batches from the pool and `records`; at the end of `records`, leftovers of less
+    def batches(self, images: Iterator[_PooledImage]) -> Iterator[list[tuple[_PooledImage, int]]]:
+        """Full batches from the pool and `images`; at the end of `images`, leftovers of less
         than a batch stay in the pool (for a top-up pass, or dropped)."""
         exhausted = False
         while True:
             while not exhausted and len(self.entries) < self.capacity:
-                record = next(records, None)
-                if record is None:
+                image = next(images, None)
+                if image is None:
                     exhausted = True
                 else:
-                    self.entries.append((record, self.rng.permutation(len(record.captions)).tolist()))
+                    self.entries.append((image, self.rng.permutation(len(image.captions)).tolist()))
             if len(self.entries) >= self.batch_size:
                 yield self._take(self.rng.choice(len(self.entries), size=self.batch_size, replace=False).tolist())
             elif sum(len(left) for _, left in self.entries) >= self.batch_size:
                 # The slot's last batches: fewer images than a batch, so some repeat (masked by id).
-                pairs: list[tuple[ImageRecord, int]] = []
+                pairs: list[tuple[_PooledImage, int]] = []
                 while len(pairs) < self.batch_size:
                     picks = self.rng.permutation(len(self.entries))[: self.batch_size - len(pairs)]
                     pairs.extend(self._take(picks.tolist()))
                 yield pairs
             else:
                 return
+
+
+def _shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """`nbytes` of memory that a loader worker can hand to the main process without a copy
+    (memfd where torch shares by file descriptor, else torch's own shared memory); plain memory
+    in the calling process. Shared pages are not zero-filled by anyone but the kernel, on first
+    touch."""
+    if get_worker_info() is None:
+        return torch.UntypedStorage(nbytes)
+    if not _fd_sharing():
+        return torch.UntypedStorage._new_shared(nbytes)
+    fd = os.memfd_create("vsrn-pool", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        return torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # maps a dup of fd
+    finally:
+        os.close(fd)
+
+
+class _RowPool:
+    """A slot's image features in shared memory, written once per image by the loader worker and
+    gathered into batches by the main process (`_gather_regions`).
+
+    Every caption of an image makes a training pair, so an image's features end up in about five
+    batches; built in the worker, each batch would be a fresh shared-memory block written through
+    page faults (the reader's largest cost, docs/benchmarks.md). Instead each image crosses
+    between the processes once: the worker copies it into a free row of this pool, whose memory
+    the main process has mapped since the slot's first batch, and a batch carries row numbers.
+
+    A row is reused only after the main process has gathered every batch that used it. The
+    worker tags a row with the slot batch (`made`) that took its image's last caption; the main
+    process writes into the shared `gathered` counter the last slot batch it has gathered (the
+    first 8 bytes of the storage). A worker never waits on a batch it has not sent, and the main
+    process gathers a slot's batches in order, so the wait below always ends (the DataLoader's
+    prefetch keeps the worker at most a few batches ahead).
+    """
+
+    HEADER = 64  # bytes before the rows: the int64 `gathered` counter, padded
+
+    def __init__(self, rows: int, feature_shape: tuple[int, int], dtype: np.dtype, gathered: int) -> None:
+        self.count = rows
+        self.row_bytes = math.prod(feature_shape) * dtype.itemsize
+        storage = _shared_storage(self.HEADER + rows * self.row_bytes)
+        self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+        memory = self.tensor.numpy()
+        self.rows = memory[self.HEADER:].view(dtype).reshape(rows, *feature_shape)
+        self.gathered = memory[:8].view(np.int64)
+        self.gathered[0] = gathered  # batches before a resume point are never gathered
+        self.free = list(range(rows - 1, -1, -1))
+        self.pending: collections.deque[tuple[int, int]] = collections.deque()  # (made, row), made ascending
+
+    def put(self, regions: np.ndarray) -> int:
+        """Copy one image's features into a free row; its number."""
+        row = self._acquire()
+        self.rows[row] = regions
+        return row
+
+    def release(self, row: int, made: int) -> None:
+        """`row` is free once the main process has gathered slot batch `made`."""
+        self.pending.append((made, row))
+
+    def _acquire(self) -> int:
+        delay = 1e-4
+        while not self.free:
+            gathered = int(self.gathered[0])
+            while self.pending and self.pending[0][0] <= gathered:
+                self.free.append(self.pending.popleft()[1])
+            if not self.free:
+                if os.getppid() == 1:  # the main process is gone (torch's workers watch for this too)
+                    raise RuntimeError("the reader's main process exited while a loader worker waited for it")
+                time.sleep(delay)
+                delay = min(2 * delay, 1e-2)
+        return self.free.pop()
+
+
+def _pool_views(pool: torch.Tensor, rows: int, feature_shape: tuple[int, int],
+                dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Main process: (features (rows, *feature_shape), gathered counter (1,) int64) of a slot's
+    `_RowPool.tensor`, as arrays over its shared memory."""
+    memory = pool.numpy()
+    return memory[_RowPool.HEADER:].view(dtype).reshape(rows, *feature_shape), memory[:8].view(np.int64)
+
+
+class _BatchBuffers:
+    """The main process's memory for batch regions, reused once nothing else holds it.
+
+    A fresh 19 MB batch (128 x 36 x 2048 float16) costs thousands of page faults, more than
+    filling it, whenever the allocator hands back new pages (it does for float32 batches, above
+    glibc's mmap threshold, and often for float16 ones). A buffer is handed out as a view, and
+    it is taken again only when its storage has no user but this pool: a batch still referenced
+    by the caller, or saved by autograd for a backward pass, keeps its buffer.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.buffers: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        for buffer in self.buffers:
+            if buffer.shape == shape and buffer.dtype == dtype and self._free(buffer):
+                return buffer.view(shape)
+        buffer = torch.empty(shape, dtype=dtype)
+        self.buffers.append(buffer)
+        if len(self.buffers) > self.keep:
+            # Forget the oldest buffer still in use (its holder frees it), else the oldest.
+            self.buffers.pop(next((i for i, b in enumerate(self.buffers) if not self._free(b)), 0))
+        return buffer.view(shape)
+
+    @staticmethod
+    def _free(buffer: torch.Tensor) -> bool:
+        # Two users when nothing else holds it: `buffer` itself and the temporary storage object.
+        return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) == 2
+
+
+def _gather_regions(features: np.ndarray, index: np.ndarray, reordered: bool, out: torch.Tensor,
+                    scratch: _BatchBuffers) -> None:
+    """Fill `out` (B, R, D) with a batch's regions from a slot's pool: `index` holds B pool rows,
+    or, when the regions are `reordered`, B x R rows of the (rows x R, D) region table.
+
+    numpy's take, single-threaded: the main process also runs the training step, and torch's
+    intra-op threads would spin on the cores the loader workers use. (mode="clip" because with
+    "raise" numpy buffers `out`; the indices come from the pool and are in range.)
+    """
+    regions, dim = features.shape[1:]
+    source = features.reshape(-1, dim) if reordered else features
+    if out.dtype == _TORCH_DTYPES[features.dtype]:
+        target = out.numpy()
+        np.take(source, index, axis=0, out=target.reshape(-1, dim) if reordered else target, mode="clip")
+        return
+    staged = scratch.take(tuple(out.shape), _TORCH_DTYPES[features.dtype])
+    _gather_regions(features, index, reordered, staged, scratch)
+    out.copy_(staged)  # torch converts float16 <-> float32 several times faster than numpy
 
 
 def _region_index(boxes: np.ndarray | None, regions: int, order: RegionOrder,
@@ -975,6 +1166,7 @@ _IOV_MAX = max(1, min(os.sysconf("SC_IOV_MAX"), 1024)) if hasattr(os, "sysconf")
 _CONVERT_ROWS = 16  # rows converted per write when the dtype changes (36 x 2048 float32: a 4.7 MB scratch)
 _scratch: dict[tuple[torch.dtype, tuple[int, ...]], torch.Tensor] = {}  # per process (worker)
 _NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32)}  # output dtypes
+_TORCH_DTYPES = {numpy_dtype: torch_dtype for torch_dtype, numpy_dtype in _NUMPY_DTYPES.items()}
 
 
 def _fd_sharing() -> bool:
@@ -1074,13 +1266,18 @@ def _image_arrays(records: Sequence[ImageRecord], order: RegionOrder, output_dty
     return regions, boxes
 
 
+def _output_dtype(config: ReaderConfig, spec: SplitSpec) -> str:
+    """The dtype of the regions a reader gives ("float16"/"float32")."""
+    return spec.feature_dtype if config.output_dtype == "stored" else config.output_dtype
+
+
 def _worker_slot(slots: int, offset: int = 0) -> tuple[int, int]:
     """(this process's loader worker id, the slot it plays); checks the worker count."""
     info = get_worker_info()
     workers, worker_id = (info.num_workers, info.id) if info is not None else (1, 0)
     if workers != slots:
         raise RuntimeError(f"the reader was planned for {slots} reading slot(s) (ReaderConfig.num_workers) but the "
-                           f"DataLoader has {workers} worker(s); build it with TrainReader.loader/EvalReader")
+                           f"DataLoader has {workers} worker(s); read through TrainReader.epoch/EvalReader")
     return worker_id, (worker_id + offset) % slots
 
 
@@ -1090,7 +1287,8 @@ def _worker_slot(slots: int, offset: int = 0) -> tuple[int, int]:
 
 
 class TrainDataset(IterableDataset):
-    """One rank's epoch as an IterableDataset of `TrainBatch`es (use with DataLoader(batch_size=None))."""
+    """One rank's epoch as an IterableDataset of batch parts (`_TrainPart`: a batch without its
+    regions, which `TrainReader.epoch` gathers from the slot's pool)."""
 
     def __init__(self, spec: SplitSpec, config: ReaderConfig, tokenize: Tokenize, plan: EpochPlan,
                  rank: int, start_batch: int = 0) -> None:
@@ -1106,7 +1304,7 @@ class TrainDataset(IterableDataset):
     def __len__(self) -> int:
         return self.plan.batches_per_rank - self.start_batch
 
-    def __iter__(self) -> Iterator[TrainBatch]:
+    def __iter__(self) -> Iterator[_TrainPart]:
         _, slot = _worker_slot(self.plan.slots_per_rank, self.slot_offset)
         target, skip = self.plan.batches[self.rank][slot], self.skips[slot]
         if skip >= target:
@@ -1114,54 +1312,74 @@ class TrainDataset(IterableDataset):
         cfg, epoch = self.config, self.plan.epoch
         shards = [self.spec.shards[p] for p in self.plan.shards[self.rank][slot]]
         source = _ShardSource(self.spec, cfg)
-        pool = _CaptionPool(cfg.pool_size, cfg.batch_size, np.random.default_rng([cfg.seed, epoch, _POOL_STREAM,
-                                                                                  self.rank, slot]))
+        # The caption pool's images, plus the rows of images that left it in batches the main
+        # process may not have gathered yet (the prefetched ones and the one being made).
+        rows = _RowPool(cfg.pool_size + cfg.batch_size * (cfg.prefetch_factor + 2), self.spec.feature_shape,
+                        np.dtype(self.spec.feature_dtype), gathered=skip - 1)
         made = 0
+        pool = _CaptionPool(cfg.pool_size, cfg.batch_size,
+                            np.random.default_rng([cfg.seed, epoch, _POOL_STREAM, self.rank, slot]),
+                            on_leave=lambda image: rows.release(image.row, made))
+        send_pool = True
         for reading in itertools.count():  # pass 0 is the epoch; later passes top up a short slot
             if reading == 1:
                 log.warning("epoch %d rank %d slot %d: its shards gave only %d of %d batches; topping up with "
                             "another pass (counted in topup_images)", epoch, self.rank, slot, made, target)
             tally = [0]
-            records = self._pass(source, shards, topup=reading > 0, tally=tally)
-            batches = pool.batches(records)
+            images = self._pass(source, shards, rows, topup=reading > 0, tally=tally)
+            batches = pool.batches(images)
             try:
                 for pairs in batches:
                     if made >= skip:
-                        yield self._collate(pairs, slot, made, source.take_counts())
+                        yield self._collate(pairs, slot, made, source.take_counts(), rows if send_pool else None)
+                        send_pool = False
                     made += 1
                     if made == target:
                         return
             finally:
                 batches.close()
-                records.close()
+                images.close()
             if tally[0] == 0:
                 raise ShardFormatError(f"epoch {epoch} rank {self.rank} slot {slot}: no readable image left in its "
                                        f"shards ({[s.name for s in shards]}) to make batch {made} of {target}")
 
     @staticmethod
-    def _pass(source: _ShardSource, shards: Sequence[ShardRef], topup: bool, tally: list[int]) -> Iterator[ImageRecord]:
-        """One pass over the slot's shards; `tally[0]` counts the images it gave."""
+    def _pass(source: _ShardSource, shards: Sequence[ShardRef], rows: _RowPool, topup: bool,
+              tally: list[int]) -> Iterator[_PooledImage]:
+        """One pass over the slot's shards, each image's features put into `rows`; `tally[0]`
+        counts the images it gave."""
         for shard in shards:
             for record in source.records(shard):
                 tally[0] += 1
                 if topup:
                     source.counts["topup_images"] += 1
-                yield record
+                yield _PooledImage(key=record.key, captions=record.captions, index=record.index, boxes=record.boxes,
+                                   row=rows.put(record.regions))
 
-    def _collate(self, pairs: Sequence[tuple[ImageRecord, int]], slot: int, made: int,
-                 stats: dict[str, int]) -> TrainBatch:
+    def _collate(self, pairs: Sequence[tuple[_PooledImage, int]], slot: int, made: int, stats: dict[str, int],
+                 rows: _RowPool | None) -> _TrainPart:
         cfg = self.config
-        records = [record for record, _ in pairs]
-        keys = [r.key for r in records]
-        captions = [record.captions[j] for record, j in pairs]
+        images = [image for image, _ in pairs]
+        keys = [image.key for image in images]
+        captions = [image.captions[j] for image, j in pairs]
+        regions = self.spec.feature_shape[0]
         rng = np.random.default_rng([cfg.seed, self.plan.epoch, _REGION_STREAM, self.rank, slot, made])
-        regions, boxes = _image_arrays(records, cfg.region_order, cfg.output_dtype, [rng] * len(records))
-        tokens, lengths, image_ids, caption_index = _long_tensors(
-            *_tokens(self.tokenize, captions, keys), [r.index for r in records], [j for _, j in pairs])
-        return TrainBatch(
-            regions=regions, boxes=boxes, tokens=tokens, lengths=lengths, image_ids=image_ids,
-            caption_index=caption_index, keys=keys, captions=captions, epoch=self.plan.epoch, index=self.positions[slot][made], slot=slot,
-            stats=stats)
+        orders = [_region_index(image.boxes, regions, cfg.region_order, rng) for image in images]
+        pool_rows = np.fromiter((image.row for image in images), dtype=np.int64, count=len(images))
+        reordered = cfg.region_order != "stored"
+        index_rows = (pool_rows[:, None] * regions + np.stack(orders)).reshape(-1) if reordered else pool_rows
+        boxes = None
+        if all(image.boxes is not None for image in images):
+            boxes = np.stack([image.boxes if order is None else image.boxes[order]  # type: ignore[index]
+                              for image, order in zip(images, orders)]).astype(np.float32, copy=False)
+        tokens, lengths = _tokens(self.tokenize, captions, keys)
+        return _TrainPart(
+            index_rows=index_rows, reordered=reordered, boxes=boxes, tokens=tokens, lengths=lengths,
+            image_ids=np.fromiter((image.index for image in images), dtype=np.int64, count=len(images)),
+            caption_index=np.fromiter((j for _, j in pairs), dtype=np.int64, count=len(pairs)),
+            keys=keys, captions=captions, epoch=self.plan.epoch,
+            index=self.positions[slot][made], slot=slot, made=made, stats=stats,
+            pool=None if rows is None else rows.tensor, pool_rows=0 if rows is None else rows.count)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -1195,6 +1413,7 @@ class TrainReader:
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.spec = load_split(config)
         self.stats = ReaderStats()
+        self._buffers = _BatchBuffers()
 
     def plan(self, epoch: int) -> EpochPlan:
         """The epoch's plan; the same on every rank."""
@@ -1206,22 +1425,42 @@ class TrainReader:
         return self.plan(epoch).batches_per_rank
 
     def dataset(self, epoch: int, start_batch: int = 0) -> TrainDataset:
+        """The epoch's dataset for a DataLoader of config.num_workers workers; `epoch()` runs it and
+        turns its parts into `TrainBatch`es."""
         plan = self.plan(epoch)
         log.info("epoch %d: %d shards over %d ranks x %d slots: %d batches of %d per rank (about %d pairs "
                  "left out this epoch), starting at batch %d", epoch, len(self.spec.shards), self.world_size,
                  plan.slots_per_rank, plan.batches_per_rank, plan.batch_size, plan.dropped_pairs, start_batch)
         return TrainDataset(self.spec, self.config, self.tokenize, plan, self.rank, start_batch)
 
-    def loader(self, epoch: int, start_batch: int = 0, pin_memory: bool = False) -> DataLoader:
-        """A DataLoader over the epoch with config.num_workers workers. Iterating it directly does
-        not update `self.stats`; call `self.stats.add(batch.stats)` or use `epoch()`."""
-        return _make_loader(self.dataset(epoch, start_batch), self.config, pin_memory)
-
     def epoch(self, epoch: int, start_batch: int = 0, pin_memory: bool = False) -> Iterator[TrainBatch]:
-        """The rank's batches of `epoch` from `start_batch` on, adding their stats to `self.stats`."""
-        for batch in self.loader(epoch, start_batch, pin_memory):
-            self.stats.add(batch.stats)
-            yield batch
+        """The rank's batches of `epoch` from `start_batch` on, adding their stats to `self.stats`.
+
+        The regions of each batch are gathered here from the loader workers' pools, into a new
+        tensor (in pinned memory if `pin_memory` and CUDA is available) that the caller owns.
+        """
+        pin = pin_memory and torch.cuda.is_available()
+        dtype = getattr(torch, _output_dtype(self.config, self.spec))
+        source_dtype = np.dtype(self.spec.feature_dtype)
+        pools: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> (features, gathered counter)
+        for part in _make_loader(self.dataset(epoch, start_batch), self.config, pin_memory=False):
+            if part.pool is not None:
+                pools[part.slot] = _pool_views(part.pool, part.pool_rows, self.spec.feature_shape, source_dtype)
+            features, gathered = pools[part.slot]
+            shape = (part.tokens.shape[0], *self.spec.feature_shape)
+            # Pinned memory comes from torch's caching host allocator, which also knows about
+            # copies to the GPU still in flight; plain memory from this reader's buffers.
+            regions = torch.empty(shape, dtype=dtype, pin_memory=True) if pin else self._buffers.take(shape, dtype)
+            _gather_regions(features, part.index_rows, part.reordered, regions, self._buffers)
+            gathered[0] = part.made  # the worker may now reuse the rows this batch freed
+            self.stats.add(part.stats)
+            batch = TrainBatch(regions=regions, boxes=None if part.boxes is None else torch.from_numpy(part.boxes),
+                               tokens=torch.from_numpy(part.tokens), lengths=torch.from_numpy(part.lengths),
+                               image_ids=torch.from_numpy(part.image_ids),
+                               caption_index=torch.from_numpy(part.caption_index), keys=part.keys,
+                               captions=part.captions, epoch=part.epoch, index=part.index, slot=part.slot,
+                               stats=part.stats)
+            yield batch.pin_memory() if pin else batch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1261,10 +1500,10 @@ class EvalDataset(IterableDataset):
         if records:
             rngs = ([np.random.default_rng([cfg.seed, _REGION_STREAM, r.index]) for r in records]
                     if cfg.region_order == "random" else [None] * len(records))
-            regions, boxes = _image_arrays(records, cfg.region_order, cfg.output_dtype, rngs)
+            regions, boxes = _image_arrays(records, cfg.region_order, _output_dtype(cfg, self.spec), rngs)
         else:
             shape = (0, *self.spec.feature_shape)
-            regions, boxes = torch.zeros(shape, dtype=getattr(torch, cfg.output_dtype)), None
+            regions, boxes = torch.zeros(shape, dtype=getattr(torch, _output_dtype(cfg, self.spec))), None
         return EvalBatch(regions=regions, boxes=boxes, image_ids=image_ids,
                          keys=[r.key for r in records], captions=captions, tokens=tokens, lengths=lengths,
                          caption_image_ids=caption_image_ids, shard_position=shard.position, chunk=chunk,

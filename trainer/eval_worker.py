@@ -383,7 +383,7 @@ def evaluate_checkpoint(
     def encode(split: str, max_images: int | None) -> tuple[np.ndarray, np.ndarray]:
         reader_config = ReaderConfig(location=split, batch_size=eval_config.batch_size, num_workers=loader_workers,
                                      storage_options=options, region_order=region_order,  # type: ignore[arg-type]
-                                     bad_data="strict")
+                                     bad_data="strict", output_dtype="stored")  # encode_split casts on the device
         return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images)
 
     payload: dict[str, Any] = {

@@ -328,7 +328,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      num_workers=cfg.data.loader_workers, seed=cfg.optim.seed,
                      pool_images=max(cfg.per_worker_batch_size, cfg.data.shuffle_buffer),
                      region_order=cfg.data.region_order, bad_data=cfg.data.bad_data,
-                     storage_options=storage_options),
+                     # the shards' dtype as it is: the model casts the regions on its device
+                     output_dtype="stored", storage_options=storage_options),
         vocab.encode, rank=rank, world_size=world)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
@@ -367,7 +368,8 @@ class _Loop:
             first, start_batch = start_batch, 0
             if first >= batches:  # a checkpoint at the very end of an epoch not marked complete
                 continue
-            iterator = iter(self.reader.epoch(epoch, first))
+            # Pinned batches on a GPU: the copy to the device can overlap the step.
+            iterator = iter(self.reader.epoch(epoch, first, pin_memory=self.device.type == "cuda"))
             for position in range(first, batches):
                 waited = time.perf_counter()
                 # torch's DataLoader draws its base seed from the global RNG when its iterator starts
@@ -402,7 +404,7 @@ class _Loop:
 
     def train_step(self, batch: TrainBatch, hardest: bool) -> tuple[float, float]:
         cfg, engine = self.cfg, self.engine
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)
         out = engine(batch.regions, batch.tokens, batch.lengths, batch.boxes)
         loss, matching = training_loss(out, batch.image_ids, cfg, self.world, hardest)
         engine.backward(loss)

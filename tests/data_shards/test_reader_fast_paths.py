@@ -8,7 +8,10 @@
 - `format._all_finite` (exponent bits) against np.isfinite.
 - `_tokens` (one numpy assignment) against the row-by-row padding it replaced.
 - `_shared_rows` (memfd + pwritev) and whole batches from loader workers against reference
-  batches built in the test from the known features, boxes and captions.
+  batches built in the test from the known features, boxes and captions, including pools small
+  enough that every row is recycled many times, and consumers that hold on to their batches.
+- `_RowPool` (rows reused only after the main process gathered the batches that used them) and
+  `_BatchBuffers` (batch memory reused only when nothing else holds it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import itertools
 import shutil
 import subprocess
 import tarfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,9 @@ from data_shards.reader import (
     ReaderConfig,
     TrainBatch,
     TrainReader,
+    _BatchBuffers,
     _fd_sharing,
+    _RowPool,
     _shared_rows,
     _ShardStream,
     _tar_files,
@@ -399,3 +406,75 @@ def test_worker_batches_equal_the_reference(tmp_path: Path, order: str, output_d
         tokens, lengths = _tokens_reference(tokenize, batch.captions)
         assert torch.equal(batch.tokens, tokens) and torch.equal(batch.lengths, lengths)
         assert batch.boxes is not None and batch.boxes.shape == (4, REGIONS, 4)
+
+
+@pytest.mark.parametrize("order", ["stored", "random"])
+@pytest.mark.parametrize("output_dtype", ["float16", "float32", "stored"])
+def test_recycled_pool_rows_and_buffers_give_the_reference_batches(tmp_path: Path, order: str,
+                                                                   output_dtype: str) -> None:
+    # pool_images = batch size: each worker's pool has 4 + 4 x (2 + 2) = 20 rows for its ~60
+    # images, so rows are reused several times; batches are compared as they arrive (their
+    # buffers are then reused) and again at the end (the kept ones must be intact).
+    write_split(tmp_path, [30, 31, 29, 30])
+    config = ReaderConfig(str(tmp_path), batch_size=4, num_workers=2, region_order=order,  # type: ignore[arg-type]
+                          output_dtype=output_dtype, seed=5, pool_images=4)  # type: ignore[arg-type]
+    reader = TrainReader(config, tokenize, rank=0, world_size=1)
+    dtype = torch.float16 if output_dtype in ("float16", "stored") else torch.float32
+    kept: list[tuple[TrainBatch, torch.Tensor]] = []
+    made: dict[int, int] = {}
+    storages = set()
+    for batch in reader.epoch(1):
+        count = made.get(batch.slot, 0)
+        made[batch.slot] = count + 1
+        expected = torch.from_numpy(_expected_rows(batch, order, count, seed=5, epoch=1)).to(dtype)
+        assert batch.regions.dtype == dtype and torch.equal(batch.regions, expected)
+        storages.add(batch.regions.untyped_storage().data_ptr())
+        if batch.index % 7 == 0:
+            kept.append((batch, expected))
+    assert sum(made.values()) == reader.batches_per_epoch(1) > 50
+    assert len(storages) <= len(kept) + 6  # buffers were reused, except those of the kept batches
+    for batch, expected in kept:  # held batches were never overwritten
+        assert torch.equal(batch.regions, expected)
+
+
+def test_batch_buffers_are_reused_only_when_nobody_holds_them() -> None:
+    buffers = _BatchBuffers(keep=2)
+    first = buffers.take((2, 3), torch.float32)
+    first.fill_(1.0)
+    second = buffers.take((2, 3), torch.float32)  # `first` is held: new memory
+    assert second.data_ptr() != first.data_ptr()
+    weight = torch.ones(3, requires_grad=True)
+    loss = (first * weight).sum()  # autograd keeps `first` for the backward pass
+    held_by_autograd = first.data_ptr()
+    del first, second
+    third = buffers.take((2, 3), torch.float32)
+    assert third.data_ptr() != held_by_autograd  # the saved tensor is not handed out again
+    del third
+    loss.backward()
+    del loss
+    assert buffers.take((2, 3), torch.float32).data_ptr() in {b.data_ptr() for b in buffers.buffers}
+    assert buffers.take((5,), torch.float16).shape == (5,)  # another shape: its own buffer
+
+
+def test_row_pool_reuses_a_row_only_after_its_batch_was_gathered() -> None:
+    pool = _RowPool(rows=2, feature_shape=(2, 3), dtype=np.dtype(np.float16), gathered=-1)
+    image = np.arange(6, dtype=np.float16).reshape(2, 3)
+    a, b = pool.put(image), pool.put(image + 1)
+    assert {a, b} == {0, 1} and np.array_equal(pool.rows[b], image + 1)
+    pool.release(a, made=0)
+    pool.release(b, made=1)
+    gathered = []
+
+    def main_process() -> None:  # gathers batch 0 a little later, from another thread
+        time.sleep(0.2)
+        gathered.append(time.perf_counter())
+        pool.gathered[0] = 0
+
+    thread = threading.Thread(target=main_process)
+    thread.start()
+    assert pool.put(image + 2) == a  # waits for batch 0, then reuses its row, not batch 1's
+    assert gathered and time.perf_counter() >= gathered[0]
+    thread.join()
+    assert np.array_equal(pool.rows[a], image + 2) and np.array_equal(pool.rows[b], image + 1)
+    pool.gathered[0] = 1
+    assert pool.put(image) == b
