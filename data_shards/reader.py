@@ -130,10 +130,10 @@ still builds its batches in the workers (`_shared_rows`: memfd + pwritev, no pag
 
 Memory
 ------
-Per training worker: its pool in shared memory, (pool_images + (prefetch_factor + 2) x
-batch_size) rows of one image's features (1536 x 147 KB for batches of 128, float16), mapped by
-the worker and the main process; plus the main process's few batch buffers. Independent of the
-dataset size. The evaluation reader holds chunks that arrive ahead of their turn: at most about
+Per training worker: its pool in shared memory, at most pool_images + 2 x batch_size rows of
+one image's features (1280 x 147 KB for batches of 128, float16), mapped by the worker and the
+main process, which touch only the rows in use (freed rows are reused first); plus the main
+process's few batch buffers. Independent of the dataset size. The evaluation reader holds chunks that arrive ahead of their turn: at most about
 one shard's worth per worker.
 
 Region order (paper Table 5): "stored" (detector confidence), "area" (descending box area, stable,
@@ -683,17 +683,34 @@ def _plain_member(block: bytes, encoding: str, errors: str) -> tuple[str, int] |
 
     frombuf costs some 40 us per header (struct-unpacked checksums, a dozen field parsers); this
     checks the same things in a few, for the headers the converter writes, and leaves every other
-    header (pax, GNU long names, links, damaged, end of archive) to tarfile itself.
+    header (pax, GNU long names, links, damaged, end of archive) to tarfile itself. Within a shard
+    the headers differ only in name, size and checksum: the checks and the byte sum of the rest
+    are remembered (`_STATIC_FIELDS`).
     """
-    if len(block) != tarfile.BLOCKSIZE or block[156] != 0x30 or block[345] != 0:
+    if len(block) != tarfile.BLOCKSIZE:
         return None
-    if not all(_PLAIN_NUMBER.fullmatch(block, a, b) for a, b in ((148, 156), *_NUMBER_FIELDS)):
+    static = block[100:124] + block[136:148] + block[156:]
+    static_sum = _STATIC_FIELDS.get(static)
+    if static_sum is None:
+        if block[156] != 0x30 or block[345] != 0 or not all(
+                _PLAIN_NUMBER.fullmatch(block, a, b) for a, b in _NUMBER_FIELDS if a not in (124, 148)):
+            return None
+        if len(_STATIC_FIELDS) >= 64:
+            _STATIC_FIELDS.clear()
+        static_sum = _STATIC_FIELDS[static] = sum(static)
+    size_field, checksum_field = block[124:136], block[148:156]
+    if not (_PLAIN_NUMBER.fullmatch(size_field) and _PLAIN_NUMBER.fullmatch(checksum_field)):
         return None
-    # tarfile accepts the unsigned or the signed byte sum; the unsigned one is what writers use.
-    if _octal(block[148:156]) != 256 + sum(block) - sum(block[148:156]):
+    # tarfile accepts the unsigned or the signed byte sum; the unsigned one is what writers use
+    # (the checksum field counts as eight spaces).
+    name_field = block[:100]
+    if _octal(checksum_field) != 256 + static_sum + sum(name_field) + sum(size_field):
         return None
-    name = block[:100].split(b"\0", 1)[0].decode(encoding, errors)
-    return name, _octal(block[124:136])
+    return name_field.split(b"\0", 1)[0].decode(encoding, errors), _octal(size_field)
+
+
+# Header bytes other than name, size and checksum that passed _plain_member's checks -> their byte sum.
+_STATIC_FIELDS: dict[bytes, int] = {}
 
 
 def _tar_files(stream: _ShardStream, url: str) -> Iterator[dict[str, Any]]:
@@ -1027,17 +1044,20 @@ class _RowPool:
         self.pending.append((made, row))
 
     def _acquire(self) -> int:
+        # Rows the main process is done with are taken before untouched ones (the free list is a
+        # stack), so only as many rows are ever touched, in both processes, as are in use at once.
         delay = 1e-4
-        while not self.free:
-            gathered = int(self.gathered[0])
-            while self.pending and self.pending[0][0] <= gathered:
-                self.free.append(self.pending.popleft()[1])
-            if not self.free:
-                if os.getppid() == 1:  # the main process is gone (torch's workers watch for this too)
-                    raise RuntimeError("the reader's main process exited while a loader worker waited for it")
-                time.sleep(delay)
-                delay = min(2 * delay, 1e-2)
-        return self.free.pop()
+        while True:
+            if self.pending:
+                gathered = int(self.gathered[0])
+                while self.pending and self.pending[0][0] <= gathered:
+                    self.free.append(self.pending.popleft()[1])
+            if self.free:
+                return self.free.pop()
+            if os.getppid() == 1:  # the main process is gone (torch's workers watch for this too)
+                raise RuntimeError("the reader's main process exited while a loader worker waited for it")
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-2)
 
 
 def _pool_views(pool: torch.Tensor, rows: int, feature_shape: tuple[int, int],
@@ -1312,9 +1332,13 @@ class TrainDataset(IterableDataset):
         cfg, epoch = self.config, self.plan.epoch
         shards = [self.spec.shards[p] for p in self.plan.shards[self.rank][slot]]
         source = _ShardSource(self.spec, cfg)
-        # The caption pool's images, plus the rows of images that left it in batches the main
-        # process may not have gathered yet (the prefetched ones and the one being made).
-        rows = _RowPool(cfg.pool_size + cfg.batch_size * (cfg.prefetch_factor + 2), self.spec.feature_shape,
+        # Rows for the caption pool's images (no more than the slot reads), plus those of images
+        # that left it in batches the main process may not have gathered yet: about batch_size / 5
+        # per batch in flight (an image leaves with its fifth caption), up to batch_size in a
+        # slot's last batches. Two batches' worth keeps the worker from waiting in practice; it
+        # would only wait, never deadlock, with fewer (see _RowPool).
+        slot_images = sum(shard.samples for shard in shards)
+        rows = _RowPool(min(cfg.pool_size, slot_images) + 2 * cfg.batch_size, self.spec.feature_shape,
                         np.dtype(self.spec.feature_dtype), gathered=skip - 1)
         made = 0
         pool = _CaptionPool(cfg.pool_size, cfg.batch_size,
