@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from model.vocab import (
+    _SENTENCE_SPLITTER,
+    _WORD_TOKENIZER,
     SPECIAL_TOKENS,
     UnsafePickleError,
     Vocabulary,
@@ -20,6 +23,7 @@ from model.vocab import (
     pad_captions,
     tokenize,
 )
+from model.vocab import _simple_tokens
 from model.vsrn import END_ID, PAD_ID, START_ID, UNK_ID
 from reference_layout import RunsCommand, official_vocab_path, vocab_words, write_reference_vocab_pickle
 
@@ -54,6 +58,53 @@ def test_tokenize_splits_sentences_like_word_tokenize() -> None:
     assert tokenize("A man. A dog") == ["a", "man", ".", "a", "dog"]
     # ...but not after a known abbreviation ("st." is a token of the official vocabularies).
     assert tokenize("A man on St. Mark's street.") == ["a", "man", "on", "st.", "mark", "'s", "street", "."]
+
+
+def _nltk_tokens(text: str) -> list[str]:
+    """tokenize's NLTK way (sentence splitter, then the Treebank rules), without its fast path."""
+    return [token for sentence in _SENTENCE_SPLITTER.tokenize(text) for token in _WORD_TOKENIZER.tokenize(sentence)]
+
+
+def _random_simple_text(rng: random.Random) -> str:
+    """A text over the fast path's alphabet (letters, digits, spaces, hyphens, commas, periods), built
+    from caption-like pieces and the awkward ones: commas before digits and in runs, periods
+    inside, trailing spaces, Treebank contractions alone and inside words."""
+    pieces = []
+    for _ in range(rng.randint(0, 12)):
+        kind = rng.random()
+        if kind < 0.55:
+            pieces.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 8))))
+        elif kind < 0.65:
+            pieces.append(rng.choice(["1,000", "3", "42", "7,5", "0"]))
+        elif kind < 0.72:
+            pieces.append(rng.choice(["cannot", "wanna", "gonna", "gimme", "gotta", "lemme", "scannotes", "wannabe"]))
+        else:
+            pieces.append(rng.choice([",", ",", ".", ",,", ", ,", ",.", "..", ",1", " ", "  ", "-", "--", "t-shirt", "-,"]))
+    text = "".join(piece + (" " if rng.random() < 0.7 else "") for piece in pieces)
+    return text + rng.choice(["", ".", ". ", " .", "  ", ",", ".."])
+
+
+def test_tokenize_fast_path_equals_nltk_on_its_alphabet() -> None:
+    rng = random.Random(0)
+    texts = [_random_simple_text(rng) for _ in range(4000)] + [
+        "a man riding a wave on top of a surfboard.", "two dogs, one cat and 1,000 birds .", "", " ", ".",
+        " . ", ",", ",5", ",,a", "a,,b", "a,.", "a,", ", a", "5.", "st.", "a dog,", "cannot.", "a. b"]
+    fast = 0
+    for text in texts:
+        simple = _simple_tokens(text)
+        assert tokenize(text) == _nltk_tokens(text), text
+        if simple is not None:
+            fast += 1
+            assert simple == _nltk_tokens(text), text
+    assert fast > len(texts) // 4  # the comparison covers the fast path well, not just the fallback
+
+
+def test_tokenize_fast_path_takes_ordinary_captions() -> None:
+    for caption in ("A man riding a wave on top of a surfboard.", "Two dogs, one cat, and 3 birds",
+                    "A kitchen with 2 sinks , a stove and 1,000 plates .", "A man in a t-shirt"):
+        assert _simple_tokens(caption.lower()) is not None
+    for caption in ("A man's dog.", "It cannot swim", "A man. A dog", "Two dogs,, one cat", "Où?"):
+        assert _simple_tokens(caption.lower()) is None
 
 
 def test_tokenize_refuses_bytes() -> None:
