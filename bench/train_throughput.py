@@ -31,8 +31,13 @@ time (plain Adam; RRR layers in the unfolded order; torch's nn.GRU instead of mo
 
     python bench/train_throughput.py [--batch-size 128] [--steps 3] [--warmup 1] [--device cpu|cuda]
                                      [--skip-reference] [--ablations] [--threads N] [--json OUT]
+                                     [--plain-malloc]
 
-On 2 CPU cores one reference-style step takes 20-35 s, hence the few steps by default.
+The benchmark runs with the glibc malloc settings of the training workers (trainer/allocator.py:
+large temporaries stay on the heap instead of being mapped and faulted in at every step); it
+re-executes itself with them unless `--plain-malloc` (glibc's defaults, as the reference runs).
+
+On 2 CPU cores one reference-style step takes 20-45 s, hence the few steps by default.
 `--check` first compares the two implementations' losses on the batch (dropout off); the
 equivalence of losses and gradients is also a test (tests/model/test_vsrn.py).
 """
@@ -65,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model.vsrn as vsrn_module
 from model.loss import hardest_negative_loss
 from model.vsrn import END_ID, START_ID, VSRN, VSRNConfig
+from trainer import allocator
 
 LEARNING_RATE = 2e-4
 GRAD_CLIP = 2.0
@@ -459,7 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="first compare both losses on the batch (eval mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="glibc's default malloc settings, not the training workers' (trainer/allocator.py)")
     args = parser.parse_args(argv)
+    if not args.plain_malloc:
+        allocator.reexec_configured()  # both loops allocate as a training worker does
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -474,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "machine": machine_description(device), "device": device,
         "threads": torch.get_num_threads(), "config": config.to_dict(), "batch": args.batch_size,
         "regions": args.regions, "fused_adam_ours": fused_adam, "load_average_start": os.getloadavg(),
+        "malloc": {name: os.environ[name] for name in allocator.ENV_VARS if name in os.environ} or "glibc defaults",
     }
-    print(report["machine"], flush=True)
+    print(report["machine"], "| malloc:", report["malloc"], flush=True)
     feats, tokens, lengths = make_batch(args.batch_size, args.regions, config, args.seed)
     report["caption_lengths"] = {"min": int(lengths.min()), "max": int(lengths.max()),
                                  "mean": float(lengths.float().mean())}

@@ -888,9 +888,10 @@ def make_evaluation_actor(
     region_order: str = "stored",
     name: str | None = None,
     metrics_run: str | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
 ) -> Any:
     """Start an :class:`EvaluationWorker` actor with ``eval_config.cpus`` CPUs and ``eval_config.gpus``
-    GPUs (Ray must be initialized); returns its handle.
+    GPUs (Ray must be initialized), in ``runtime_env`` if given; returns its handle.
 
     ``max_concurrency=4`` lets ``submit``/``results``/``wait_idle`` run while the evaluation thread
     works (a default actor would run one method call at a time).
@@ -901,6 +902,8 @@ def make_evaluation_actor(
     options: dict[str, Any] = {}
     if name is not None:
         options["name"] = name
+    if runtime_env is not None:
+        options["runtime_env"] = dict(runtime_env)
     # As many torch threads as CPUs reserved: more would compete with the training workers.
     return remote_class.options(**options).remote(eval_config, dev, test, run_dir, storage_options, device,
                                                   loader_workers, region_order, max(1, int(eval_config.cpus)),

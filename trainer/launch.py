@@ -190,17 +190,23 @@ def run(config: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from trainer import allocator
+
     from model.vocab import Vocabulary
     from trainer.worker import train_loop_per_worker
 
     storage_options = data.storage_options or None
+    # The workers and the evaluation actor allocate large tensors: glibc settings that keep them on
+    # the heap (trainer/allocator.py), unless the job's runtime_env chose its own.
+    worker_env = {"env_vars": allocator.env_vars(ray.get_runtime_context().runtime_env.get("env_vars") or {})}
     evaluator = None
     if config.eval.enabled:
         from trainer.eval_worker import make_evaluation_actor
 
         evaluator = make_evaluation_actor(config.eval, dev=data.dev, test=data.test, run_dir=run_dir,
                                           storage_options=storage_options, region_order=config.data.region_order,
-                                          metrics_run=config.checkpoint.run_name if config.monitoring.enabled else None)
+                                          metrics_run=config.checkpoint.run_name if config.monitoring.enabled else None,
+                                          runtime_env=worker_env)
     dist = config.distributed
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
     storage_path, storage_fs = config.checkpoint.storage_path, None
@@ -216,6 +222,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             name=config.checkpoint.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # pruned by prune(): keeps the best too
+            worker_runtime_env=worker_env,
             callbacks=[_make_callback(evaluator, run_dir, config.checkpoint.keep_last, storage_options)]),
     )
     result = trainer.fit()

@@ -54,6 +54,7 @@ from model.loss import gathered_hardest_negative_loss
 from model.vocab import Vocabulary
 from model.vsrn import VSRN, VSRNConfig, VSRNOutput
 from monitoring.recorders import RayBackend, TrainingMetrics
+from trainer import allocator
 from trainer.config import OptimConfig, TrainConfig, config_from_dict
 from trainer.run_checkpoint import (
     TrainState,
@@ -334,9 +335,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         log.info("training %d parameters on %d %s worker(s): global batch %d (%d per worker), %s, ZeRO %d, "
-                 "epochs %d, lr %.2e", params, world, "GPU" if cfg.distributed.use_gpu else "CPU",
+                 "epochs %d, lr %.2e; malloc: %s", params, world, "GPU" if cfg.distributed.use_gpu else "CPU",
                  cfg.optim.global_batch_size, cfg.per_worker_batch_size, cfg.distributed.precision,
-                 cfg.distributed.zero_stage, cfg.optim.epochs, cfg.optim.learning_rate)
+                 cfg.distributed.zero_stage, cfg.optim.epochs, cfg.optim.learning_rate,
+                 " ".join(f"{name}={os.environ[name]}" for name in allocator.ENV_VARS if name in os.environ)
+                 or "glibc defaults")
 
     run_name = config.get("run_name", "")
     metrics = TrainingMetrics(RayBackend(), run=run_name, rank=rank) if cfg.monitoring.enabled else None

@@ -103,6 +103,8 @@ def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(
     config = load_config(run_dir / "config.yaml")  # the resolved configuration, with the data it used
     assert config.data.train.endswith("shards/train") and config.model.vocab_size < 200
     assert "L_M" in result.stderr and "L_G" in result.stderr and "samples/s" in result.stderr
+    # The workers ran with the allocator settings of trainer/allocator.py (set through Ray's runtime_env).
+    assert "malloc: MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824" in result.stderr
 
 
 LOOPBACK_PROBE = """
