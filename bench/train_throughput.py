@@ -51,6 +51,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import sys
 import time
 import warnings
@@ -374,10 +375,11 @@ def time_loop(loop: Loop, batch: int, steps: int, warmup: int, device: str, coun
         loop.optimizer.step()
         result.setdefault("loss_first_step", float(loss.detach()))
     _sync(device)
-    fwd, bwd, loads = [], [], [load()]
+    fwd, bwd, loads, faults = [], [], [load()], []
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         loss = loop.forward()
         _sync(device)
@@ -388,13 +390,15 @@ def time_loop(loop: Loop, batch: int, steps: int, warmup: int, device: str, coun
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
         loads.append(load())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     total = [a + b for a, b in zip(fwd, bwd)]
     best = total.index(min(total))
     result.update(
         forward_s=fwd, backward_optimizer_s=bwd, total_s=total, load_average_1min=loads,
         min_total_s=total[best], mean_total_s=sum(total) / steps, best_step_forward_s=fwd[best],
         best_step_backward_optimizer_s=bwd[best], samples_per_s=batch / total[best],
-        samples_per_s_mean=batch * steps / sum(total), loss_last_step=float(loss.detach()))
+        samples_per_s_mean=batch * steps / sum(total), loss_last_step=float(loss.detach()),
+        page_faults_per_step=faults)  # minor faults of this process: fresh memory touched for the first time
     if device.startswith("cuda"):
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
@@ -537,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['name']} | forward {r['best_step_forward_s']:.2f} s + backward/optimizer "
               f"{r['best_step_backward_optimizer_s']:.2f} s = {r['min_total_s']:.2f} s/step (fastest of {args.steps};"
               f" mean {r['mean_total_s']:.2f}) | {r['samples_per_s']:.1f} samples/s{flops}{mem}{speedup}"
+              f" | {min(r['page_faults_per_step']) / 1e3:.0f}k-{max(r['page_faults_per_step']) / 1e3:.0f}k page faults/step"
               f" | load {r['load_average_1min'][0]:.2f}-{max(r['load_average_1min']):.2f}", flush=True)
         report["results"] = results
         report["load_average_end"] = os.getloadavg()
