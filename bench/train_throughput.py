@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "machine": machine_description(device), "device": device,
         "threads": torch.get_num_threads(), "config": config.to_dict(), "batch": args.batch_size,
         "regions": args.regions, "fused_adam_ours": fused_adam, "load_average_start": os.getloadavg(),
-        "malloc": {name: os.environ[name] for name in allocator.ENV_VARS if name in os.environ} or "glibc defaults",
+        "malloc": allocator.describe(),
     }
     print(report["machine"], "| malloc:", report["malloc"], flush=True)
     feats, tokens, lengths = make_batch(args.batch_size, args.regions, config, args.seed)

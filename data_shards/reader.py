@@ -133,8 +133,8 @@ Memory
 Per training worker: its pool in shared memory, at most pool_images + 2 x batch_size rows of
 one image's features (1280 x 147 KB for batches of 128, float16), mapped by the worker and the
 main process, which touch only the rows in use (freed rows are reused first); plus the main
-process's few batch buffers. Independent of the dataset size. The evaluation reader holds chunks that arrive ahead of their turn: at most about
-one shard's worth per worker.
+process's few batch buffers. Independent of the dataset size. The evaluation reader holds chunks
+that arrive ahead of their turn: at most about one shard's worth per worker.
 
 Region order (paper Table 5): "stored" (detector confidence), "area" (descending box area, stable,
 as model.vsrn.order_regions; needs boxes), "random" (a fresh permutation per pair and epoch;
@@ -323,7 +323,6 @@ class _TrainPart:
     made: int  # the batch's number within its slot's epoch (the pool's `gathered` counter)
     stats: dict[str, int]
     pool: torch.Tensor | None  # the slot's `_RowPool.tensor`, with the slot's first batch only
-    pool_rows: int
 
 
 @dataclass
@@ -993,9 +992,17 @@ def _shared_storage(nbytes: int) -> torch.UntypedStorage:
         return torch.UntypedStorage(nbytes)
     if not _fd_sharing():
         return torch.UntypedStorage._new_shared(nbytes)
-    fd = os.memfd_create("vsrn-pool", os.MFD_CLOEXEC)
+    return _memfd_storage(nbytes)
+
+
+def _memfd_storage(nbytes: int, fill: Callable[[int], None] | None = None) -> torch.UntypedStorage:
+    """A storage over a new memfd of `nbytes`, after `fill(fd)` has written into it (if given);
+    torch shares it with other processes by this file descriptor."""
+    fd = os.memfd_create("vsrn-reader", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, nbytes)
+        if fill is not None:
+            fill(fd)
         return torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # maps a dup of fd
     finally:
         os.close(fd)
@@ -1022,16 +1029,20 @@ class _RowPool:
     HEADER = 64  # bytes before the rows: the int64 `gathered` counter, padded
 
     def __init__(self, rows: int, feature_shape: tuple[int, int], dtype: np.dtype, gathered: int) -> None:
-        self.count = rows
-        self.row_bytes = math.prod(feature_shape) * dtype.itemsize
-        storage = _shared_storage(self.HEADER + rows * self.row_bytes)
+        storage = _shared_storage(self.HEADER + rows * math.prod(feature_shape) * dtype.itemsize)
         self.tensor = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
-        memory = self.tensor.numpy()
-        self.rows = memory[self.HEADER:].view(dtype).reshape(rows, *feature_shape)
-        self.gathered = memory[:8].view(np.int64)
+        self.rows, self.gathered = self.layout(self.tensor, feature_shape, dtype)
         self.gathered[0] = gathered  # batches before a resume point are never gathered
         self.free = list(range(rows - 1, -1, -1))
         self.pending: collections.deque[tuple[int, int]] = collections.deque()  # (made, row), made ascending
+
+    @classmethod
+    def layout(cls, tensor: torch.Tensor, feature_shape: tuple[int, int],
+               dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (N, *feature_shape), gathered counter (1,) int64): arrays over a pool's memory
+        (`_RowPool.tensor`, in the worker or as received by the main process)."""
+        memory = tensor.numpy()
+        return memory[cls.HEADER:].view(dtype).reshape(-1, *feature_shape), memory[:8].view(np.int64)
 
     def put(self, regions: np.ndarray) -> int:
         """Copy one image's features into a free row; its number."""
@@ -1058,14 +1069,6 @@ class _RowPool:
                 raise RuntimeError("the reader's main process exited while a loader worker waited for it")
             time.sleep(delay)
             delay = min(2 * delay, 1e-2)
-
-
-def _pool_views(pool: torch.Tensor, rows: int, feature_shape: tuple[int, int],
-                dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Main process: (features (rows, *feature_shape), gathered counter (1,) int64) of a slot's
-    `_RowPool.tensor`, as arrays over its shared memory."""
-    memory = pool.numpy()
-    return memory[_RowPool.HEADER:].view(dtype).reshape(rows, *feature_shape), memory[:8].view(np.int64)
 
 
 class _BatchBuffers:
@@ -1229,25 +1232,22 @@ def _shared_rows(rows: Sequence[np.ndarray], dtype: torch.dtype) -> torch.Tensor
     than numpy), _CONVERT_ROWS rows per write.
     """
     shape = (len(rows), *rows[0].shape)
-    nbytes = math.prod(shape) * dtype.itemsize
-    fd = os.memfd_create("vsrn-batch", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, nbytes)
+
+    def fill(fd: int) -> None:
         if rows[0].dtype == _NUMPY_DTYPES[dtype]:
             _pwrite_all(fd, [np.ascontiguousarray(row) for row in rows], 0)
-        else:
-            key = (dtype, tuple(rows[0].shape))
-            if key not in _scratch:
-                _scratch[key] = torch.empty((_CONVERT_ROWS, *rows[0].shape), dtype=dtype)
-            scratch = _scratch[key]
-            for start in range(0, len(rows), _CONVERT_ROWS):
-                chunk = rows[start : start + _CONVERT_ROWS]
-                for j, row in enumerate(chunk):
-                    scratch[j].copy_(torch.from_numpy(row))
-                _pwrite_all(fd, [scratch[: len(chunk)].numpy()], start * scratch[0].nbytes)
-        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # maps a dup of fd
-    finally:
-        os.close(fd)
+            return
+        key = (dtype, tuple(rows[0].shape))
+        if key not in _scratch:
+            _scratch[key] = torch.empty((_CONVERT_ROWS, *rows[0].shape), dtype=dtype)
+        scratch = _scratch[key]
+        for start in range(0, len(rows), _CONVERT_ROWS):
+            chunk = rows[start : start + _CONVERT_ROWS]
+            for j, row in enumerate(chunk):
+                scratch[j].copy_(torch.from_numpy(row))
+            _pwrite_all(fd, [scratch[: len(chunk)].numpy()], start * scratch[0].nbytes)
+
+    storage = _memfd_storage(math.prod(shape) * dtype.itemsize, fill)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
@@ -1403,7 +1403,7 @@ class TrainDataset(IterableDataset):
             caption_index=np.fromiter((j for _, j in pairs), dtype=np.int64, count=len(pairs)),
             keys=keys, captions=captions, epoch=self.plan.epoch,
             index=self.positions[slot][made], slot=slot, made=made, stats=stats,
-            pool=None if rows is None else rows.tensor, pool_rows=0 if rows is None else rows.count)
+            pool=None if rows is None else rows.tensor)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -1460,8 +1460,9 @@ class TrainReader:
     def epoch(self, epoch: int, start_batch: int = 0, pin_memory: bool = False) -> Iterator[TrainBatch]:
         """The rank's batches of `epoch` from `start_batch` on, adding their stats to `self.stats`.
 
-        The regions of each batch are gathered here from the loader workers' pools, into a new
-        tensor (in pinned memory if `pin_memory` and CUDA is available) that the caller owns.
+        The regions of each batch are gathered here from the loader workers' pools: into pinned
+        memory if `pin_memory` and CUDA is available, else into a buffer of this reader that is
+        reused only once nothing holds the batch's regions any more (`_BatchBuffers`).
         """
         pin = pin_memory and torch.cuda.is_available()
         dtype = getattr(torch, _output_dtype(self.config, self.spec))
@@ -1469,7 +1470,7 @@ class TrainReader:
         pools: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> (features, gathered counter)
         for part in _make_loader(self.dataset(epoch, start_batch), self.config, pin_memory=False):
             if part.pool is not None:
-                pools[part.slot] = _pool_views(part.pool, part.pool_rows, self.spec.feature_shape, source_dtype)
+                pools[part.slot] = _RowPool.layout(part.pool, self.spec.feature_shape, source_dtype)
             features, gathered = pools[part.slot]
             shape = (part.tokens.shape[0], *self.spec.feature_shape)
             # Pinned memory comes from torch's caching host allocator, which also knows about

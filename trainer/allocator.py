@@ -42,6 +42,11 @@ def configured() -> bool:
     return all(name in os.environ for name in ENV_VARS)
 
 
+def describe() -> str:
+    """This process's settings among ENV_VARS, for logs and reports ("glibc defaults" if none)."""
+    return " ".join(f"{name}={os.environ[name]}" for name in ENV_VARS if name in os.environ) or "glibc defaults"
+
+
 def reexec_configured() -> None:
     """Replace this process by itself with ENV_VARS in its environment, unless they are set:
     for command-line programs (benchmarks) that allocate like a training worker."""

@@ -190,9 +190,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainer import allocator
-
     from model.vocab import Vocabulary
+    from trainer import allocator
     from trainer.worker import train_loop_per_worker
 
     storage_options = data.storage_options or None

@@ -338,8 +338,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  "epochs %d, lr %.2e; malloc: %s", params, world, "GPU" if cfg.distributed.use_gpu else "CPU",
                  cfg.optim.global_batch_size, cfg.per_worker_batch_size, cfg.distributed.precision,
                  cfg.distributed.zero_stage, cfg.optim.epochs, cfg.optim.learning_rate,
-                 " ".join(f"{name}={os.environ[name]}" for name in allocator.ENV_VARS if name in os.environ)
-                 or "glibc defaults")
+                 allocator.describe())
 
     run_name = config.get("run_name", "")
     metrics = TrainingMetrics(RayBackend(), run=run_name, rank=rank) if cfg.monitoring.enabled else None

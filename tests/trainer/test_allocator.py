@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from trainer import allocator
 
@@ -18,6 +19,14 @@ def test_env_vars_leave_what_is_already_set() -> None:
     assert allocator.env_vars({}) == dict(allocator.ENV_VARS)
     chosen = allocator.env_vars({"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert "MALLOC_MMAP_THRESHOLD_" not in chosen and chosen["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+
+
+def test_describe_names_the_settings_of_this_process(monkeypatch: Any) -> None:
+    for name in allocator.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert allocator.describe() == "glibc defaults"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "7")
+    assert allocator.describe() == "MALLOC_TRIM_THRESHOLD_=7"
 
 
 def test_reexec_starts_the_program_again_with_the_settings() -> None:
