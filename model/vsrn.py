@@ -9,6 +9,22 @@ trained with teacher forcing, whose loss L_G is added to the matching loss (Eq. 
 
 Defaults reproduce the reference implementation (KunpengLi1994/VSRN), including its quirks that
 the official checkpoints depend on; each such quirk is a named option here.
+
+Precision. The model runs in the dtype of its parameters: float32, or bfloat16/float16 when the
+trainer's DeepSpeed engine has cast them (DeepSpeed keeps float32 master weights and Adam states
+in its optimizer, so updates accumulate in float32; see trainer/worker.py). In a low-precision
+model, what runs in it and what stays in float32 follows torch autocast's lists:
+* bf16: the matrix products (fc, the RRR projections and affinities, the attention, the vocabulary
+  projection, the GRUs' gate products on CUDA); the kernels accumulate in float32.
+* float32: BatchNorm (`FP32BatchNorm1d`: batch statistics, running statistics and normalization,
+  output cast back), as autocast runs batch_norm on float32 weights; the caption log-softmax and
+  NLL; the joint-space embeddings and their l2 norm, so the similarities, hinges and the
+  hardest-negative max of model/loss.py see float32 inputs.
+* GRU recurrences: on CUDA, cuDNN's GRU in the parameters' dtype (float32 accumulation inside the
+  kernel), as torch autocast runs it. On CPU there is no such kernel: torch's CPU GRU would round
+  the hidden state to bf16 (8 bits of mantissa) after every one of the 36 region or up to 59 word
+  steps, so there the recurrence runs in float32 (`gru_forward`, `run_gru`: the bf16 weights are
+  upcast for the call, the state stays float32 across steps, outputs go back to the module's dtype).
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 RegionNorm = Literal["region_axis", "per_region"]
 Aggregation = Literal["gsr", "mean"]
@@ -94,6 +110,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"VSRNConfig.{name} must be one of {choices}, got {value!r}")
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32 if it is bf16/fp16, else as it is (float64 stays float64; no copy)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def l2norm(x: Tensor, dim: int = -1) -> Tensor:
     """Divide by the l2 norm along `dim` (clamped away from zero so padding cannot make NaNs)."""
     return F.normalize(x, p=2.0, dim=dim, eps=1e-12)
@@ -123,6 +144,68 @@ def order_regions(regions: Tensor, order: RegionOrder, boxes: Tensor | None = No
     else:
         index = torch.argsort(torch.rand(regions.shape[:2], device=regions.device), dim=1)
     return torch.gather(regions, 1, index.unsqueeze(-1).expand_as(regions))
+
+
+class FP32BatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d computed in float32 whatever the dtype of its input and parameters.
+
+    Under DeepSpeed's bf16 the affine weight and bias are bf16 copies (of float32 master weights)
+    while the running statistics stay float32 buffers, a mix torch's batch_norm kernels reject.
+    Batch statistics over thousands of (image, region) rows, and running averages updated by 10 %
+    per step, need float32 anyway (bf16 resolves 1 part in 256). So the input and the affine
+    parameters are upcast for the call and the output is cast back to the input's dtype. State
+    dict keys, defaults and float32 behaviour are nn.BatchNorm1d's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else at_least_float32(self.weight)
+        bias = None if self.bias is None else at_least_float32(self.bias)
+        x_wide = at_least_float32(x)
+        if x_wide is x and weight is self.weight and bias is self.bias and (
+                self.running_mean is None or self.running_mean.dtype == x.dtype):
+            return super().forward(x)  # float32 (or float64) throughout: nn.BatchNorm1d itself
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm1d
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_running = not self.training or self.track_running_stats  # as nn.BatchNorm1d
+        # A module cast wholesale (module.to(bfloat16)) has low-precision buffers: run on float32
+        # copies and store the updated statistics back.
+        running = [None if buf is None or not pass_running else buf.to(x_wide.dtype)
+                   for buf in (self.running_mean, self.running_var)]
+        out = F.batch_norm(x_wide, running[0], running[1], weight, bias, use_batch_stats, factor, self.eps)
+        if self.training and pass_running:
+            for buf, value in zip((self.running_mean, self.running_var), running):
+                if buf is not None and value is not None and value is not buf:
+                    buf.copy_(value)
+        return out.to(x.dtype)
+
+
+def _float32_recurrence(x: Tensor) -> bool:
+    """Whether a GRU over `x` runs its recurrence in float32 although `x` is bf16/fp16 (CPU, no
+    autocast: see the module docstring)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def gru_forward(gru: nn.GRU, x: Tensor | PackedSequence,
+                hidden: Tensor | None = None) -> tuple[Tensor | PackedSequence, Tensor]:
+    """`gru(x, hidden)`, with the precision policy of the module docstring.
+
+    CPU with bf16/fp16 inputs: the recurrence in float32 (the module's parameters upcast for the
+    call through torch.func.functional_call; gradients flow back to them); the outputs come back
+    in the input's dtype, the final state stays float32 so that a caller stepping the GRU one token
+    at a time never rounds it. Elsewhere: the module itself in its own dtype (cuDNN on CUDA).
+    """
+    data = x.data if isinstance(x, PackedSequence) else x
+    if not _float32_recurrence(data):
+        return gru(x, None if hidden is None else hidden.to(data.dtype))
+    params = {name: p.float() for name, p in gru.named_parameters()}
+    out, state = torch.func.functional_call(gru, params, (x.float(), None if hidden is None else hidden.float()))
+    return out.to(data.dtype), state
 
 
 class _GRUSequence(torch.autograd.Function):
@@ -197,14 +280,19 @@ def run_gru(gru: nn.GRU, x: Tensor) -> tuple[Tensor, Tensor]:
     """`gru(x)` from a zero state for a one-layer batch-first nn.GRU: (outputs (B, T, H), h_T (1, B, H)).
 
     On CPU (outside autocast) it runs `_GRUSequence`, whose backward is faster than autograd
-    through torch's per-step CPU GRU; elsewhere (cuDNN) it calls the module itself.
+    through torch's per-step CPU GRU, in float32 (bf16/fp16 inputs and weights are upcast, the
+    outputs cast back and the final state left in float32, as `gru_forward`); elsewhere (cuDNN)
+    it calls the module itself.
     """
     if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or gru.num_layers != 1
             or gru.bidirectional or not gru.bias or not gru.batch_first or x.shape[1] == 0):
-        return gru(x)
-    h0 = x.new_zeros(x.shape[0], gru.hidden_size)
-    outputs = _GRUSequence.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-    return outputs.transpose(0, 1), outputs[-1].unsqueeze(0)
+        out, state = gru_forward(gru, x)
+        return out, state  # type: ignore[return-value]  # a Tensor in, a Tensor out
+    weights = [at_least_float32(w) for w in (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)]
+    x32 = at_least_float32(x)  # no copy in float32 or float64
+    h0 = x32.new_zeros(x.shape[0], gru.hidden_size)
+    outputs = _GRUSequence.apply(x32, h0, *weights)
+    return outputs.transpose(0, 1).to(x.dtype), outputs[-1].unsqueeze(0)
 
 
 class RegionRelationReasoning(nn.Module):
@@ -227,7 +315,7 @@ class RegionRelationReasoning(nn.Module):
         self.phi = nn.Linear(dim, dim)
         self.g = nn.Linear(dim, dim)
         self.residual_proj = nn.Linear(dim, dim)
-        self.residual_norm = nn.BatchNorm1d(dim)
+        self.residual_norm = FP32BatchNorm1d(dim)
         nn.init.zeros_(self.residual_norm.weight)
         nn.init.zeros_(self.residual_norm.bias)
         self.folded: bool | None = None
@@ -279,7 +367,7 @@ class ImageEncoder(nn.Module):
         nn.init.zeros_(self.fc.bias)
         self.reasoning = nn.ModuleList(RegionRelationReasoning(d) for _ in range(config.num_reasoning_layers))
         self.gsr = nn.GRU(d, d, batch_first=True) if config.aggregation == "gsr" else None
-        self.final_norm = nn.BatchNorm1d(d) if config.final_batchnorm else None
+        self.final_norm = FP32BatchNorm1d(d) if config.final_batchnorm else None
 
     def forward(self, regions: Tensor, boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (image_emb (B, D), reasoned region features (B, regions, D))."""
@@ -298,6 +386,7 @@ class ImageEncoder(nn.Module):
             image = hidden[-1]
         else:
             image = v.mean(dim=1)
+        image = at_least_float32(image)  # the joint space is float32 (module docstring)
         if self.final_norm is not None:
             image = self.final_norm(image)
         return l2norm(image), v
@@ -319,8 +408,8 @@ class TextEncoder(nn.Module):
         packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
         # For packed input the final hidden state is the output at each caption's last token
         # (<end>), returned in the caller's order.
-        _, hidden = self.rnn(packed)
-        return l2norm(hidden[-1])
+        _, hidden = gru_forward(self.rnn, packed)
+        return l2norm(at_least_float32(hidden[-1]))
 
 
 class AdditiveAttention(nn.Module):
@@ -342,7 +431,8 @@ class AdditiveAttention(nn.Module):
 
     def attend(self, hidden: Tensor, encoded: Tensor, projected: Tensor) -> tuple[Tensor, Tensor]:
         """(context (B, dim), weights (B, regions)) given `projected = project_regions(encoded)`."""
-        query = F.linear(hidden, self.proj.weight[:, hidden.shape[-1]:])
+        # A float32 decoder state (CPU, bf16 model: gru_forward) meets the projection in its dtype.
+        query = F.linear(hidden.to(projected.dtype), self.proj.weight[:, hidden.shape[-1]:])
         scores = self.score(torch.tanh(projected + query.unsqueeze(1))).squeeze(2)
         weights = torch.softmax(scores, dim=1)
         return torch.bmm(weights.unsqueeze(1), encoded).squeeze(1), weights
@@ -385,8 +475,8 @@ class CaptionGenerator(nn.Module):
         new state (1, B, h), attention weights)."""
         context, weights = self.attention.attend(hidden[-1], encoded, projected)
         step_input = self.dropout(torch.cat([word_vectors, context], dim=1)).unsqueeze(1)
-        out, hidden = self.decoder_rnn(step_input, hidden)
-        return out.squeeze(1), hidden, weights
+        out, hidden = gru_forward(self.decoder_rnn, step_input, hidden)
+        return out.squeeze(1), hidden, weights  # type: ignore[union-attr]
 
     def loss(self, regions: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Teacher-forced negative log-likelihood, summed over tokens and averaged over the batch.

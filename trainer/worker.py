@@ -10,6 +10,19 @@ missing); ZeRO stage 0-2; bf16, or fp16 with dynamic loss scaling on GPUs. The l
 `learning_rate * lr_decay_factor ** (epoch // lr_decay_every_epochs)`, set at the start of each
 epoch from the epoch number alone, so a resumed run gets it right without scheduler state.
 
+Precision (distributed.precision). fp32: everything in float32. bf16 (DeepSpeed's `bf16`, what
+the COCO configuration trains with): DeepSpeed casts the module's parameters to bf16 and leaves its
+buffers (BatchNorm running statistics) in float32; its optimizer keeps float32 master weights and
+float32 Adam states (ZeRO 0: its bf16 wrapper around the client Adam; ZeRO 1-2: the float32
+partitions), so every update accumulates in float32 and only the forward/backward see bf16
+weights. Gradients are bf16 and all-reduced in bf16 (DeepSpeed's default communication dtype for
+bf16): one rounding per step (no accumulation over micro-steps here) into float32 master weights,
+for half the gradient traffic between nodes. Inside the model, products run in bf16 and BatchNorm,
+the GRU recurrences on CPU, the joint-space embeddings and both losses in float32 (model/vsrn.py's
+docstring gives the list and why); region features arrive in the shards' dtype and are cast by the
+model. Inference checkpoints are exported with float32 weights (run_checkpoint.export_inference).
+fp16 (GPUs only, refused on CPU by the configuration): the same with dynamic loss scaling.
+
 Batch: the global batch is fixed (optim.global_batch_size) and each of the W workers takes
 global / W pairs from its share of the sharded reader (data_shards/reader.py splits the shards by
 rank and gives every rank the same number of batches).

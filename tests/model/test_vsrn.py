@@ -11,12 +11,15 @@ from model.vsrn import (
     END_ID,
     PAD_ID,
     START_ID,
+    FP32BatchNorm1d,
     RegionRelationReasoning,
     VSRN,
     VSRNConfig,
     caption_targets,
     count_parameters,
+    gru_forward,
     order_regions,
+    run_gru,
 )
 
 TINY = dict(img_dim=24, embed_size=16, word_dim=8, vocab_size=40, caption_hidden=12, caption_word_dim=6)
@@ -233,10 +236,131 @@ def test_greedy_decoding_reproduces_a_memorised_caption() -> None:
 
 
 def test_bf16_weights_accept_float32_inputs() -> None:
-    model = VSRN(VSRNConfig(**TINY)).to(torch.bfloat16)
+    model = VSRN(VSRNConfig(**TINY)).to(torch.bfloat16)  # buffers cast too (not DeepSpeed's way)
     tokens, lengths = _captions([5, 3])
     out = model(torch.randn(2, 5, 24), tokens, lengths)
-    assert out.image_emb.dtype == torch.bfloat16 and torch.isfinite(out.caption_loss)
+    # The joint space leaves the model in float32 (the precision policy of model/vsrn.py).
+    assert out.image_emb.dtype == out.caption_emb.dtype == torch.float32 and torch.isfinite(out.caption_loss)
+
+
+# --- bf16 as DeepSpeed runs it: parameters bf16, buffers (BatchNorm statistics) float32 ---------------
+
+
+def _deepspeed_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast the parameters only, as DeepSpeed's engine does for `bf16: enabled` (buffers stay)."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_runs_in_float32_under_bf16_weights(train: bool) -> None:
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm1d(16)
+    reference.weight.data.uniform_(0.5, 1.5)
+    reference.bias.data.uniform_(-0.5, 0.5)
+    reference.running_mean.uniform_(-0.1, 0.1)
+    bn = FP32BatchNorm1d(16)
+    bn.load_state_dict(reference.state_dict())
+    _deepspeed_bf16(bn)
+    assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    reference.weight.data = bn.weight.data.float()  # what the forward sees: the bf16-rounded weights
+    reference.bias.data = bn.bias.data.float()
+    bn.train(train)
+    reference.train(train)
+    x = (torch.randn(200, 16) * 3 + 1).to(torch.bfloat16)
+    out = bn(x)
+    expected = reference(x.float())  # float32 statistics of the same input
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        got, want = getattr(bn, name), getattr(reference, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    if train:  # gradients reach the bf16 parameters
+        out.float().square().sum().backward()
+        assert bn.weight.grad is not None and bn.weight.grad.dtype == torch.bfloat16
+
+
+def test_batchnorm_of_a_module_cast_wholesale_keeps_its_statistics_in_its_buffers() -> None:
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm1d(8)
+    bn = FP32BatchNorm1d(8).to(torch.bfloat16)  # running statistics bf16 as well
+    x = torch.randn(50, 8).to(torch.bfloat16) * 2 + 3
+    bn(x)
+    reference(x.float())
+    assert bn.running_mean.dtype == torch.bfloat16
+    torch.testing.assert_close(bn.running_mean, reference.running_mean.to(torch.bfloat16))
+    torch.testing.assert_close(bn.running_var, reference.running_var.to(torch.bfloat16))
+
+
+def test_float32_batchnorm_is_nn_batchnorm() -> None:
+    torch.manual_seed(0)
+    reference, bn = torch.nn.BatchNorm1d(8), FP32BatchNorm1d(8)
+    x = torch.randn(30, 8, requires_grad=True)
+    torch.testing.assert_close(bn(x), reference(x), rtol=0, atol=0)
+    assert torch.equal(bn.running_var, reference.running_var)
+
+
+def test_cpu_gru_recurrence_stays_float32_under_bf16_weights() -> None:
+    torch.manual_seed(0)
+    gru32 = torch.nn.GRU(12, 16, batch_first=True)
+    gru16 = _deepspeed_bf16(torch.nn.GRU(12, 16, batch_first=True))
+    gru16.load_state_dict(gru32.state_dict())
+    for param in gru32.parameters():  # the float32 GRU with exactly the bf16-rounded weights
+        param.data = param.data.to(torch.bfloat16).float()
+    x = torch.randn(4, 36, 12).to(torch.bfloat16)
+    out, state = gru_forward(gru16, x)
+    want_out, want_state = gru32(x.float())
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    torch.testing.assert_close(state, want_state, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, want_out.to(torch.bfloat16), rtol=0, atol=0)
+    # Stepping one token at a time carries the float32 state: the same as the whole sequence.
+    hidden = None
+    for t in range(x.shape[1]):
+        _, hidden = gru_forward(gru16, x[:, t:t + 1], hidden)
+    torch.testing.assert_close(hidden, want_state, rtol=1e-5, atol=1e-6)
+    # The CPU sequence kernel (_GRUSequence) follows the same policy, gradients included.
+    seq_out, seq_state = run_gru(gru16, x)
+    assert seq_out.dtype == torch.bfloat16 and seq_state.dtype == torch.float32
+    torch.testing.assert_close(seq_state, want_state, rtol=1e-5, atol=1e-6)
+    seq_state.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in gru16.parameters())
+
+
+def test_bf16_model_tracks_the_float32_model() -> None:
+    # The same weights, rounded to bf16 and cast as DeepSpeed does: embeddings, L_G and the
+    # gradients stay close to the float32 model's (what a bf16 run trains with).
+    torch.manual_seed(0)
+    config = VSRNConfig(**{**TINY, "caption_dropout": 0.0, "num_reasoning_layers": 2})
+    model32 = VSRN(config)
+    for layer in model32.image_encoder.reasoning:  # BatchNorm away from its identity init
+        layer.residual_norm.weight.data.uniform_(0.5, 1.5)
+    model16 = VSRN(config)
+    model16.load_state_dict(model32.state_dict())
+    _deepspeed_bf16(model16)
+    for param in model32.parameters():
+        param.data = param.data.to(torch.bfloat16).float()
+    tokens, lengths = _captions([7, 5, 9, 6, 4, 8], seed=5)
+    regions = torch.randn(6, 5, 24)
+    out32, out16 = model32(regions, tokens, lengths), model16(regions.to(torch.float16), tokens, lengths)
+    assert {out16.image_emb.dtype, out16.caption_emb.dtype, out16.caption_loss.dtype} == {torch.float32}
+    assert F.cosine_similarity(out16.image_emb, out32.image_emb).min() > 0.99
+    assert F.cosine_similarity(out16.caption_emb, out32.caption_emb).min() > 0.999
+    assert abs(out16.caption_loss.item() - out32.caption_loss.item()) < 0.01 * out32.caption_loss.item()
+    for out, model in ((out32, model32), (out16, model16)):
+        (out.image_emb @ out.caption_emb.t()).trace().backward(retain_graph=True)
+        out.caption_loss.backward()
+    grads32 = {name: param.grad for name, param in model32.named_parameters()}
+    grads16 = {name: param.grad for name, param in model16.named_parameters()}
+    assert all(grad.dtype == torch.bfloat16 for grad in grads16.values())
+    flat32 = torch.cat([grad.flatten() for grad in grads32.values()])
+    flat16 = torch.cat([grads16[name].float().flatten() for name in grads32])
+    assert F.cosine_similarity(flat16, flat32, dim=0) > 0.999
+    for name, want in grads32.items():
+        # Biases right before a BatchNorm have no gradient in exact arithmetic (the BN removes any
+        # shift); what float32 computes for them is rounding noise. Compare the others.
+        if want.norm() > 1e-4 * flat32.norm():
+            assert F.cosine_similarity(grads16[name].float().flatten(), want.flatten(), dim=0) > 0.98, name
 
 
 # --- the faster formulations (CPU GRU with batched weight gradients, folded RRR layers, caption
