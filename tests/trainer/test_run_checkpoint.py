@@ -28,7 +28,7 @@ import torch
 from model.checkpoint import load_inference_checkpoint
 from model.vocab import build_vocab
 from model.vsrn import VSRN, VSRNConfig
-from trainer.config import TrainConfig, load_config
+from train_run_helpers import STEPS_PER_EPOCH, logged_losses, tiny_run_config
 from trainer.run_checkpoint import (
     TrainState,
     checkpoint_dir_name,
@@ -36,9 +36,6 @@ from trainer.run_checkpoint import (
     rng_state,
     set_rng_state,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-STEPS_PER_EPOCH = 30
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,23 +85,6 @@ def test_inference_export_of_a_bf16_module_has_float32_weights(tmp_path: Path) -
 # --------------------------------------------------------------------------------------------------
 
 
-def tiny(root: Path, name: str, *extra: str) -> TrainConfig:
-    return load_config(ROOT / "configs" / "tiny.yaml", [
-        f"data.cache_dir={root / 'cache'}", f"checkpoint.storage_path={root / 'runs'}", f"checkpoint.run_name={name}",
-        "data.synthetic_train_images=96", "data.synthetic_dev_images=10", "data.synthetic_test_images=10",
-        "optim.global_batch_size=16", "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_decay_every_epochs=1",
-        "distributed.zero_stage=1", "checkpoint.every_steps=10", "eval.enabled=false", "logging.interval_steps=10",
-        *extra])
-
-
-def losses(run_dir: Path) -> dict[int, tuple[float, float, float]]:
-    """step -> (L_M, L_G, lr) of a run's train_log.jsonl; every step must appear once."""
-    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)), f"steps logged more than once or out of order: {steps}"
-    return {r["step"]: (r["loss_matching"], r["loss_caption"], r["lr"]) for r in records}
-
-
 def tree_digest(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
@@ -118,8 +98,8 @@ def runs(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
     root = tmp_path_factory.mktemp("resume")
     out: dict[str, Any] = {"root": root, "runs": root / "runs"}
-    out["full"] = run(tiny(root, "full"))
-    out["cut_first"] = run(tiny(root, "cut", "debug.max_steps=25"))
+    out["full"] = run(tiny_run_config(root, "full"))
+    out["cut_first"] = run(tiny_run_config(root, "cut", "debug.max_steps=25"))
     cut = root / "runs" / "cut"
     shutil.copytree(cut, root / "runs" / "moved")
     out["cut_files_after_interruption"] = sorted(p.name for p in cut.iterdir())
@@ -129,8 +109,8 @@ def runs(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     partial = cut / checkpoint_dir_name(30) / "deepspeed"
     partial.mkdir(parents=True)
     (partial / "latest").write_text("garbage")
-    out["cut"] = run(tiny(root, "cut", "debug.fail_at_step=45", "debug.fail_rank=1", "checkpoint.max_failures=1"))
-    out["moved"] = run(tiny(root, "moved", "distributed.workers=1"))
+    out["cut"] = run(tiny_run_config(root, "cut", "debug.fail_at_step=45", "debug.fail_rank=1", "checkpoint.max_failures=1"))
+    out["moved"] = run(tiny_run_config(root, "moved", "distributed.workers=1"))
     return out
 
 
@@ -140,7 +120,7 @@ def test_two_worker_training_through_ray_and_deepspeed(runs: dict[str, Any]) -> 
     run_dir = runs["runs"] / "full"
     assert runs["full"]["run_dir"] == str(run_dir)
     assert runs["full"]["latest_checkpoint"] == str(run_dir / checkpoint_dir_name(60))
-    log = losses(run_dir)
+    log = logged_losses(run_dir)
     assert sorted(log) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     assert all(np.isfinite(v).all() for v in log.values())
     # The learning rate decays at epoch 1 (lr_decay_every_epochs=1) and the model learns.
@@ -166,11 +146,11 @@ def test_two_worker_training_through_ray_and_deepspeed(runs: dict[str, Any]) -> 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_interrupted_and_resumed_run_gives_the_same_losses(runs: dict[str, Any]) -> None:
+def test_interrupted_and_resumed_run_gives_the_same_logged_losses(runs: dict[str, Any]) -> None:
     cut_dir = runs["runs"] / "cut"
     assert runs["cut_first"]["latest_checkpoint"] == str(cut_dir / checkpoint_dir_name(25))
     assert "checkpoint_000000030" not in runs["cut_files_after_interruption"]
-    full, resumed = losses(runs["runs"] / "full"), losses(cut_dir)
+    full, resumed = logged_losses(runs["runs"] / "full"), logged_losses(cut_dir)
     assert sorted(resumed) == sorted(full)
     for step, values in full.items():
         assert resumed[step] == pytest.approx(values, rel=1e-6, abs=1e-6), step
@@ -185,7 +165,7 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(runs: dict[str, Any])
 def test_resume_with_another_number_of_workers(runs: dict[str, Any]) -> None:
     moved_dir = runs["runs"] / "moved"
     assert runs["moved"]["latest_checkpoint"] == str(moved_dir / checkpoint_dir_name(60))
-    log, full = losses(moved_dir), losses(runs["runs"] / "full")
+    log, full = logged_losses(moved_dir), logged_losses(runs["runs"] / "full")
     assert sorted(log) == list(range(1, 61))
     assert all(log[s] == pytest.approx(full[s], rel=1e-6) for s in range(1, 26))  # before the move
     # Model and optimizer continue (no restart from scratch: the loss stays at its step-25 level;
@@ -207,7 +187,7 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(runs: dict[str, Any
     cut_dir = runs["runs"] / "cut"
     assert (cut_dir / ".debug-failed-at-step-45").is_file()  # rank 1 did exit once, after step 45
     assert runs["cut"]["latest_checkpoint"] == str(cut_dir / checkpoint_dir_name(60))  # and the run finished
-    log, full = losses(cut_dir), losses(runs["runs"] / "full")
+    log, full = logged_losses(cut_dir), logged_losses(runs["runs"] / "full")
     # Steps 41..45 were redone from the step-40 checkpoint, logged once, with the same values.
     assert sorted(log) == sorted(full)
     for step in range(41, 61):
