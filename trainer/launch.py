@@ -44,6 +44,7 @@ from trainer.config import (
     load_config,
 )
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
+from trainer.failures import failure_summary, stop_on_fatal_error_callback
 
 log = logging.getLogger("trainer.launch")
 
@@ -187,7 +188,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
     connect_ray(config)
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from model.vocab import Vocabulary
@@ -222,9 +223,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # pruned by prune(): keeps the best too
             worker_runtime_env=worker_env,
-            callbacks=[_make_callback(evaluator, run_dir, config.checkpoint.keep_last, storage_options)]),
+            callbacks=[_make_callback(evaluator, run_dir, config.checkpoint.keep_last, storage_options),
+                       stop_on_fatal_error_callback()]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError:
+        if evaluator is not None:
+            ray.kill(evaluator)
+        raise
     latest = None
     if result.checkpoint is not None:
         latest = f"s3://{result.checkpoint.path}" if is_s3_url(run_dir) else result.checkpoint.path
@@ -270,18 +277,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch: configuration error: {error}", file=sys.stderr)
         return 2
     started_ray = False
+    failure: tuple[int, str] | None = None  # (exit status, last line of stderr)
     try:
         started_ray = not _ray_initialized()
         summary = run(config)
     except ConfigError as error:
-        print(f"launch: configuration error: {error}", file=sys.stderr)
-        return 2
+        failure = 2, f"launch: configuration error: {error}"
     except DataError as error:
-        print(f"launch: data error: {error}", file=sys.stderr)
-        return 1
+        failure = 1, f"launch: data error: {error}"
+    except Exception as error:
+        if not _is_training_failure(error):
+            raise
+        log.error("training failed", exc_info=error)
+        failure = 1, f"launch: {failure_summary(error)}"
     finally:
         if started_ray:
-            _shutdown_ray()  # also stops the streaming of worker logs, so the JSON line stays last
+            # Also stops the streaming of worker logs, so the JSON line (or the failure) stays last.
+            _shutdown_ray()
+    if failure is not None:
+        print(failure[1], file=sys.stderr)
+        return failure[0]
     from trainer.evaluation import format_table
 
     best = summary["best"]
@@ -291,6 +306,15 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(best["metrics"]))
     print(json.dumps(summary))
     return 0
+
+
+def _is_training_failure(error: BaseException) -> bool:
+    """Whether `error` is Ray Train's report of a failed run (raised by TorchTrainer.fit())."""
+    if "ray" not in sys.modules:
+        return False
+    from ray.train import TrainingFailedError
+
+    return isinstance(error, TrainingFailedError)
 
 
 def _ray_initialized() -> bool:

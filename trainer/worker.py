@@ -69,6 +69,7 @@ from model.vsrn import VSRN, VSRNConfig, VSRNOutput
 from monitoring.recorders import RayBackend, TrainingMetrics
 from trainer import allocator
 from trainer.config import OptimConfig, TrainConfig, config_from_dict
+from trainer.failures import FATAL_ERRORS, fatal_training_error
 from trainer.run_checkpoint import (
     TrainState,
     needs_universal,
@@ -293,7 +294,25 @@ def _global_losses(matching: torch.Tensor, caption: torch.Tensor | None, world: 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"train": TrainConfig as a dict, "data": PreparedData as a
-    dict, "vocab_words": [...], "run_dir": RUN_DIR, "run_name": name} (built by trainer/launch.py)."""
+    dict, "vocab_words": [...], "run_dir": RUN_DIR, "run_name": name} (built by trainer/launch.py).
+
+    Errors that a restart cannot fix (trainer/failures.py: a damaged shard, a configuration, data
+    or checkpoint error, a non-finite loss) leave as FatalTrainingError, which stops the run
+    instead of spending Ray's restarts on it."""
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _setup_logging(rank)
+    try:
+        _train(config, rank, world)
+    except FATAL_ERRORS as error:
+        fatal = fatal_training_error(error, rank)
+        log.error("stopping: %s", fatal)
+        raise fatal from error  # type: ignore[misc]  # never None for FATAL_ERRORS
+
+
+def _train(config: dict[str, Any], rank: int, world: int) -> None:
     import ray.train
     import ray.train.torch
 
@@ -301,9 +320,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = config["data"]
     run_dir: str = config["run_dir"]
     storage_options = data.get("storage_options") or None
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    _setup_logging(rank)
     if world != cfg.distributed.workers:
         raise RuntimeError(f"Ray started {world} workers but distributed.workers is {cfg.distributed.workers}")
 

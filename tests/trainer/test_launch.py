@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from train_run_helpers import tiny_run_config, tiny_run_overrides
 from trainer.config import load_config
 from trainer.launch import pyarrow_s3_filesystem, resolve_run
 
@@ -105,6 +108,43 @@ def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(
     assert "L_M" in result.stderr and "L_G" in result.stderr and "samples/s" in result.stderr
     # The workers ran with the allocator settings of trainer/allocator.py (set through Ray's runtime_env).
     assert "malloc: MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824" in result.stderr
+
+
+def _damage_one_shard(split: Path) -> str:
+    """Flip one bit of the first image's features in the split's second shard (the values stay
+    finite: the low byte of a float16); returns the shard's name. Only its sha256 can tell."""
+    shard = sorted(split.glob("*.tar"))[1]
+    with tarfile.open(shard) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith("regions.npy"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + 128] ^= 0x01  # past the 128-byte .npy header
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_damaged_shard_read_by_a_worker_ends_the_run_without_restarts(ray_local: Any, tmp_path: Path) -> None:
+    from trainer.data import prepare_data
+
+    config = tiny_run_config(tmp_path, "damaged")
+    data = prepare_data(config.data)
+    train = tmp_path / "damaged-train"
+    shutil.copytree(data.train, train)
+    name = _damage_one_shard(train)
+    result = launch(*[f"--set={o}" for o in tiny_run_overrides(tmp_path / "cache", tmp_path / "runs", "damaged")],
+                    "--set", f"data.train={train}", "--set", f"data.dev={data.dev}", "--set", f"data.test={data.test}",
+                    "--set", f"data.vocab={data.vocab}", "--set", "checkpoint.max_failures=3",
+                    "--set", "distributed.cpus_per_worker=0.75",
+                    env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("launch: training stopped without restarts"), last
+    assert f"{train / name}: sha256" in last and "ShardFormatError" in last and "rank " in last, last
+    # One attempt: the workers started once and Ray's failure policy never chose to retry.
+    assert result.stderr.count(" parameters on 2 CPU worker(s)") == 1
+    assert "RETRY" not in result.stderr, result.stderr[-3000:]
+    assert not any(line.startswith("{") for line in result.stdout.splitlines())  # no summary JSON
 
 
 LOOPBACK_PROBE = """
