@@ -109,6 +109,10 @@ class CheckpointConfig:
     every_steps: int = 0  # also every N steps (0: only at the end of each epoch)
     keep_last: int = 2  # the best is always kept as well
     max_failures: int = 1  # worker failures tolerated (restart from the last checkpoint)
+    # A local storage_path (and local data) on a Ray cluster spanning several hosts is refused,
+    # unless it is on a filesystem that every node mounts at the same path (NFS, EFS, Lustre...):
+    # then say so here (trainer/run_checkpoint.py, require_shared_storage).
+    shared_filesystem: bool = False
 
     def validate(self) -> None:
         _non_negative(self, "every_steps", "max_failures")

@@ -39,6 +39,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -809,15 +810,38 @@ class EvaluationWorker:
         self._outstanding = 0  # submitted and not finished
         self._current: str | None = None
         self._results: list[dict[str, Any]] = []
+        self._queued: set[str] = set()  # every path this instance has queued, so none is evaluated twice
+        if _in_ray_actor():
+            import ray
+
+            logger.info("evaluation worker on node %s (%s)", ray.get_runtime_context().get_node_id(),
+                        ray.util.get_node_ip_address())
+        if run_dir is not None and _in_ray_actor() and _restarted_actor():
+            self._catch_up(run_dir)
         self._thread = threading.Thread(target=self._run, name="evaluation-worker", daemon=True)
         self._thread.start()
 
+    def _catch_up(self, run_dir: str) -> None:
+        """After Ray restarted this actor (its node died), what the previous instance had queued is
+        gone: queue the run's complete checkpoints that have neither metrics.json nor eval_error.json
+        (the trainer's submissions made while the actor was down arrive afterwards, and are skipped
+        as already queued)."""
+        pending = [e.url for e in list_checkpoints(run_dir, self.storage_options) if not e.evaluated and not e.failed]
+        logger.warning("evaluation worker restarted: %d checkpoint(s) of %s not yet evaluated", len(pending), run_dir)
+        for url in pending:
+            self.submit(url)
+
     def submit(self, checkpoint_path: str) -> None:
-        """Queue a checkpoint for evaluation; returns immediately."""
+        """Queue a checkpoint for evaluation (once: a path already queued is skipped); returns immediately."""
+        path = str(checkpoint_path)
         with self._lock:
+            if path in self._queued:
+                logger.info("%s is already queued or evaluated", path)
+                return
+            self._queued.add(path)
             self._outstanding += 1
-        self._queue.put(str(checkpoint_path))
-        logger.info("queued %s for evaluation", checkpoint_path)
+        self._queue.put(path)
+        logger.info("queued %s for evaluation", path)
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Block until every submitted checkpoint is evaluated; TimeoutError after ``timeout`` s."""
@@ -877,6 +901,27 @@ class EvaluationWorker:
                 self._idle.notify_all()
 
 
+def _in_ray_actor() -> bool:
+    """Whether this code runs inside a Ray actor (the evaluation actor, not the CLI or a test)."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def _restarted_actor() -> bool:
+    """Whether this Ray actor is one that Ray has restarted (after its process or node died)."""
+    import ray
+
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
+# How often Ray recreates the evaluation actor after losing it (its node died): each time on another
+# node with the resources, catching up on the checkpoints its predecessor had not finished.
+ACTOR_MAX_RESTARTS = 3
+
+
 def make_evaluation_actor(
     eval_config: EvalConfig,
     dev: str | None,
@@ -895,10 +940,17 @@ def make_evaluation_actor(
 
     ``max_concurrency=4`` lets ``submit``/``results``/``wait_idle`` run while the evaluation thread
     works (a default actor would run one method call at a time).
+
+    Losing the actor's node does not lose evaluations: Ray restarts it elsewhere (up to
+    ``ACTOR_MAX_RESTARTS`` times) once a node has the resources, calls made meanwhile are retried
+    on the new instance (``max_task_retries``), and the new instance queues the run's checkpoints
+    that have no metrics.json yet (``EvaluationWorker._catch_up``). Callers never block on it:
+    ``submit.remote`` returns at once whether the actor is alive, restarting or waiting for a node.
     """
     import ray  # only the actor needs Ray; the CLI and the library functions do not
 
-    remote_class = ray.remote(num_cpus=eval_config.cpus, num_gpus=eval_config.gpus, max_concurrency=4)(EvaluationWorker)
+    remote_class = ray.remote(num_cpus=eval_config.cpus, num_gpus=eval_config.gpus, max_concurrency=4,
+                              max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=-1)(EvaluationWorker)
     options: dict[str, Any] = {}
     if name is not None:
         options["name"] = name

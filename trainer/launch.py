@@ -45,6 +45,7 @@ from trainer.config import (
 )
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
+from trainer.run_checkpoint import require_shared_storage
 
 log = logging.getLogger("trainer.launch")
 
@@ -129,6 +130,23 @@ def connect_ray(config: TrainConfig) -> bool:
     return True
 
 
+def cluster_hosts() -> tuple[str, list[str]]:
+    """(the driver's node IP, the IPs of the alive nodes with CPUs: those that can run workers)."""
+    import ray
+
+    driver_node = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    driver_host = next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == driver_node),
+                       ray.util.get_node_ip_address())
+    return driver_host, [n["NodeManagerAddress"] for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
+
+
+def shared_locations(config: TrainConfig) -> dict[str, str]:
+    """What every node must reach: the run's storage, and the shards the workers and evaluator read."""
+    return {"checkpoint.storage_path": config.checkpoint.storage_path, "data.train": config.data.train,
+            "data.dev": config.data.dev, "data.test": config.data.test}
+
+
 def write_run_config(config: TrainConfig, run_dir: str) -> None:
     location = open_location(run_dir, storage_options_for(config.data) if is_s3_url(run_dir) else None)
     location.makedirs()
@@ -183,10 +201,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
     config, run_dir = resolve_run(config)
     data = prepare_data(config.data)
     config = effective_config(config, data)
+    connect_ray(config)
+    driver_host, node_hosts = cluster_hosts()
+    require_shared_storage(shared_locations(config), node_hosts, driver_host, config.checkpoint.shared_filesystem)
     write_run_config(config, run_dir)
     log.info("run directory %s", run_dir)
-
-    connect_ray(config)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
@@ -216,7 +235,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={"train": config_to_dict(config), "data": data.to_dict(),
                            "vocab_words": Vocabulary.load_json(data.vocab).idx2word, "run_dir": run_dir,
-                           "run_name": config.checkpoint.run_name},
+                           "run_name": config.checkpoint.run_name, "driver_host": driver_host},
         scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=config.checkpoint.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -238,8 +257,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
     best = None
     if evaluator is not None:
         log.info("waiting for the evaluation worker")
-        ray.get(evaluator.wait_idle.remote(EVAL_WAIT_S))
-        best = ray.get(evaluator.best.remote())
+        try:
+            ray.get(evaluator.wait_idle.remote(EVAL_WAIT_S))
+            best = ray.get(evaluator.best.remote())
+        except ray.exceptions.RayActorError as error:  # lost more often than Ray restarts it
+            from trainer.eval_worker import read_best
+
+            log.warning("the evaluation worker is gone (%s); checkpoints without metrics.json are left to "
+                        "`python trainer/evaluate.py --watch %s`", type(error).__name__, run_dir)
+            best = read_best(run_dir, storage_options)
         prune(run_dir, config.checkpoint.keep_last, storage_options)
         ray.kill(evaluator)
     return {"run_dir": run_dir, "best": best, "latest_checkpoint": latest, "run_name": config.checkpoint.run_name,

@@ -56,10 +56,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_shards.storage import open_location
+from data_shards.storage import is_s3_url, open_location
 from model.checkpoint import save_inference_checkpoint
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
+from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,38 @@ class TrainState:
 def checkpoint_dir_name(step: int) -> str:
     """`checkpoint_000001234`: one per step, so names sort by step and never repeat in a run."""
     return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage every node can reach
+# --------------------------------------------------------------------------------------------------
+
+
+def require_shared_storage(locations: dict[str, str], node_hosts: list[str], driver_host: str,
+                           shared_filesystem: bool) -> None:
+    """Refuse local paths that not every node of the cluster can see.
+
+    `locations`: configuration key -> path (checkpoint.storage_path, data.train, ...); s3:// ones are
+    reachable from everywhere. `node_hosts`: the IP addresses of the nodes that may run workers or
+    the evaluation actor; `driver_host`: the driver's node's. Hosts are told apart by node IP: nodes
+    that share the driver's IP share its filesystem (several Ray nodes on one machine), others do not
+    see its local directories, and a worker there would write its checkpoint shards, or look for
+    its shards, on its own disk; Ray Train would then commit checkpoints that no host holds whole.
+    `shared_filesystem` (checkpoint.shared_filesystem) says that the local paths are on a filesystem
+    mounted at the same path on every node. Raises ConfigError naming the key, the hosts and the fix.
+    """
+    if shared_filesystem:
+        return
+    others = sorted({host for host in node_hosts if host != driver_host})
+    local = [(key, path) for key, path in locations.items() if path and not is_s3_url(path)]
+    if not others or not local:
+        return
+    key, path = local[0]
+    raise ConfigError(
+        f"{key} is a local path ({path}) but the Ray cluster has nodes on {len(others) + 1} hosts "
+        f"(this driver's {driver_host}, and {', '.join(others)}), which cannot see this host's disk: use s3:// "
+        "storage (or a filesystem that every node mounts at the same path, with "
+        "checkpoint.shared_filesystem=true)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from trainer.run_checkpoint import (
     needs_universal,
     read_best_rsum,
     read_train_state,
+    require_shared_storage,
     restore_checkpoint,
     save_checkpoint,
     seed_everything,
@@ -320,6 +321,11 @@ def _train(config: dict[str, Any], rank: int, world: int) -> None:
     data = config["data"]
     run_dir: str = config["run_dir"]
     storage_options = data.get("storage_options") or None
+    host = ray.util.get_node_ip_address()
+    log.info("rank %d of %d on node %s (%s)", rank, world, ray.get_runtime_context().get_node_id(), host)
+    # The driver checked the nodes it saw; a node added since (an autoscaler) is checked here.
+    require_shared_storage({"checkpoint.storage_path": run_dir, "data.train": data["train"]}, [host],
+                           config.get("driver_host", host), cfg.checkpoint.shared_filesystem)
     if world != cfg.distributed.workers:
         raise RuntimeError(f"Ray started {world} workers but distributed.workers is {cfg.distributed.workers}")
 
