@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # the Kubernetes manifests with `kubectl kustomize`; installed here when missing and run as root.
 SYSTEM_TOOLS := prometheus promtool prometheus-pushgateway
 
-.PHONY: run test install clean system-tools
+.PHONY: run test install clean system-tools gpu-check
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: $(STAMP)
 
 test: $(STAMP) system-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The GPU acceptance run (docs/benchmarks.md): exits 3 without CUDA. `make gpu-check ARGS="--output DIR"`.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
