@@ -707,21 +707,31 @@ class Check:
             return None
         return summary
 
+    def launch_and_read(self, part: PartResult, epochs: int) -> tuple[Finished, dict[str, Any], list[dict[str, Any]],
+                                                                    list[int], dict[str, Any] | None, int] | None:
+        """Run the launcher for `epochs` and read back (the finished process, its summary, the step
+        records, their steps, the latest checkpoint's train state, the global batch); None when the
+        part failed (recorded in `part`)."""
+        finished = self.execute(part, self.launch_command(epochs), memory_from_ray=True)
+        if finished is None or part.status != "ok":
+            return None
+        summary = self.common_launch_checks(part, finished)
+        if summary is None:
+            return None
+        records = read_step_log(self.run_dir)
+        steps = [int(r["step"]) for r in records]
+        return (finished, summary, records, steps, read_train_state(summary.get("latest_checkpoint")),
+                self._global_batch())
+
     def train(self, part: PartResult) -> None:
         if self.run_dir.exists():  # the launcher would resume that run instead of starting one
             part.command_line = shlex.join(_relative(self.launch_command(self.profile.train_epochs)))
             part.fail(f"not run: {self.run_dir} exists (give a new --run-name)")
             return
-        finished = self.execute(part, self.launch_command(self.profile.train_epochs), memory_from_ray=True)
-        if finished is None or part.status != "ok":
+        launched = self.launch_and_read(part, self.profile.train_epochs)
+        if launched is None:
             return
-        summary = self.common_launch_checks(part, finished)
-        if summary is None:
-            return
-        records = read_step_log(self.run_dir)
-        steps = [int(r["step"]) for r in records]
-        state = read_train_state(summary.get("latest_checkpoint"))
-        batch = self._global_batch()
+        _, summary, records, steps, state, batch = launched
         part.figures.update({"run_dir": str(self.run_dir), "steps": len(steps), "global_batch_size": batch,
                              "latest_checkpoint": summary.get("latest_checkpoint"), "checkpoint_state": state,
                              "throughput": throughput(records, batch),
@@ -742,17 +752,11 @@ class Check:
             return
         saved = int(trained.figures["steps"])
         resume_started = time.time()
-        finished = self.execute(part, self.launch_command(self.profile.resume_epochs), memory_from_ray=True)
-        if finished is None or part.status != "ok":
+        launched = self.launch_and_read(part, self.profile.resume_epochs)
+        if launched is None:
             return
-        summary = self.common_launch_checks(part, finished)
-        if summary is None:
-            return
-        records = read_step_log(self.run_dir)
-        steps = [int(r["step"]) for r in records]
-        state = read_train_state(summary.get("latest_checkpoint"))
+        finished, summary, records, steps, state, batch = launched
         new = [r for r in records if int(r["step"]) > saved]
-        batch = self._global_batch()
         part.figures.update({"run_dir": str(self.run_dir), "resumed_from_step": saved,
                              "steps": len(steps), "new_steps": len(new), "global_batch_size": batch,
                              "latest_checkpoint": summary.get("latest_checkpoint"), "checkpoint_state": state,
