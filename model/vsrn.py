@@ -286,8 +286,7 @@ def run_gru(gru: nn.GRU, x: Tensor) -> tuple[Tensor, Tensor]:
     """
     if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or gru.num_layers != 1
             or gru.bidirectional or not gru.bias or not gru.batch_first or x.shape[1] == 0):
-        out, state = gru_forward(gru, x)
-        return out, state  # type: ignore[return-value]  # a Tensor in, a Tensor out
+        return gru_forward(gru, x)  # type: ignore[return-value]  # a Tensor in, a Tensor out
     weights = [at_least_float32(w) for w in (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)]
     x32 = at_least_float32(x)  # no copy in float32 or float64
     h0 = x32.new_zeros(x.shape[0], gru.hidden_size)

@@ -811,13 +811,13 @@ class EvaluationWorker:
         self._current: str | None = None
         self._results: list[dict[str, Any]] = []
         self._queued: set[str] = set()  # every path this instance has queued, so none is evaluated twice
-        if _in_ray_actor():
+        actor = _ray_actor_context()
+        if actor is not None:
             import ray
 
-            logger.info("evaluation worker on node %s (%s)", ray.get_runtime_context().get_node_id(),
-                        ray.util.get_node_ip_address())
-        if run_dir is not None and _in_ray_actor() and _restarted_actor():
-            self._catch_up(run_dir)
+            logger.info("evaluation worker on node %s (%s)", actor.get_node_id(), ray.util.get_node_ip_address())
+            if run_dir is not None and actor.was_current_actor_reconstructed:  # Ray restarted this actor
+                self._catch_up(run_dir)
         self._thread = threading.Thread(target=self._run, name="evaluation-worker", daemon=True)
         self._thread.start()
 
@@ -901,20 +901,17 @@ class EvaluationWorker:
                 self._idle.notify_all()
 
 
-def _in_ray_actor() -> bool:
-    """Whether this code runs inside a Ray actor (the evaluation actor, not the CLI or a test)."""
+def _ray_actor_context() -> Any:
+    """Ray's runtime context when this code runs inside a Ray actor (the evaluation actor), else
+    None (the CLI, a test in-process)."""
     if "ray" not in sys.modules:
-        return False
+        return None
     import ray
 
-    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-
-
-def _restarted_actor() -> bool:
-    """Whether this Ray actor is one that Ray has restarted (after its process or node died)."""
-    import ray
-
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    return context if context.get_actor_id() is not None else None
 
 
 # How often Ray recreates the evaluation actor after losing it (its node died): each time on another

@@ -141,12 +141,6 @@ def cluster_hosts() -> tuple[str, list[str]]:
     return driver_host, [n["NodeManagerAddress"] for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
 
 
-def shared_locations(config: TrainConfig) -> dict[str, str]:
-    """What every node must reach: the run's storage, and the shards the workers and evaluator read."""
-    return {"checkpoint.storage_path": config.checkpoint.storage_path, "data.train": config.data.train,
-            "data.dev": config.data.dev, "data.test": config.data.test}
-
-
 def write_run_config(config: TrainConfig, run_dir: str) -> None:
     location = open_location(run_dir, storage_options_for(config.data) if is_s3_url(run_dir) else None)
     location.makedirs()
@@ -203,7 +197,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     config = effective_config(config, data)
     connect_ray(config)
     driver_host, node_hosts = cluster_hosts()
-    require_shared_storage(shared_locations(config), node_hosts, driver_host, config.checkpoint.shared_filesystem)
+    require_shared_storage(config, node_hosts, driver_host)
     write_run_config(config, run_dir)
     log.info("run directory %s", run_dir)
     import ray

@@ -60,7 +60,7 @@ from data_shards.storage import is_s3_url, open_location
 from model.checkpoint import save_inference_checkpoint
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
-from trainer.config import ConfigError
+from trainer.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +122,25 @@ def checkpoint_dir_name(step: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def require_shared_storage(locations: dict[str, str], node_hosts: list[str], driver_host: str,
-                           shared_filesystem: bool) -> None:
-    """Refuse local paths that not every node of the cluster can see.
+def require_shared_storage(config: TrainConfig, node_hosts: list[str], driver_host: str) -> None:
+    """Refuse local paths of `config` that not every node of the cluster can see.
 
-    `locations`: configuration key -> path (checkpoint.storage_path, data.train, ...); s3:// ones are
-    reachable from everywhere. `node_hosts`: the IP addresses of the nodes that may run workers or
-    the evaluation actor; `driver_host`: the driver's node's. Hosts are told apart by node IP: nodes
-    that share the driver's IP share its filesystem (several Ray nodes on one machine), others do not
-    see its local directories, and a worker there would write its checkpoint shards, or look for
-    its shards, on its own disk; Ray Train would then commit checkpoints that no host holds whole.
-    `shared_filesystem` (checkpoint.shared_filesystem) says that the local paths are on a filesystem
-    mounted at the same path on every node. Raises ConfigError naming the key, the hosts and the fix.
+    What every node must reach: checkpoint.storage_path (each worker writes its part of a
+    checkpoint) and the shards (data.train for the workers, data.dev/test for the evaluator);
+    s3:// ones are reachable from everywhere. `node_hosts`: the IP addresses of the nodes that may
+    run workers or the evaluation actor; `driver_host`: the driver's node's. Hosts are told apart
+    by node IP: nodes that share the driver's IP share its filesystem (several Ray nodes on one
+    machine), others do not see its local directories, and a worker there would write its
+    checkpoint shards, or look for its shards, on its own disk; Ray Train would then commit
+    checkpoints that no host holds whole. checkpoint.shared_filesystem says that the local paths
+    are on a filesystem mounted at the same path on every node. Raises ConfigError naming the key,
+    the hosts and the fix. The driver calls it with the cluster's nodes, each worker with its own.
     """
-    if shared_filesystem:
+    if config.checkpoint.shared_filesystem:
         return
     others = sorted({host for host in node_hosts if host != driver_host})
+    locations = {"checkpoint.storage_path": config.checkpoint.storage_path, "data.train": config.data.train,
+                 "data.dev": config.data.dev, "data.test": config.data.test}
     local = [(key, path) for key, path in locations.items() if path and not is_s3_url(path)]
     if not others or not local:
         return

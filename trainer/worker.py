@@ -324,8 +324,7 @@ def _train(config: dict[str, Any], rank: int, world: int) -> None:
     host = ray.util.get_node_ip_address()
     log.info("rank %d of %d on node %s (%s)", rank, world, ray.get_runtime_context().get_node_id(), host)
     # The driver checked the nodes it saw; a node added since (an autoscaler) is checked here.
-    require_shared_storage({"checkpoint.storage_path": run_dir, "data.train": data["train"]}, [host],
-                           config.get("driver_host", host), cfg.checkpoint.shared_filesystem)
+    require_shared_storage(cfg, [host], config.get("driver_host", host))
     if world != cfg.distributed.workers:
         raise RuntimeError(f"Ray started {world} workers but distributed.workers is {cfg.distributed.workers}")
 

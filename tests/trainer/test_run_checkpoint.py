@@ -29,7 +29,7 @@ from model.checkpoint import load_inference_checkpoint
 from model.vocab import build_vocab
 from model.vsrn import VSRN, VSRNConfig
 from train_run_helpers import STEPS_PER_EPOCH, logged_losses, tiny_run_config
-from trainer.config import ConfigError
+from trainer.config import ConfigError, TrainConfig
 from trainer.run_checkpoint import (
     TrainState,
     checkpoint_dir_name,
@@ -55,20 +55,22 @@ def test_train_state_round_trip_and_next_position() -> None:
     assert checkpoint_dir_name(130) == "checkpoint_000000130"  # names sort by step
 
 
-def test_local_paths_are_refused_only_when_nodes_sit_on_other_hosts() -> None:
-    locations = {"checkpoint.storage_path": "/runs", "data.train": "/data/train"}
+def test_local_paths_are_refused_only_when_nodes_sit_on_other_hosts(tmp_path: Path) -> None:
+    def config(storage: str, train: str, shared: bool = False) -> TrainConfig:
+        return tiny_run_config(tmp_path, "r", f"checkpoint.storage_path={storage}", f"data.train={train}",
+                               f"data.dev={train}", f"data.test={train}", f"checkpoint.shared_filesystem={shared}")
+
+    local = config("/runs", "/data/train")
     # Several nodes on the driver's host (as in tests/trainer/test_multinode.py) share its disk.
-    require_shared_storage(locations, ["127.0.0.1", "127.0.0.1"], "127.0.0.1", shared_filesystem=False)
+    require_shared_storage(local, ["127.0.0.1", "127.0.0.1"], "127.0.0.1")
     # S3 everywhere, or a filesystem mounted on every node: any cluster.
-    require_shared_storage({"checkpoint.storage_path": "s3://b/runs", "data.train": "s3://b/train"},
-                           ["10.0.0.1", "10.0.0.2"], "10.0.0.1", shared_filesystem=False)
-    require_shared_storage(locations, ["10.0.0.1", "10.0.0.2"], "10.0.0.1", shared_filesystem=True)
+    require_shared_storage(config("s3://b/runs", "s3://b/train"), ["10.0.0.1", "10.0.0.2"], "10.0.0.1")
+    require_shared_storage(config("/runs", "/data/train", shared=True), ["10.0.0.1", "10.0.0.2"], "10.0.0.1")
     with pytest.raises(ConfigError, match=r"checkpoint.storage_path is a local path \(/runs\) but the Ray cluster "
                                           r"has nodes on 3 hosts \(this driver's 10.0.0.1, and 10.0.0.2, 10.0.0.3\)"):
-        require_shared_storage(locations, ["10.0.0.1", "10.0.0.3", "10.0.0.2"], "10.0.0.1", shared_filesystem=False)
+        require_shared_storage(local, ["10.0.0.1", "10.0.0.3", "10.0.0.2"], "10.0.0.1")
     with pytest.raises(ConfigError, match="data.train is a local path"):
-        require_shared_storage({"checkpoint.storage_path": "s3://b/runs", "data.train": "/data/train"},
-                               ["10.0.0.2"], "10.0.0.1", shared_filesystem=False)
+        require_shared_storage(config("s3://b/runs", "/data/train"), ["10.0.0.2"], "10.0.0.1")
 
 
 def test_rng_states_restore_torch_numpy_and_python() -> None:
