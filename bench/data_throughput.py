@@ -201,6 +201,36 @@ def _tree_pss(process: Any) -> int:
     return total
 
 
+PEER_SHUFFLE = 5000  # open_clip's _SAMPLE_SHUFFLE_SIZE
+
+
+def peer_loader(shards: Any, batch_size: int, workers: int, encode: Any) -> Any:
+    """The peer a user would otherwise pick: a plain webdataset pipeline as open_clip reads
+    (WebDataset over the shard URLs, split by worker, decode, a sample shuffle buffer, batched with
+    a collation function in the loader workers, WebLoader(batch_size=None)). Each image gives its
+    five (regions, caption) pairs; float16 regions as stored. No checksum or sample checks."""
+    import torch
+    import webdataset as wds
+
+    def pairs(samples: Any) -> Any:
+        for sample in samples:
+            for caption in sample["captions.json"]:
+                yield sample["regions.npy"], caption
+
+    def collate(batch: list[tuple[np.ndarray, str]]) -> tuple[Any, Any, Any]:
+        ids = [encode(caption) for _, caption in batch]
+        lengths = torch.tensor([len(i) for i in ids])
+        tokens = torch.zeros((len(ids), int(lengths.max())), dtype=torch.long)
+        for row, sequence in enumerate(ids):
+            tokens[row, : len(sequence)] = torch.tensor(sequence)
+        return torch.from_numpy(np.stack([regions for regions, _ in batch])), tokens, lengths
+
+    dataset = (wds.WebDataset([s.url for s in shards], shardshuffle=False, workersplitter=wds.split_by_worker)
+               .decode().compose(pairs).shuffle(PEER_SHUFFLE)
+               .batched(batch_size, collation_fn=collate, partial=False))
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
+
+
 def child(args: argparse.Namespace) -> None:
     """Run one epoch of the reader in this (fresh) process and print a JSON line of results."""
     import psutil
@@ -219,15 +249,19 @@ def child(args: argparse.Namespace) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     if args.measure_memory:
         sampler.start()
+    encode = vocabulary_encoder(2000) if args.tokenizer == "vocab" else tokenize
     config = ReaderConfig(args.location, shards=args.shards, batch_size=args.batch_size, num_workers=args.workers[0],
                           output_dtype=args.output_dtype)
-    encode = vocabulary_encoder(2000) if args.tokenizer == "vocab" else tokenize
     reader = TrainReader(config, encode, rank=0, world_size=1)
     pairs = batches = 0
     cpu_start = os.times()
     start = time.perf_counter()
-    for batch in reader.epoch(0):
-        pairs += batch.regions.shape[0]
+    if args.peer:
+        epoch: Any = (regions for regions, _, _ in peer_loader(reader.spec.shards, args.batch_size, args.workers[0], encode))
+    else:
+        epoch = (batch.regions for batch in reader.epoch(0))
+    for regions in epoch:
+        pairs += regions.shape[0]
         batches += 1
     seconds = time.perf_counter() - start
     cpu_end = os.times()  # the DataLoader has joined its workers: their CPU time is in children_*
@@ -237,10 +271,10 @@ def child(args: argparse.Namespace) -> None:
         sampler.join()
     shard_bytes = sum(os.path.getsize(s.url) for s in reader.spec.shards)
     images = sum(s.samples for s in reader.spec.shards)
-    stats = reader.stats.as_dict()
+    images_read = images if args.peer else reader.stats.as_dict().get("images_read", 0)
     print(json.dumps({
-        "seconds": seconds, "cpu_seconds": cpu_seconds, "pairs": pairs, "batches": batches, "images_read": stats.get("images_read", 0),
-        "bytes_read": shard_bytes * stats.get("images_read", 0) / images,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "pairs": pairs, "batches": batches, "images_read": images_read,
+        "bytes_read": shard_bytes * images_read / images,
         "maxrss_main_mb": _vm_hwm_mb(),
         "maxrss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "peak_tree_pss_mb": peak[0] / 2**20,
@@ -248,17 +282,32 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(location: Path, shards: str | None, workers: int, batch_size: int, memory: bool,
-              output_dtype: str = "float32", tokenizer: str = "trivial") -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", "--location", str(location), "--workers", str(workers),
+              output_dtype: str = "float32", tokenizer: str = "trivial", peer: bool = False,
+              tree: Path | None = None) -> dict[str, Any]:
+    """One measurement in a fresh process: this reader, the webdataset peer (`peer`), or the
+    reader of another checkout of the project (`tree`, e.g. the previous release)."""
+    script = Path(__file__) if tree is None else tree / "bench" / "data_throughput.py"
+    command = [sys.executable, str(script), "--child", "--location", str(location), "--workers", str(workers),
                "--batch-size", str(batch_size), "--output-dtype", output_dtype, "--tokenizer", tokenizer]
     if shards:
         command += ["--shards", shards]
     if memory:
         command.append("--measure-memory")
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if peer:
+        command.append("--peer")
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(command, capture_output=True, text=True, check=False, env=env,
+                         cwd=None if tree is None else tree)
     if out.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _describe_tree(tree: Path) -> str:
+    """"commit abc1234" of a git checkout, else its path."""
+    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False)
+    return f"commit {out.stdout.strip()}" if out.returncode == 0 else str(tree)
 
 
 def machine() -> str:
@@ -289,13 +338,13 @@ def _virtualization() -> str:
 
 def cost_floor(batch_size: int, reps: int = 5) -> dict[str, float]:
     """The reader's unavoidable work per image, measured alone (module docstring, step 5): sha256
-    MB/s on one core, us to copy one image into a pool row (data_shards.reader._RowPool.put, one
+    MB/s on one core, us to copy one image into a pool row (data_shards.shared_rows.RowPool.put, one
     torch thread as in a loader worker), and ms to gather a batch of `batch_size` float16 rows
-    from a pool of pool_images + 2 x batch_size rows (data_shards.reader._gather_regions, as the
+    from a pool of pool_images + 2 x batch_size rows (data_shards.shared_rows.gather_regions, as the
     main process does)."""
     import torch
 
-    from data_shards.reader import _BatchBuffers, _gather_regions, _RowPool
+    from data_shards.shared_rows import BatchBuffers, RowPool, gather_regions
 
     data = np.random.default_rng(1).integers(0, 256, 32 << 20, dtype=np.uint8).tobytes()
     best = float("inf")
@@ -306,10 +355,11 @@ def cost_floor(batch_size: int, reps: int = 5) -> dict[str, float]:
     out = {"sha256_mb_s": len(data) / 1e6 / best}
     torch.set_num_threads(1)
     rows = 10 * batch_size
-    pool = _RowPool(rows, (REGIONS, DIM), np.dtype(np.float16), gathered=1 << 40)  # every released row reusable
+    pool = RowPool(rows, (REGIONS, DIM), np.dtype(np.float16), gathered=1 << 40)  # every released row reusable
     image = np.random.default_rng(2).standard_normal((REGIONS, DIM), dtype=np.float32).astype(np.float16)
+    features = pool.features()
     for row in range(rows):  # touch every row once: a loader worker's pool is warm after its first images
-        pool.rows[row] = image
+        features[row] = image
     best = float("inf")
     for _ in range(reps):
         start = time.process_time()
@@ -317,7 +367,7 @@ def cost_floor(batch_size: int, reps: int = 5) -> dict[str, float]:
             pool.release(pool.put(image), made=0)
         best = min(best, (time.process_time() - start) / rows)
     out["pool_put_us"] = best * 1e6
-    buffers = _BatchBuffers()
+    buffers = BatchBuffers()
     rng = np.random.default_rng(3)
     best = float("inf")
     for _ in range(reps):
@@ -325,10 +375,12 @@ def cost_floor(batch_size: int, reps: int = 5) -> dict[str, float]:
         start = time.process_time()
         for chosen in index:
             out_tensor = buffers.take((batch_size, REGIONS, DIM), torch.float16)
-            _gather_regions(pool.rows, chosen, False, out_tensor, buffers)
+            gather_regions(features, chosen, False, out_tensor, buffers)
             del out_tensor
         best = min(best, (time.process_time() - start) / len(index))
     out["gather_ms_float16"] = best * 1e3
+    del features
+    pool.close()
     return out
 
 
@@ -357,6 +409,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated shards")
     parser.add_argument("--reuse", help="a directory of shards left by an earlier --keep run (not removed)")
     parser.add_argument("--doc", help="markdown file whose benchmark section to write")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout of an earlier version of the project whose reader runs side by side "
+                             "(e.g. `git worktree add /tmp/before <commit>`)")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     # internal: one measurement in a fresh process
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -365,6 +420,7 @@ def main() -> None:
     parser.add_argument("--measure-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output-dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", choices=("trivial", "vocab"), default="trivial", help=argparse.SUPPRESS)
+    parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.child else logging.INFO, format="%(message)s")
     if args.child:
@@ -416,6 +472,21 @@ def main() -> None:
             log.info("reader, %d worker(s), %s out, %s tokenizer: %.0f pairs/s, %.0f images/s, %.0f MB/s "
                      "(%.1f%% of raw)", workers, output_dtype, tokenizer, result["pairs"] / result["seconds"],
                      result["images_read"] / result["seconds"], mb_s, 100 * mb_s / raw_mb_s)
+        # Side by side, interleaved so that each sees the same machine: this reader, the webdataset
+        # peer and (with --baseline) the previous reader, 2 loader workers, float16 out.
+        contenders: list[tuple[str, dict[str, Any]]] = [("this reader", {}), ("plain webdataset pipeline (peer)",
+                                                                             {"peer": True})]
+        if args.baseline is not None:
+            contenders.append((f"previous reader ({_describe_tree(args.baseline)})", {"tree": args.baseline}))
+        side_runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in contenders}
+        for _ in range(args.repeat):
+            for name, options in contenders:
+                result = run_child(directory, None, max(args.workers), args.batch_size, memory=False,
+                                   output_dtype="float16", **options)
+                side_runs[name].append(result)
+                log.info("  %s: %.1f s, %.0f pairs per CPU s", name, result["seconds"],
+                         result["pairs"] / result["cpu_seconds"])
+        side = {name: min(runs, key=lambda r: r["seconds"]) for name, runs in side_runs.items()}
         # The O_DIRECT rate of this virtual disk varies a lot from minute to minute (the host's cache and
         # other tenants): measured again after the reader runs, and the goal is judged against the
         # faster of the two (the conservative choice).
@@ -468,6 +539,19 @@ def main() -> None:
                      f"{mb_s:.0f} | {100 * mb_s / raw_mb_s:.1f} | {direct_share} | {cpu:.0f} | "
                      f"{result['pairs'] / cpu:.0f} | {result['bytes_read'] / 1e6 / cpu:.0f} | "
                      f"{load_before:.1f} → {load_after:.1f} |")
+    peer = side["plain webdataset pipeline (peer)"]
+    peer_per_cpu = peer["pairs"] / peer["cpu_seconds"]
+    lines += ["", (f"Side by side, same shards, same run ({max(args.workers)} loader workers, float16 out, the trivial "
+                   f"tokenizer, runs interleaved, the fastest of {args.repeat} each). The peer is the pipeline a user "
+                   "would otherwise write, the way open_clip reads: `wds.WebDataset(urls)` split by worker, `.decode()`, "
+                   f"five (regions, caption) pairs per image, `.shuffle({PEER_SHUFFLE})`, `.batched({args.batch_size})` "
+                   "with a collation function, `wds.WebLoader(batch_size=None)`; it checks no sha256 and no sample, "
+                   "which this reader does."), "",
+              "| reader | pairs/s | pairs per CPU s | per CPU s vs the peer |", "| --- | ---: | ---: | ---: |"]
+    for name, result in side.items():
+        per_cpu = result["pairs"] / result["cpu_seconds"]
+        lines.append(f"| {name} | {result['pairs'] / result['seconds']:.0f} | {per_cpu:.0f} | "
+                     f"{per_cpu / peer_per_cpu:.2f}x |")
     lines += ["", "Peak memory of a reader process with 2 loader workers, one epoch:", "",
               "| images | main process max RSS (MB) | largest worker max RSS (MB) | peak summed PSS of the tree (MB) |",
               "| ---: | ---: | ---: | ---: |"]
@@ -521,6 +605,14 @@ def main() -> None:
         + (f" At 50 % of the O_DIRECT read, {0.5 * direct_mb_s * 1e3 / shard_kb_per_image:.0f} images/s would "
            f"need {0.5 * direct_mb_s * 1e3 / shard_kb_per_image * spent / 1e6:.1f} cores at this rate."
            if direct_mb_s else ""))
+    ours = side["this reader"]["pairs"] / side["this reader"]["cpu_seconds"]
+    lines.append(f"- Goal (at least 1.5x the peer per CPU second): {ours / peer_per_cpu:.2f}x, "
+                 + ("met." if ours >= 1.5 * peer_per_cpu else "not met."))
+    previous = [name for name in side if name.startswith("previous reader")]
+    if previous:
+        before = side[previous[0]]["pairs"] / side[previous[0]]["cpu_seconds"]
+        lines.append(f"- Against the {previous[0]}: {100 * ours / before:.0f} % of its pairs per CPU second "
+                     f"({ours:.0f} against {before:.0f}).")
     vocab_rows = [row for row in rows if row[6] == "vocab"]
     if vocab_rows:
         row = vocab_rows[0]

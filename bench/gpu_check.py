@@ -144,7 +144,7 @@ def tiny_profile() -> Profile:
         config="configs/tiny.yaml",
         overrides=(
             "data.synthetic_train_images=64", "data.synthetic_dev_images=32", "data.synthetic_test_images=32",
-            "data.loader_workers=1", "data.shuffle_buffer=64",
+            "data.loader_workers=1", "data.pool_images=64",
             "optim.global_batch_size=32", "optim.warmup_epochs=0",
             "distributed.workers=1", "distributed.cpus_per_worker=1", "distributed.zero_stage=0",
             "checkpoint.every_steps=0", "checkpoint.keep_last=2", "checkpoint.max_failures=0",

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
 import logging
 import sys
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from data_shards.format import (
     MANIFEST_NAME,
@@ -33,32 +32,15 @@ from data_shards.format import (
     ShardFormatError,
     ShardInfo,
     decode_sample,
-    record_problems,
     split_member_name,
 )
+from data_shards.shard_reader import ShardStream, sample_problems, tar_members
 from data_shards.storage import Location, StorageError, is_s3_url, open_location, s3_storage_options
 
 logger = logging.getLogger("data_shards.verify")
 
 KNOWN_MEMBERS = frozenset(REQUIRED_MEMBERS + OPTIONAL_MEMBERS)
 MAX_SAMPLE_MESSAGES = 10  # per shard: a systematic fault should not print a line per image
-
-
-class _HashingReader:
-    """A read-only stream that hashes what is read through it (tarfile reads sequentially)."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream = stream
-        self.digest = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self.digest.update(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
 
 
 @dataclass
@@ -92,49 +74,46 @@ def check_shard(location: Location, info: ShardInfo, manifest: Manifest) -> Shar
     """Read one shard from start to end: hash, samples, members, feature shape/dtype/finiteness."""
     url = location.child_url(info.name)
     report = ShardReport(name=info.name)
-    sample_problems: list[str] = []
+    problems: list[str] = []
     try:
         stream = location.open_read(info.name)
     except FileNotFoundError:
         report.problems.append(f"{url}: missing (listed in {MANIFEST_NAME})")
         return report
     with stream:
-        reader = _HashingReader(stream)
+        reader = ShardStream(stream, url)
         sample: dict[str, Any] | None = None
 
         def finish(current: dict[str, Any] | None) -> None:
             if current is not None:
                 report.samples += 1
-                sample_problems.extend(_sample_problems(current, manifest, report))
+                problems.extend(_sample_problems(current, manifest, report))
 
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for member in tar:
-                    parts = split_member_name(member.name)
-                    if not member.isfile() or parts is None:
-                        sample_problems.append(f"{url}: member {member.name!r} is not a <key>.<member> file")
-                        continue
-                    key, suffix = parts
-                    extracted = tar.extractfile(member)
-                    data = extracted.read() if extracted is not None else b""
-                    if sample is None or sample["__key__"] != key:
-                        finish(sample)
-                        sample = {"__key__": key, "__url__": url}
-                    if suffix in sample:
-                        sample_problems.append(f"{url}: sample {key}: duplicate member {suffix}")
-                    sample[suffix] = data
+            for member in tar_members(reader):
+                parts = split_member_name(member.name)
+                if not member.is_file or parts is None:
+                    problems.append(f"{url}: member {member.name!r} is not a <key>.<member> file")
+                    continue
+                key, suffix = parts
+                if sample is None or sample["__key__"] != key:
+                    finish(sample)
+                    sample = {"__key__": key, "__url__": url}
+                if suffix in sample:
+                    problems.append(f"{url}: sample {key}: duplicate member {suffix}")
+                sample[suffix] = member.data
             finish(sample)
         except (tarfile.TarError, EOFError) as exc:
             report.problems.append(f"{url}: unreadable tar after {report.samples} samples ({exc})")
         reader.drain()  # the hash covers the whole file, including what tarfile did not need
-    report.sha256 = reader.digest.hexdigest()
+    report.sha256 = reader.hexdigest() or ""
     if report.sha256 != info.sha256:
         report.problems.append(f"{url}: sha256 {report.sha256} does not match {MANIFEST_NAME} ({info.sha256})")
     if report.samples != info.samples:
         report.problems.append(f"{url}: {report.samples} samples, {MANIFEST_NAME} lists {info.samples}")
-    report.problems.extend(sample_problems[:MAX_SAMPLE_MESSAGES])
-    if len(sample_problems) > MAX_SAMPLE_MESSAGES:
-        report.problems.append(f"{url}: ... and {len(sample_problems) - MAX_SAMPLE_MESSAGES} more sample problems")
+    report.problems.extend(problems[:MAX_SAMPLE_MESSAGES])
+    if len(problems) > MAX_SAMPLE_MESSAGES:
+        report.problems.append(f"{url}: ... and {len(problems) - MAX_SAMPLE_MESSAGES} more sample problems")
     return report
 
 
@@ -149,10 +128,8 @@ def _sample_problems(sample: dict[str, Any], manifest: Manifest, report: ShardRe
     report.captions += len(record.captions)
     report.keys.append(record.key)
     report.indices.append(record.index)
-    problems += [f"{where}: {problem}" for problem in record_problems(record, manifest.feature_shape,
-                                                                       manifest.feature_dtype)]
-    if manifest.split and record.split != manifest.split:
-        problems.append(f"{where}: meta split {record.split!r} != manifest split {manifest.split!r}")
+    problems += [f"{where}: {problem}"
+                 for problem in sample_problems(record, manifest.feature_shape, manifest.feature_dtype, manifest.split)]
     return problems
 
 

@@ -19,11 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
+from data_shards.regions import RegionOrder
+from data_shards.shard_reader import BadDataPolicy
 from model.vsrn import VSRNConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
-BadDataPolicy = Literal["strict", "skip"]
-RegionOrder = Literal["stored", "area", "random"]
+# Keys of earlier releases: a configuration that still uses one gets an error naming the new key.
+RENAMED_KEYS = {"data.shuffle_buffer": "data.pool_images"}
 
 
 class ConfigError(ValueError):
@@ -46,7 +48,7 @@ class DataConfig:
     synthetic_regions: int = 36
     synthetic_feature_dim: int = 2048
     loader_workers: int = 2
-    shuffle_buffer: int = 2000
+    pool_images: int = 2000  # images in each loader worker's caption pool (data_shards/caption_pool.py)
     region_order: RegionOrder = "stored"
     bad_data: BadDataPolicy = "strict"
     s3_endpoint_url: str = ""  # empty: from the environment (AWS_ENDPOINT_URL) or AWS defaults
@@ -54,7 +56,7 @@ class DataConfig:
     def validate(self) -> None:
         _positive(self, "vocab_threshold", "synthetic_train_images", "synthetic_dev_images",
                   "synthetic_test_images", "synthetic_feature_dim")
-        _non_negative(self, "loader_workers", "shuffle_buffer")
+        _non_negative(self, "loader_workers", "pool_images")
         if self.synthetic_regions < 4:
             raise ConfigError(f"data.synthetic_regions must be >= 4, got {self.synthetic_regions}")
 
@@ -290,6 +292,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'configuration'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        old = f"{prefix}.{key}" if prefix else str(key)
+        if old in RENAMED_KEYS:
+            raise ConfigError(f"{old} was renamed {RENAMED_KEYS[old]}; rename it in the configuration")
     unknown = sorted(set(data) - known)
     if unknown:
         names = ", ".join(f"{prefix}.{k}" if prefix else str(k) for k in unknown)

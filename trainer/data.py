@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -40,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from data_shards.convert import convert, plan_precomp
-from data_shards.format import MANIFEST_NAME, Manifest, split_member_name
-from data_shards.reader import ReaderConfig, load_split
-from data_shards.storage import is_s3_url, open_location, open_url, s3_storage_options
+from data_shards.format import MANIFEST_NAME, Manifest
+from data_shards.shard_reader import ShardStream, open_shard, shard_files
+from data_shards.split import read_split
+from data_shards.storage import is_s3_url, open_location, s3_storage_options
 from data_shards.synthetic import write_precomp_split
 from model.vocab import Vocabulary, build_vocab
 from trainer.config import DataConfig
@@ -94,7 +94,7 @@ def prepare_data(data: DataConfig) -> PreparedData:
     for name in ("train", "dev", "test"):
         location = getattr(data, name)
         try:
-            load_split(ReaderConfig(location, storage_options=options if is_s3_url(location) else None))
+            read_split(location, storage_options=options if is_s3_url(location) else None)
         except (OSError, ValueError) as error:
             raise DataError(f"data.{name}: {error}") from error
     vocab_path = _remote_vocab(data, options) if data.vocab else _vocab_from_shards(data, options)
@@ -104,7 +104,7 @@ def prepare_data(data: DataConfig) -> PreparedData:
 def _resolved(train: str, dev: str, test: str, vocab_path: Path, options: dict[str, Any],
               synthetic: bool) -> PreparedData:
     vocab = Vocabulary.load_json(vocab_path)
-    spec = load_split(ReaderConfig(train, storage_options=options if is_s3_url(train) else None))
+    spec = read_split(train, storage_options=options if is_s3_url(train) else None)
     return PreparedData(train=train, dev=dev, test=test, vocab=str(vocab_path), vocab_size=len(vocab),
                         feature_shape=tuple(spec.feature_shape), storage_options=options, synthetic=synthetic)
 
@@ -231,7 +231,7 @@ def _remote_vocab(data: DataConfig, options: dict[str, Any]) -> Path:
 
 def _vocab_from_shards(data: DataConfig, options: dict[str, Any]) -> Path:
     """Build the vocabulary of the train shards' captions, cached by manifest and threshold."""
-    spec = load_split(ReaderConfig(data.train, storage_options=options if is_s3_url(data.train) else None))
+    spec = read_split(data.train, storage_options=options if is_s3_url(data.train) else None)
     manifest = Manifest.from_json(open_location(spec.location, spec.storage_options).read_text(MANIFEST_NAME))
     key = hashlib.sha256(json.dumps([manifest.to_json(), data.vocab_threshold]).encode()).hexdigest()[:16]
     path = _cache_root(data) / f"train-{key}.json"
@@ -246,18 +246,14 @@ def _vocab_from_shards(data: DataConfig, options: dict[str, Any]) -> Path:
 
 
 def _shard_captions(urls: list[str], options: dict[str, Any]) -> Iterator[str]:
-    """Every caption of the shards, reading only their `captions.json` members."""
+    """Every caption of the shards, keeping only their `captions.json` members in memory
+    (data_shards/shard_reader.py reads them, as the training reader does)."""
     for url in urls:
-        with open_url(url, options) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                parts = split_member_name(member.name)
-                if not member.isfile() or parts is None or parts[1] != "captions.json":
-                    continue
-                handle = tar.extractfile(member)
-                if handle is None:
-                    continue
+        with open_shard(url, options) as raw:
+            for file in shard_files(ShardStream(raw, url, hashing=False), url,
+                                    select=lambda name: name.endswith(".captions.json")):
                 try:
-                    captions = json.loads(handle.read().decode("utf-8"))
+                    captions = json.loads(file["data"].decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    raise DataError(f"{url}: {member.name}: unreadable captions ({error})") from error
+                    raise DataError(f"{url}: {file['fname']}: unreadable captions ({error})") from error
                 yield from captions

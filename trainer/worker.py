@@ -361,7 +361,7 @@ def _train(config: dict[str, Any], rank: int, world: int) -> None:
     reader = TrainReader(
         ReaderConfig(location=data["train"], batch_size=cfg.per_worker_batch_size,
                      num_workers=cfg.data.loader_workers, seed=cfg.optim.seed,
-                     pool_images=max(cfg.per_worker_batch_size, cfg.data.shuffle_buffer),
+                     pool_images=max(cfg.per_worker_batch_size, cfg.data.pool_images),
                      region_order=cfg.data.region_order, bad_data=cfg.data.bad_data,
                      # the shards' dtype as it is: the model casts the regions on its device
                      output_dtype="stored", storage_options=storage_options),

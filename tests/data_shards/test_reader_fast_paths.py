@@ -1,17 +1,17 @@
-"""The reader's fast paths against the straightforward implementations they replace.
+"""The reader's stages against the straightforward implementations they replace.
 
-- `_tar_files` (own header check for plain members, tarfile for the rest, one-copy member data)
-  against webdataset's tar_file_iterator over tarfile's stream mode: the same samples, bytes and
-  sha256 for many tar dialects and buffer sizes, and the same samples and error type for every
-  truncation and for damaged headers.
+- `shard_reader.shard_files` (tarfile's stream mode over a hashing `ShardStream`, webdataset's
+  file filter) against webdataset's tar_file_iterator: the same samples, bytes and sha256 for many
+  tar dialects and read sizes, and the same samples and error type for every truncation and for
+  damaged headers.
 - `format._load_npy` (cached headers, data used in place) against np.load.
 - `format._all_finite` (exponent bits) against np.isfinite.
-- `_tokens` (one numpy assignment) against the row-by-row padding it replaced.
-- `_shared_rows` (memfd + pwritev) and whole batches from loader workers against reference
-  batches built in the test from the known features, boxes and captions, including pools small
-  enough that every row is recycled many times, and consumers that hold on to their batches.
-- `_RowPool` (rows reused only after the main process gathered the batches that used them) and
-  `_BatchBuffers` (batch memory reused only when nothing else holds it).
+- `collate.tokenize_captions` (one numpy assignment) against the row-by-row padding it replaced.
+- `collate.eval_batch` and whole batches from loader workers against reference batches built in
+  the test from the known features, boxes and captions, including pools small enough that every
+  row is recycled many times, and consumers that hold on to their batches.
+- `shared_rows.RowPool` (rows reused only after the main process gathered the batches that used
+  them) and `shared_rows.BatchBuffers` (batch memory reused only when nothing else holds it).
 """
 
 from __future__ import annotations
@@ -38,19 +38,11 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data_shards.convert import TAR_MODE, TAR_MTIME, TAR_USER
 from data_shards.format import ImageRecord, ShardFormatError, _all_finite, _load_npy, encode_record, sample_key
-from data_shards.reader import (
-    _REGION_STREAM,
-    ReaderConfig,
-    TrainBatch,
-    TrainReader,
-    _BatchBuffers,
-    _fd_sharing,
-    _RowPool,
-    _shared_rows,
-    _ShardStream,
-    _tar_files,
-    _tokens,
-)
+from data_shards.collate import eval_batch, tokenize_captions
+from data_shards.plan import REGION_STREAM
+from data_shards.reader import EvalReader, ReaderConfig, TrainBatch, TrainReader
+from data_shards.shard_reader import ShardStream, shard_files
+from data_shards.shared_rows import BatchBuffers, RowPool
 
 # The shard helpers of test_reader.py (tests/ is on sys.path, where "data_shards" is the package,
 # so the module is loaded by its path).
@@ -80,12 +72,29 @@ def _samples_wds(data: bytes) -> tuple[list[dict[str, Any]], str | None]:
     return out, None
 
 
+class _ShortReads(io.RawIOBase):
+    """A source that gives at most `chunk` bytes per read, as a network stream may."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self._data, self._chunk, self._pos = data, chunk, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._chunk if size is None or size < 0 else min(size, self._chunk)
+        out = self._data[self._pos : self._pos + size]
+        self._pos += len(out)
+        return out
+
+
 def _samples_new(data: bytes, buffer_size: int) -> tuple[list[dict[str, Any]], str | None, str | None]:
-    """(samples, error type, sha256 of everything read) through _ShardStream + _tar_files."""
-    stream = _ShardStream(io.BytesIO(data), URL, hashing=True, buffer_size=buffer_size)
+    """(samples, error type, sha256 of everything read) through ShardStream + shard_files, the
+    source giving at most `buffer_size` bytes per read."""
+    stream = ShardStream(_ShortReads(data, buffer_size), URL, hashing=True)  # type: ignore[arg-type]
     out: list[dict[str, Any]] = []
     try:
-        for sample in group_by_keys(_tar_files(stream, URL)):
+        for sample in group_by_keys(shard_files(stream, URL)):
             out.append({k: (bytes(v) if k not in ("__key__", "__url__") else v) for k, v in sample.items()})
     except Exception as exc:  # noqa: BLE001 - compared with webdataset's
         return out, type(exc).__name__, None
@@ -341,7 +350,7 @@ def _tokens_reference(tokenize: Callable[[str], list[int]], captions: list[str])
 
 @pytest.mark.parametrize("captions", [[], ["a"], ["one two three", "x", "a b c d e f g", "y z"]])
 def test_tokens_equal_row_by_row_padding(captions: list[str]) -> None:
-    tokens, lengths = _tokens(tokenize, captions, ["key"] * len(captions))
+    tokens, lengths = tokenize_captions(tokenize, captions, ["key"] * len(captions))
     expected_tokens, expected_lengths = _tokens_reference(tokenize, captions)
     assert tokens.dtype == np.int64 and lengths.dtype == np.int64
     assert torch.equal(torch.from_numpy(tokens), expected_tokens)
@@ -350,7 +359,7 @@ def test_tokens_equal_row_by_row_padding(captions: list[str]) -> None:
 
 def test_tokens_refuse_an_empty_sequence() -> None:
     with pytest.raises(ValueError, match=r"tokenize returned no tokens for caption 'b' of sample k2"):
-        _tokens(lambda c: [] if c == "b" else [1, 2], ["a", "b"], ["k1", "k2"])
+        tokenize_captions(lambda c: [] if c == "b" else [1, 2], ["a", "b"], ["k1", "k2"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,15 +367,24 @@ def test_tokens_refuse_an_empty_sequence() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not _fd_sharing(), reason="needs memfd and torch's file_descriptor sharing")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 16, 37])
-def test_shared_rows_equal_stacking(dtype: torch.dtype, rows: int) -> None:
+def test_eval_batch_regions_equal_stacking(dtype: torch.dtype, rows: int) -> None:
     arrays = [features(i) for i in range(rows)]
     arrays[0] = np.asfortranarray(arrays[0])  # a non-contiguous row is written right too
-    tensor = _shared_rows(arrays, dtype)
-    assert tensor.dtype == dtype and tensor.shape == (rows, *arrays[0].shape) and tensor.is_shared()
+    records = [ImageRecord(key=f"k{i}", regions=a, captions=["a b"], split="train", index=i)
+               for i, a in enumerate(arrays)]
+    batch = eval_batch(records, tokenize=tokenize, feature_shape=arrays[0].shape, dtype=dtype, order="stored",
+                       rngs=[None] * rows, shard_position=0, chunk=0, last=True, stats={})
+    tensor = batch.regions
+    assert tensor.dtype == dtype and tensor.shape == (rows, *arrays[0].shape)
     assert torch.equal(tensor, torch.from_numpy(np.stack(arrays)).to(dtype))
+
+
+def test_eval_batches_from_a_loader_worker_arrive_in_shared_memory(tmp_path: Path) -> None:
+    write_split(tmp_path, [3, 2])
+    batches = list(EvalReader(ReaderConfig(str(tmp_path), batch_size=2, num_workers=1), tokenize))
+    assert len(batches) == 3 and all(b.regions.is_shared() and b.tokens.is_shared() for b in batches)
 
 
 def _made_in_slot(batches: list[TrainBatch]) -> list[int]:
@@ -378,7 +396,7 @@ def _made_in_slot(batches: list[TrainBatch]) -> list[int]:
 def _expected_rows(batch: TrainBatch, order: str, made: int, seed: int, epoch: int) -> np.ndarray:
     """The batch's regions as the reference would build them: each image's stored features,
     reordered by area or by the (seed, epoch, rank 0, slot, made) generator, one draw per row."""
-    rng = np.random.default_rng([seed, epoch, _REGION_STREAM, 0, batch.slot, made])
+    rng = np.random.default_rng([seed, epoch, REGION_STREAM, 0, batch.slot, made])
     rows = []
     for image in batch.image_ids.tolist():
         values, box = features(image), boxes_for(image)
@@ -438,7 +456,7 @@ def test_recycled_pool_rows_and_buffers_give_the_reference_batches(tmp_path: Pat
 
 
 def test_batch_buffers_are_reused_only_when_nobody_holds_them() -> None:
-    buffers = _BatchBuffers(keep=2)
+    buffers = BatchBuffers(keep=2)
     first = buffers.take((2, 3), torch.float32)
     first.fill_(1.0)
     second = buffers.take((2, 3), torch.float32)  # `first` is held: new memory
@@ -452,15 +470,15 @@ def test_batch_buffers_are_reused_only_when_nobody_holds_them() -> None:
     del third
     loss.backward()
     del loss
-    assert buffers.take((2, 3), torch.float32).data_ptr() in {b.data_ptr() for b in buffers.buffers}
+    assert buffers.take((2, 3), torch.float32).data_ptr() in {b.ctypes.data for b in buffers.buffers}
     assert buffers.take((5,), torch.float16).shape == (5,)  # another shape: its own buffer
 
 
 def test_row_pool_reuses_a_row_only_after_its_batch_was_gathered() -> None:
-    pool = _RowPool(rows=2, feature_shape=(2, 3), dtype=np.dtype(np.float16), gathered=-1)
+    pool = RowPool(rows=2, feature_shape=(2, 3), dtype=np.dtype(np.float16), gathered=-1)
     image = np.arange(6, dtype=np.float16).reshape(2, 3)
     a, b = pool.put(image), pool.put(image + 1)
-    assert {a, b} == {0, 1} and np.array_equal(pool.rows[b], image + 1)
+    assert {a, b} == {0, 1} and np.array_equal(pool.features()[b], image + 1)
     pool.release(a, made=0)
     pool.release(b, made=1)
     gathered = []
@@ -468,13 +486,14 @@ def test_row_pool_reuses_a_row_only_after_its_batch_was_gathered() -> None:
     def main_process() -> None:  # gathers batch 0 a little later, from another thread
         time.sleep(0.2)
         gathered.append(time.perf_counter())
-        pool.gathered[0] = 0
+        pool.mark_gathered(0)
 
     thread = threading.Thread(target=main_process)
     thread.start()
     assert pool.put(image + 2) == a  # waits for batch 0, then reuses its row, not batch 1's
     assert gathered and time.perf_counter() >= gathered[0]
     thread.join()
-    assert np.array_equal(pool.rows[a], image + 2) and np.array_equal(pool.rows[b], image + 1)
-    pool.gathered[0] = 1
+    assert np.array_equal(pool.features()[a], image + 2) and np.array_equal(pool.features()[b], image + 1)
+    pool.mark_gathered(1)
     assert pool.put(image) == b
+    pool.close()

@@ -59,6 +59,7 @@ def test_overrides_apply_in_order_with_yaml_values() -> None:
     ("distributed.precision=fp16", "distributed.precision: fp16 needs a GPU"),
     ("optim=3", "--set 'optim=3': the key must be section.key"),
     ("optim.learning_rate", "expected section.key=value"),
+    ("data.shuffle_buffer=64", "data.shuffle_buffer was renamed data.pool_images"),
 ])
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
