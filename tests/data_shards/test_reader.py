@@ -569,3 +569,21 @@ def test_reading_from_s3(tmp_path: Path, s3_server: Any, s3_bucket: str) -> None
     client.delete_object(Bucket=s3_bucket, Key="coco/train/train-000003.tar")
     with pytest.raises(ShardFormatError, match=rf"s3://{s3_bucket}/coco/train/train-000003\.tar: cannot open"):
         list(EvalReader(ReaderConfig(location, num_workers=0, storage_options=options), tokenize))
+
+
+def _shared_blocks() -> set[str]:
+    """The multiprocessing.shared_memory blocks of this machine (Linux: /dev/shm/psm_*)."""
+    return {p.name for p in Path("/dev/shm").glob("psm_*")} if Path("/dev/shm").is_dir() else set()
+
+
+def test_an_epoch_frees_its_shared_memory_even_when_left_early(tmp_path: Path) -> None:
+    write_split(tmp_path, [10, 10, 10, 10])
+    before = _shared_blocks()
+    reader = TrainReader(ReaderConfig(str(tmp_path), batch_size=5, num_workers=2), tokenize, rank=0, world_size=1)
+    assert len(list(reader.epoch(0))) == reader.batches_per_epoch(0)
+    assert _shared_blocks() == before
+    epoch = reader.epoch(1)
+    next(epoch)
+    assert len(_shared_blocks() - before) == 2  # one pool per loader worker while the epoch runs
+    epoch.close()  # the caller stops early (a failure, the end of a step budget)
+    assert _shared_blocks() == before
