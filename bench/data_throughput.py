@@ -509,6 +509,7 @@ def main() -> None:
         f"Date: {args.date}. Machine: {machine()}.", "",
         "Command: `python bench/data_throughput.py" + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
         + (f" --workdir {args.workdir}" if args.workdir != tempfile.gettempdir() else "")
+        + (f" --baseline {args.baseline}" if args.baseline else "")
         + (f" --doc {args.doc}" if args.doc else "") + "`"
         + (f" (reader rows: the fastest of {args.repeat} runs)" if args.repeat > 1 else "")
         + (" (shards of an earlier --keep run, via --reuse)" if args.reuse else "") + ".", "",
