@@ -538,7 +538,9 @@ def _quantile(values: list[float], q: float) -> float:
 def read_train_state(checkpoint: str | None) -> dict[str, Any] | None:
     if not checkpoint:
         return None
-    path = Path(checkpoint) / "train_state.json"
+    from trainer.run_layout import TRAIN_STATE_FILE  # the project is importable: bench/ runs from its root
+
+    path = Path(checkpoint) / TRAIN_STATE_FILE
     try:
         return dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):

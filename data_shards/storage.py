@@ -1,8 +1,13 @@
 """Where shards live: one place that turns a location into an fsspec filesystem and a path.
 
 A location is a local directory (`/data/coco/test`, `file:///data/coco/test`) or an S3 prefix
-(`s3://bucket/coco/test`, through s3fs). `open_location` gives a `Location` with the few
-operations the converter and the verifier need: list, read, hash, and publish a file atomically.
+(`s3://bucket/coco/test`, through s3fs). `open_location` gives a `Location` with the operations
+its users need: list (with sizes and subdirectories), read, hash, download, publish a file
+atomically, remove a file or a tree.
+
+Why it lives in data_shards/: shards are what it was made for, and data_shards/ is the lowest
+layer that does I/O (it imports nothing of model/ or trainer/), so the trainer can use the same
+protocol for run directories (trainer/run_layout.py) without data_shards/ knowing of runs.
 
 S3 configuration, explicit values first, then the environment:
 
@@ -36,7 +41,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 from urllib.parse import unquote, urlparse
@@ -223,9 +228,20 @@ class WriteResult:
     size: int = 0
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a location's listing."""
+
+    name: str
+    size: int  # bytes; 0 for directories
+    is_dir: bool
+
+
 @dataclass
 class Location:
-    """A directory or S3 prefix holding files, addressed by name (no subdirectories needed)."""
+    """A directory or S3 prefix holding files, addressed by name: the one storage protocol of the
+    project. Shards (data_shards/) and run directories (trainer/run_layout.py) go through it, so no
+    caller branches on local versus S3 or touches `fs`."""
 
     url: str  # "s3://bucket/prefix", or the local path as given, without a trailing slash
     protocol: str  # "file" or "s3"
@@ -251,17 +267,67 @@ class Location:
                         protocol=self.protocol, fs=self.fs, path=self.child_path(name),
                         storage_options=self.storage_options)
 
-    def _invalidate(self) -> None:
-        # s3fs caches listings; other processes (converter workers) write behind its back.
+    @property
+    def display(self) -> str:
+        """How the location is named in files and messages: the s3:// URL or the absolute local path."""
+        return self.url if self.is_s3 else self.path
+
+    def invalidate(self) -> None:
+        """Forget cached listings: s3fs caches them, and other processes (converter workers, the
+        trainer beside an evaluator) write behind its back. Every listing here calls it first."""
         self.fs.invalidate_cache(self.path)
 
+    def entries(self) -> list[Entry]:
+        """What is directly in this location, sorted by name: files with their sizes, and
+        directories (S3: common prefixes); [] if the location does not exist."""
+        self.invalidate()
+        try:
+            listed = self.fs.ls(self.path, detail=True)
+        except FileNotFoundError:
+            return []
+        out = [Entry(name=item["name"].rstrip("/").rsplit("/", 1)[-1], size=int(item.get("size") or 0),
+                     is_dir=item.get("type") == "directory") for item in listed]
+        return sorted(out, key=lambda e: e.name)
+
+    def subdirectories(self) -> list[str]:
+        """Names of the directories (S3: common prefixes) directly in this location, sorted."""
+        return [e.name for e in self.entries() if e.is_dir]
+
+    def remove_tree(self, name: str) -> None:
+        """Delete the subdirectory (sub-prefix) `name` and everything under it."""
+        self.fs.rm(self.child_path(name), recursive=True)
+        self.invalidate()
+
+    @contextlib.contextmanager
+    def local_directory(self, names: Sequence[str]) -> Iterator[str]:
+        """A local directory holding the files `names` of this location: the directory itself
+        when it is local, else a temporary copy (removed on exit). FileNotFoundError names a
+        missing file."""
+        if not self.is_s3:
+            for name in names:
+                if not os.path.exists(self.child_path(name)):
+                    raise FileNotFoundError(f"{self.child_url(name)}: not found")
+            yield self.path
+            return
+        with tempfile.TemporaryDirectory(prefix="vsrn-download-") as temporary:
+            for name in names:
+                self.download(name, os.path.join(temporary, name))
+            yield temporary
+
+    def download(self, name: str, destination: str | os.PathLike[str]) -> None:
+        """Copy file `name` to the local path `destination`; FileNotFoundError names the file."""
+        try:
+            self.fs.get_file(self.child_path(name), os.fspath(destination))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{self.child_url(name)}: not found") from exc
+
     def exists(self, name: str) -> bool:
-        self._invalidate()
+        self.invalidate()
         return bool(self.fs.exists(self.child_path(name)))
 
     def list(self, suffix: str = "") -> list[str]:
         """Names of the files directly in this location ending with `suffix`, sorted."""
-        self._invalidate()
+        self.invalidate()
         try:
             entries = self.fs.ls(self.path, detail=True)
         except FileNotFoundError:
@@ -286,6 +352,13 @@ class Location:
             raise FileNotFoundError(f"{self.child_url(name)}: not found") from exc
 
     def read_bytes(self, name: str) -> bytes:
+        if not self.is_s3:
+            # A plain sequential read: no fsspec buffering or seeking (a FIFO, a file being replaced).
+            try:
+                with open(self.child_path(name), "rb") as stream:
+                    return stream.read()
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{self.child_url(name)}: not found") from exc
         with self.open_read(name) as stream:
             return stream.read()
 
@@ -302,7 +375,7 @@ class Location:
 
     def remove(self, name: str) -> None:
         self.fs.rm_file(self.child_path(name))
-        self._invalidate()
+        self.invalidate()
 
     def remove_if_empty(self) -> None:
         """Remove this directory if it is empty (S3 prefixes vanish with their last object)."""
@@ -359,7 +432,7 @@ class Location:
                 os.unlink(temp_path)
             raise
         finally:
-            self._invalidate()
+            self.invalidate()
 
     def write_bytes_atomic(self, name: str, data: bytes) -> str:
         """Publish `data` as file `name` atomically; returns its sha256."""

@@ -33,17 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import json
 import logging
-import os
 import queue
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -55,7 +49,6 @@ import yaml
 
 from data_shards.reader import EvalReader, ReaderConfig, load_split
 from data_shards.storage import Location, open_location
-from model.atomic import atomic_write
 from model.checkpoint import (
     CONFIG_FILE,
     VOCAB_FILE,
@@ -67,6 +60,29 @@ from model.vocab import Vocabulary
 from model.vsrn import VSRN
 from monitoring.recorders import EvaluationMetrics, RayBackend
 from trainer.config import ConfigError, EvalConfig, TrainConfig, config_from_dict
+from trainer.run_layout import (
+    BEST_FILE,
+    CONFIG_YAML,
+    ERROR_FILE,
+    EVALUATIONS_FILE,
+    INFERENCE_DIR,
+    METRICS_FILE,
+    TRAIN_STATE_FILE,
+    CheckpointEntry,
+    best_dev_rsum,
+    is_run_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_best,
+    read_train_state,
+    record_failure,
+    record_in_run,
+    record_result,
+    run_dir_of,
+    state_int,
+    update_best,
+    utc_now,
+)
 from trainer.evaluation import (
     CAPTIONS_PER_IMAGE,
     FOLD_PROTOCOL_MIN_IMAGES,
@@ -106,13 +122,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-ERROR_FILE = "eval_error.json"
-BEST_FILE = "best.json"
-TRAIN_STATE_FILE = "train_state.json"
-CONFIG_YAML = "config.yaml"
-INFERENCE_DIR = "inference"
-CHECKPOINT_PREFIX = "checkpoint_"
 METRICS_FORMAT_VERSION = 1
 
 
@@ -125,80 +134,22 @@ class EvaluationDataError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _location(url: str, storage_options: Mapping[str, Any] | None) -> Location:
-    return open_location(str(url), storage_options)
 
 
-def _display(location: Location) -> str:
-    """How a location is named in files and messages: the s3:// URL or the absolute local path."""
-    return location.url if location.is_s3 else location.path
 
 
-def _read_json(location: Location, name: str) -> dict[str, Any] | None:
-    """The JSON object in file ``name`` of ``location``; None if the file does not exist."""
-    try:
-        if location.is_s3:
-            text = location.read_text(name)
-        else:  # a plain sequential read: no fsspec buffering or seeking needed for a small file
-            text = Path(location.child_path(name)).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{location.child_url(name)}: not valid JSON: {error}") from None
-    if not isinstance(payload, dict):
-        raise ValueError(f"{location.child_url(name)}: expected a JSON object, got {type(payload).__name__}")  # noqa: TRY004 - bad file content, not a bad argument
-    return payload
 
 
-def _write_json(location: Location, name: str, payload: Any) -> None:
-    """Publish ``payload`` as JSON file ``name``: readers see the old file or the whole new one."""
-    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    if location.is_s3:
-        # An S3 object appears only when its upload completes: never partial.
-        location.write_bytes_atomic(name, text.encode("utf-8"))
-    else:
-        with atomic_write(Path(location.child_path(name))) as stream:
-            stream.write(text)
 
 
-def _remove_if_present(location: Location, name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if location.exists(name):
-            location.remove(name)
 
 
-def _subdirectories(location: Location) -> list[str]:
-    """Names of the directories (S3: common prefixes) directly under ``location``, sorted."""
-    if not location.is_s3:
-        try:
-            return sorted(entry.name for entry in os.scandir(location.path) if entry.is_dir())
-        except FileNotFoundError:
-            return []
-    location.fs.invalidate_cache(location.path)  # checkpoints appear behind s3fs's listing cache
-    try:
-        entries = location.fs.ls(location.path, detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
-                  if entry.get("type") == "directory")
 
 
-def run_dir_of(checkpoint: str) -> str:
-    """The run directory of a checkpoint: its parent directory or prefix."""
-    stripped = str(checkpoint).rstrip("/")
-    if "://" in stripped:
-        return stripped.rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(stripped))
 
 
-def _basename(url: str) -> str:
-    return str(url).rstrip("/").rsplit("/", 1)[-1]
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,32 +267,14 @@ def _local_inference_dir(checkpoint: Location) -> Iterator[Path]:
     elif checkpoint.exists(CONFIG_FILE):
         source = checkpoint
     else:
-        raise CheckpointError(f"{_display(checkpoint)}: no inference checkpoint "
+        raise CheckpointError(f"{checkpoint.display}: no inference checkpoint "
                               f"({INFERENCE_DIR}/{CONFIG_FILE} not found)")
-    if not source.is_s3:
-        yield Path(source.path)
-        return
-    with tempfile.TemporaryDirectory(prefix="vsrn-eval-") as temporary:
-        for name in (WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE):
-            if not source.exists(name):
-                raise CheckpointError(f"{source.child_url(name)}: missing from the checkpoint")
-            source.fs.get_file(source.child_path(name), os.path.join(temporary, name))
-        yield Path(temporary)
-
-
-def _train_state(checkpoint: Location) -> dict[str, Any] | None:
-    return _read_json(checkpoint, TRAIN_STATE_FILE)
-
-
-def is_run_checkpoint(checkpoint: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``checkpoint`` is a complete checkpoint of a run (train_state.json present), as
-    opposed to a bare inference checkpoint."""
-    return _location(checkpoint, storage_options).exists(TRAIN_STATE_FILE)
-
-
-def _int_or_none(state: dict[str, Any] | None, key: str) -> int | None:
-    value = None if state is None else state.get(key)
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    with contextlib.ExitStack() as stack:
+        try:
+            directory = stack.enter_context(source.local_directory((WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE)))
+        except FileNotFoundError as error:
+            raise CheckpointError(f"{error}: missing from the checkpoint") from error
+        yield Path(directory)
 
 
 def evaluate_checkpoint(
@@ -374,8 +307,8 @@ def evaluate_checkpoint(
     if dev is None and test is None:
         raise ValueError("nothing to evaluate: give dev and/or test shards")
     started = time.perf_counter()
-    location = _location(checkpoint, storage_options)
-    state = _train_state(location)
+    location = open_location(checkpoint, storage_options)
+    state = read_train_state(location)
     device = torch.device(device)
     with _local_inference_dir(location) as inference:
         model, vocab = load_inference_checkpoint(inference, device=device)
@@ -388,9 +321,9 @@ def evaluate_checkpoint(
         return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images)
 
     payload: dict[str, Any] = {
-        "checkpoint": _display(location),
-        "step": _int_or_none(state, "step"),
-        "epoch": _int_or_none(state, "epoch"),
+        "checkpoint": location.display,
+        "step": state_int(state, "step"),
+        "epoch": state_int(state, "epoch"),
         "dev": None,
         "dev_rsum": None,
         "test": {},
@@ -412,11 +345,11 @@ def evaluate_checkpoint(
             if protocol == PROTOCOL_1K_5FOLD and images.shape[0] < FOLD_PROTOCOL_MIN_IMAGES:
                 reason = (f"needs at least {FOLD_PROTOCOL_MIN_IMAGES} test images, "
                           f"the test split has {images.shape[0]}")
-                logger.warning("%s: protocol %s skipped: %s", _display(location), protocol, reason)
+                logger.warning("%s: protocol %s skipped: %s", location.display, protocol, reason)
                 payload["skipped"][protocol] = reason
                 continue
             payload["test"][protocol] = evaluate_embeddings([(images, captions)], protocol, device=device)
-    payload["evaluated_at"] = _now()
+    payload["evaluated_at"] = utc_now()
     payload["elapsed_s"] = round(time.perf_counter() - started, 3)
     payload["format_version"] = METRICS_FORMAT_VERSION
     return payload
@@ -437,85 +370,14 @@ def results_table(payload: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def record_result(checkpoint: str, payload: dict[str, Any],
-                  storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write ``metrics.json`` beside the checkpoint (atomically) and drop a stale eval_error.json."""
-    location = _location(checkpoint, storage_options)
-    _write_json(location, METRICS_FILE, payload)
-    # metrics.json now says this checkpoint was evaluated; an older failure record would only
-    # contradict it (it exists after a successful --retry-failed).
-    _remove_if_present(location, ERROR_FILE)
 
 
-def record_failure(checkpoint: str, error: BaseException,
-                   storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``eval_error.json`` beside the checkpoint; returns its payload."""
-    location = _location(checkpoint, storage_options)
-    payload = {
-        "checkpoint": _display(location),
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
-        "failed_at": _now(),
-    }
-    _write_json(location, ERROR_FILE, payload)
-    return payload
 
 
-def read_best(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The run's ``best.json`` payload, or None when there is none (or it is unreadable)."""
-    location = _location(run_dir, storage_options)
-    try:
-        return _read_json(location, BEST_FILE)
-    except (ValueError, UnicodeDecodeError, OSError) as error:
-        logger.warning("ignoring %s: %s", location.child_url(BEST_FILE), error)
-        return None
 
 
-def best_dev_rsum(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> float | None:
-    """The dev rsum recorded in the run's ``best.json`` (None: no best yet, or no number there)."""
-    best = read_best(run_dir, storage_options)
-    rsum = best.get("dev_rsum") if best is not None else None
-    return float(rsum) if isinstance(rsum, (int, float)) and not isinstance(rsum, bool) else None
 
 
-def update_best(run_dir: str, payload: dict[str, Any],
-                storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Make the checkpoint of ``payload`` (a metrics.json payload) the run's best if its dev rsum
-    beats the one in ``RUN_DIR/best.json`` (strictly, as the reference's ``rsum > best_rsum``);
-    returns whether it did.
-
-    best.json is replaced atomically. Two evaluators racing (a CronJob beside the training's
-    actor) may both read the old file; the last writer wins, but readers never see a partial file.
-    A checkpoint already recorded as best is rewritten with its new metrics.
-    """
-    rsum = payload.get("dev_rsum")
-    if rsum is None:
-        logger.info("%s has no dev rsum (no dev split): best.json not updated", payload.get("checkpoint"))
-        return False
-    location = _location(run_dir, storage_options)
-    current = read_best(run_dir, storage_options)
-    dev_images = (payload.get("data") or {}).get("dev_images")
-    if current is not None:
-        recorded = current.get("dev_rsum")
-        if current.get("dev_images") not in (None, dev_images):
-            logger.warning("%s: comparing dev rsums over %s and %s dev images; evaluate with the same "
-                           "eval.dev_images", location.child_url(BEST_FILE), current.get("dev_images"), dev_images)
-        same = _basename(str(current.get("checkpoint", ""))) == _basename(payload["checkpoint"])
-        if not same and isinstance(recorded, (int, float)) and not rsum > recorded:
-            return False
-    best = {
-        "checkpoint": payload["checkpoint"],
-        "step": payload.get("step"),
-        "epoch": payload.get("epoch"),
-        "dev_rsum": rsum,
-        "dev_images": dev_images,
-        "dev": payload.get("dev"),
-        "metrics": payload.get("test", {}),
-        "updated_at": _now(),
-    }
-    _write_json(location, BEST_FILE, best)
-    logger.info("new best checkpoint %s (step %s): dev rsum %.2f", payload["checkpoint"], payload.get("step"), rsum)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,41 +385,8 @@ def update_best(run_dir: str, payload: dict[str, Any],
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class CheckpointEntry:
-    """A complete checkpoint directory of a run and what the evaluator has recorded for it."""
-
-    name: str
-    url: str
-    step: int | None
-    epoch: int | None
-    evaluated: bool  # metrics.json present
-    failed: bool  # eval_error.json present
 
 
-def list_checkpoints(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> list[CheckpointEntry]:
-    """The complete ``checkpoint_*`` directories of a run (train_state.json present: it is written
-    last), in step order (ties and missing steps: by name)."""
-    run = _location(run_dir, storage_options)
-    entries = []
-    for name in _subdirectories(run):
-        if not name.startswith(CHECKPOINT_PREFIX):
-            continue
-        checkpoint = run.child(name)
-        try:
-            state = _train_state(checkpoint)
-        except (ValueError, UnicodeDecodeError) as error:
-            # Written last and atomically, so unreadable means damaged, not in progress.
-            logger.warning("%s: %s; treating the checkpoint as incomplete", _display(checkpoint), error)
-            continue
-        if state is None:
-            logger.debug("%s: no %s yet (incomplete)", _display(checkpoint), TRAIN_STATE_FILE)
-            continue
-        entries.append(CheckpointEntry(
-            name=name, url=_display(checkpoint), step=_int_or_none(state, "step"), epoch=_int_or_none(state, "epoch"),
-            evaluated=checkpoint.exists(METRICS_FILE), failed=checkpoint.exists(ERROR_FILE)))
-    entries.sort(key=lambda e: (e.step if e.step is not None else -1, e.name))
-    return entries
 
 
 @dataclasses.dataclass
@@ -576,7 +405,7 @@ def read_run_settings(run_dir: str, storage_options: Mapping[str, Any] | None = 
 
     Raises ConfigError naming the file when it is not a valid trainer/config.py configuration.
     """
-    location = _location(run_dir, storage_options)
+    location = open_location(run_dir, storage_options)
     try:
         text = location.read_text(CONFIG_YAML)
     except FileNotFoundError:
@@ -621,7 +450,7 @@ def evaluate_and_record(
     started = time.perf_counter()
     display = checkpoint
     with contextlib.suppress(Exception):
-        display = _display(_location(checkpoint, storage_options))
+        display = open_location(checkpoint, storage_options).display
     try:
         payload = evaluate_checkpoint(checkpoint, dev, test, eval_config, storage_options, device,
                                       loader_workers=loader_workers, region_order=region_order)
@@ -630,8 +459,8 @@ def evaluate_and_record(
         logger.error("evaluating %s failed: %s: %s", checkpoint, type(error).__name__, error)
         step = epoch = None
         with contextlib.suppress(Exception):
-            state = _train_state(_location(checkpoint, storage_options))
-            step, epoch = _int_or_none(state, "step"), _int_or_none(state, "epoch")
+            state = read_train_state(open_location(checkpoint, storage_options))
+            step, epoch = state_int(state, "step"), state_int(state, "epoch")
         try:
             record_failure(checkpoint, error, storage_options)
         except Exception as record_error:  # noqa: BLE001 - e.g. the store is down; keep going
@@ -642,9 +471,10 @@ def evaluate_and_record(
                         elapsed_s=round(time.perf_counter() - started, 3))
     best_error = None
     try:
-        is_best = update_best(run_dir or run_dir_of(checkpoint), payload, storage_options)
+        is_best = record_in_run(run_dir or run_dir_of(checkpoint), payload, storage_options)
     except Exception as error:  # noqa: BLE001 - metrics.json is written: the evaluation itself succeeded
-        logger.error("%s: cannot update %s: %s: %s", checkpoint, BEST_FILE, type(error).__name__, error)
+        logger.error("%s: cannot update %s / %s: %s: %s", checkpoint, EVALUATIONS_FILE, BEST_FILE,
+                     type(error).__name__, error)
         is_best, best_error = False, f"{BEST_FILE} not updated: {type(error).__name__}: {error}"
     if metrics is not None:
         metrics.record_evaluation(payload, best_dev_rsum(run_dir or run_dir_of(checkpoint), storage_options),
@@ -715,45 +545,6 @@ def evaluate_run(
 # --------------------------------------------------------------------------------------------------
 
 
-def prune_checkpoints(run_dir: str, keep_last: int, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Delete the checkpoint directories that are evaluated (metrics.json or eval_error.json) and
-    are neither among the newest ``keep_last`` (by step) nor the best (best.json, or the highest
-    dev rsum in the metrics files). Incomplete and not yet evaluated checkpoints are never touched.
-
-    Ray's own ``num_to_keep`` cannot keep "the best" here: the metrics arrive asynchronously.
-    Returns the deleted checkpoints.
-    """
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    run = _location(run_dir, storage_options)
-    entries = list_checkpoints(run_dir, storage_options)
-    keep = {e.name for e in entries[-keep_last:]}
-    best = read_best(run_dir, storage_options)
-    if best is not None and best.get("checkpoint"):
-        keep.add(_basename(str(best["checkpoint"])))
-    # best.json may lag a metrics.json (or a racing writer may have lost): keep the top dev rsum too.
-    top: tuple[float, str] | None = None
-    for entry in entries:
-        if entry.evaluated:
-            with contextlib.suppress(ValueError, UnicodeDecodeError, OSError):
-                metrics = _read_json(run.child(entry.name), METRICS_FILE) or {}
-                rsum = metrics.get("dev_rsum")
-                if isinstance(rsum, (int, float)) and (top is None or rsum > top[0]):
-                    top = (float(rsum), entry.name)
-    if top is not None:
-        keep.add(top[1])
-    deleted = []
-    for entry in entries:
-        if entry.name in keep or not (entry.evaluated or entry.failed):
-            continue
-        logger.info("pruning %s (step %s)", entry.url, entry.step)
-        if run.is_s3:
-            run.fs.rm(run.child_path(entry.name), recursive=True)
-            run.fs.invalidate_cache(run.path)
-        else:
-            shutil.rmtree(run.child_path(entry.name))
-        deleted.append(entry.url)
-    return deleted
 
 
 # --------------------------------------------------------------------------------------------------

@@ -399,8 +399,8 @@ def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _Exp
         record_result,
         results_table,
         run_dir_of,
-        update_best,
     )
+    from trainer.run_layout import record_in_run
 
     options = _storage_options(args)
     _full_precision(args.device)
@@ -432,10 +432,10 @@ def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _Exp
         else:
             record_result(args.checkpoint, payload, options)
             logger.info("wrote metrics.json beside %s", payload["checkpoint"])
-            # A run checkpoint evaluated by hand must count for model selection as --watch would,
-            # which now skips it.
-            if in_run and payload["dev_rsum"] is not None:
-                update_best(run_dir_of(args.checkpoint), payload, options)
+            # A run checkpoint evaluated by hand must count in the run's history and for model
+            # selection as --watch would, which now skips it.
+            if in_run:
+                record_in_run(run_dir_of(args.checkpoint), payload, options)
     except OSError as error:
         target = args.output if args.output is not None else f"metrics.json beside {args.checkpoint}"
         print(f"{prog}: error: cannot write {target}: {error}", file=sys.stderr)

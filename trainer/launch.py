@@ -46,6 +46,7 @@ from trainer.config import (
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
+from trainer.run_layout import CONFIG_YAML
 
 log = logging.getLogger("trainer.launch")
 
@@ -144,7 +145,7 @@ def cluster_hosts() -> tuple[str, list[str]]:
 def write_run_config(config: TrainConfig, run_dir: str) -> None:
     location = open_location(run_dir, storage_options_for(config.data) if is_s3_url(run_dir) else None)
     location.makedirs()
-    location.write_bytes_atomic("config.yaml", config_to_yaml(config).encode("utf-8"))
+    location.write_bytes_atomic(CONFIG_YAML, config_to_yaml(config).encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------

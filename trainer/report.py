@@ -29,7 +29,6 @@ directory cannot be read or an input is corrupt (a one-line message on stderr). 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import math
@@ -62,15 +61,19 @@ from data_shards.storage import (
     open_location,
     s3_storage_options,
 )
-from trainer.eval_worker import (
+from trainer.eval_worker import results_table
+from trainer.run_layout import (
     BEST_FILE,
+    CHECKPOINT_PREFIX,
     CONFIG_YAML,
     ERROR_FILE,
+    EVALUATIONS_FILE,
     METRICS_FILE,
+    TRAIN_LOG,
     list_checkpoints,
-    results_table,
+    read_evaluations,
+    utc_now,
 )
-from trainer.worker import TRAIN_LOG
 
 logger = logging.getLogger("trainer.report")
 
@@ -129,13 +132,14 @@ class StepSeries:
 
 @dataclass
 class CheckpointInfo:
-    """A complete checkpoint of the run and what the evaluator recorded for it."""
+    """A complete (or pruned, but evaluated) checkpoint of the run and what the evaluator recorded for it."""
 
     name: str
     step: int | None
     epoch: int | None
-    metrics: dict[str, Any] | None = None  # metrics.json
+    metrics: dict[str, Any] | None = None  # metrics.json, or its evaluations.jsonl line
     error: str | None = None  # from eval_error.json
+    pruned: bool = False  # the directory is gone; the metrics come from evaluations.jsonl
 
     @property
     def dev_rsum(self) -> float | None:
@@ -188,13 +192,11 @@ def _is_number(value: Any) -> bool:
 def _read_text(location: Location, name: str) -> str | None:
     """The text of file ``name`` in ``location``; None if it does not exist."""
     try:
-        if location.is_s3:
-            return location.read_text(name)
-        return Path(location.child_path(name)).read_text(encoding="utf-8")
+        return location.read_text(name)
     except FileNotFoundError:
         return None
-    except UnicodeDecodeError as error:
-        raise ReportInputError(f"{location.child_url(name)}: not UTF-8 text ({error})") from None
+    except StorageError as error:  # not UTF-8
+        raise ReportInputError(str(error)) from None
 
 
 def _parse_json_object(text: str, where: str) -> dict[str, Any]:
@@ -280,13 +282,7 @@ def _check_metric_block(block: Any, where: str) -> None:
 
 def _checkpoint_directories(run: Location) -> list[str]:
     """Names of the checkpoint_* directories directly under the run, complete or not."""
-    run.fs.invalidate_cache(run.path)  # s3fs caches listings; the trainer writes behind its back
-    try:
-        entries = run.fs.ls(run.path, detail=True)
-    except FileNotFoundError:
-        return []
-    names = (entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
-    return sorted(name for name in names if name.startswith("checkpoint_"))
+    return [name for name in run.subdirectories() if name.startswith(CHECKPOINT_PREFIX)]
 
 
 def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> Run:
@@ -338,6 +334,7 @@ def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> 
         checkpoints.append(info)
     complete = {c.name for c in checkpoints}
     incomplete = [name for name in _checkpoint_directories(location) if name not in complete]
+    checkpoints = _with_history(location, checkpoints, options, notes)
 
     best_file: dict[str, Any] | None = None
     best_text = _read_text(location, BEST_FILE)
@@ -356,6 +353,29 @@ def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> 
     name = str(_config_value(config, "checkpoint", "run_name") or location.url.rstrip("/").rsplit("/", 1)[-1])
     return Run(url=location.url, name=name, is_s3=location.is_s3, config=config, steps=steps,
                checkpoints=checkpoints, incomplete=incomplete, best_file=best_file, notes=notes)
+
+
+def _with_history(location: Location, checkpoints: list[CheckpointInfo], options: dict[str, Any] | None,
+                  notes: list[str]) -> list[CheckpointInfo]:
+    """The checkpoints on disk plus those of the evaluation history (evaluations.jsonl) whose
+    directories were pruned, in step order: the history keeps every evaluated checkpoint."""
+    try:
+        history = read_evaluations(location.url, options)
+    except ValueError as error:
+        raise ReportInputError(str(error)) from None
+    by_name = {c.name: c for c in checkpoints}
+    for line in history:
+        where = f"{location.child_url(EVALUATIONS_FILE)} ({line['checkpoint']})"
+        _validate_metrics(line, where)
+        entry = by_name.get(str(line["checkpoint"]))
+        if entry is None:
+            entry = by_name[str(line["checkpoint"])] = CheckpointInfo(
+                name=str(line["checkpoint"]), step=line.get("step"), epoch=line.get("epoch"), pruned=True)
+        if entry.metrics is None:
+            entry.metrics = line
+    if not history and any(c.metrics is not None for c in checkpoints):
+        notes.append(f"no {EVALUATIONS_FILE}: only the checkpoints still in the run are plotted")
+    return sorted(by_name.values(), key=lambda c: (c.step if c.step is not None else -1, c.name))
 
 
 def find_best(run: Run) -> tuple[CheckpointInfo | None, dict[str, Any] | None, str]:
@@ -670,7 +690,7 @@ def write_summary(run: Run, best: CheckpointInfo | None, best_payload: dict[str,
         notes.append(f"incomplete checkpoint(s) being written or abandoned: {', '.join(run.incomplete)}")
     lines = [f"# Run report: {run.name}", "",
              f"Run directory: `{run.url}`  ",
-             (f"Report written {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')} "
+             (f"Report written {utc_now()} "
               f"by `trainer/report.py`."), ""]
     if notes:
         lines += ["## Missing or incomplete", ""] + [f"- {note}" for note in notes] + [""]

@@ -56,21 +56,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_shards.storage import is_s3_url, open_location
+from data_shards.storage import is_s3_url
 from model.checkpoint import save_inference_checkpoint
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
 from trainer.config import ConfigError, TrainConfig
+from trainer.run_layout import DEEPSPEED_DIR, INFERENCE_DIR, best_dev_rsum, checkpoint_name
+from trainer.run_layout import TRAIN_STATE_FILE as TRAIN_STATE
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-TRAIN_STATE = "train_state.json"
-DEEPSPEED_DIR = "deepspeed"
-INFERENCE_DIR = "inference"
-RNG_DIR = "rng"
-BEST_FILE = "best.json"
-CHECKPOINT_PREFIX = "checkpoint_"
+RNG_DIR = "rng"  # inside DEEPSPEED_DIR: each rank's RNG states
 UNIVERSAL_LATEST = "latest_universal"
 
 
@@ -114,7 +111,7 @@ class TrainState:
 
 def checkpoint_dir_name(step: int) -> str:
     """`checkpoint_000001234`: one per step, so names sort by step and never repeat in a run."""
-    return f"{CHECKPOINT_PREFIX}{step:09d}"
+    return checkpoint_name(step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,12 +186,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def read_best_rsum(run_dir: str, storage_options: dict[str, Any] | None) -> float | None:
     """The dev rsum in RUN_DIR/best.json (written by the evaluation worker), if there is one."""
-    try:
-        payload = json.loads(open_location(run_dir, storage_options).read_text(BEST_FILE))
-        value = payload.get("dev_rsum")
-        return float(value) if value is not None else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    return best_dev_rsum(run_dir, storage_options)
 
 
 def export_inference(directory: Path, module: torch.nn.Module, vocab: Vocabulary, extra: dict[str, Any]) -> None:

@@ -80,10 +80,10 @@ from trainer.run_checkpoint import (
     save_checkpoint,
     seed_everything,
 )
+from trainer.run_layout import TRAIN_LOG
 
 log = logging.getLogger("trainer.worker")
 
-TRAIN_LOG = "train_log.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -155,3 +155,32 @@ def test_open_url_builds_its_own_filesystem_in_each_process(s3_server: Any, s3_b
     process.join(timeout=60)
     assert data == b"worker data"
     assert pid != os.getpid() and same_instance is False
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_listing_trees_and_downloads(kind: str, tmp_path: Path, s3_server: Any, s3_bucket: str) -> None:
+    if kind == "local":
+        location = open_location(str(tmp_path / "run"))
+        location.makedirs()
+    else:
+        location = open_location(f"s3://{s3_bucket}/tree-{tmp_path.name}", s3_server.storage_options)
+    location.write_bytes_atomic("a.json", b"12345")
+    location.child("checkpoint_1").write_bytes_atomic("w.bin", b"weights")
+    location.child("checkpoint_1").child("inner").write_bytes_atomic("x", b"x")
+    entries = location.entries()
+    assert [(e.name, e.is_dir) for e in entries] == [("a.json", False), ("checkpoint_1", True)]
+    assert entries[0].size == 5
+    assert location.subdirectories() == ["checkpoint_1"]
+    location.download("a.json", tmp_path / "copy.json")
+    assert (tmp_path / "copy.json").read_bytes() == b"12345"
+    with pytest.raises(FileNotFoundError, match="nope: not found"):
+        location.download("nope", tmp_path / "nope")
+    with location.child("checkpoint_1").local_directory(["w.bin"]) as directory:
+        assert (Path(directory) / "w.bin").read_bytes() == b"weights"
+    with pytest.raises(FileNotFoundError, match="missing.bin: not found"):
+        with location.child("checkpoint_1").local_directory(["missing.bin"]):
+            pass
+    location.remove_tree("checkpoint_1")
+    assert location.subdirectories() == [] and location.list() == ["a.json"]
+    assert location.display == (location.url if kind == "s3" else location.path)
+    assert open_location(str(tmp_path / "absent")).entries() == []
