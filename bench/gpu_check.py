@@ -502,7 +502,9 @@ def _memory_gib() -> float | None:
 
 
 def read_step_log(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "train_log.jsonl"
+    from trainer.run_layout import TRAIN_LOG
+
+    path = run_dir / TRAIN_LOG
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

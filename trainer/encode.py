@@ -200,10 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as error:
         print(f"{prog}: error: --device {args.device!r}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    # cuDNN runs fp32 GRUs in TF32 by default, which moved tiny-model embeddings by ~7e-5 on an
-    # H200 (seen); embeddings meant to reproduce the reference's are computed in full fp32.
-    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
-    torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    from trainer.evaluation import set_tf32  # the one TF32 switch (why: its docstring)
+
+    set_tf32(args.allow_tf32)
 
     try:
         # Every input is checked before the first forward pass, so a bad caption file does not

@@ -84,6 +84,7 @@ from trainer.run_layout import (
     utc_now,
 )
 from trainer.evaluation import (
+    set_tf32,
     CAPTIONS_PER_IMAGE,
     FOLD_PROTOCOL_MIN_IMAGES,
     PROTOCOL_1K_5FOLD,
@@ -592,9 +593,7 @@ class EvaluationWorker:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         if str(self.device).startswith("cuda"):
-            # Full fp32 encodings, as trainer/encode.py: TF32 GRUs would move the metrics slightly.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+            set_tf32(False)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)

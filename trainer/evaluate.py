@@ -330,12 +330,10 @@ def _eval_config(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
 
 
 def _full_precision(device: str) -> None:
-    # cuDNN runs fp32 GRUs in TF32 by default, which moves embeddings by ~1e-4 (trainer/encode.py).
     if device.startswith("cuda"):
-        import torch
+        from trainer.evaluation import set_tf32
 
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        set_tf32(False)
 
 
 class _ExportedMetrics:

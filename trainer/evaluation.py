@@ -790,3 +790,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         for k, fold in enumerate(metrics.get("folds", [])):
             lines.append(_table_row(f"  fold {k}", fold, label_width))
     return "\n".join(lines)
+
+
+def set_tf32(enabled: bool) -> None:
+    """The one TF32 switch of evaluation and encoding: cuDNN runs fp32 GRUs in TF32 by default,
+    which moved tiny-model embeddings by ~7e-5 on an H200 (seen), enough to move recalls; metrics
+    and embeddings meant to reproduce the reference's are computed in full fp32 (enabled=False)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
