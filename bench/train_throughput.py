@@ -72,6 +72,7 @@ import model.vsrn as vsrn_module
 from model.loss import hardest_negative_loss
 from model.vsrn import END_ID, START_ID, VSRN, VSRNConfig
 from trainer import allocator
+from trainer.evaluation import set_tf32
 
 LEARNING_RATE = 2e-4
 GRAD_CLIP = 2.0
@@ -480,8 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = args.precision or (["fp32", "bf16"] if device.startswith("cuda") else ["fp32"])
     config = VSRNConfig(img_dim=256, embed_size=256, caption_hidden=128) if args.small else VSRNConfig()
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
-        torch.backends.cudnn.allow_tf32 = False
+        set_tf32(False)  # fp32 means fp32: the project's one TF32 switch
     fused_adam = not args.plain_adam
 
     report: dict[str, Any] = {

@@ -26,6 +26,11 @@ over the destination with `os.replace`; an S3 object appears only when its PUT (
 upload) completes, so the data are first written to a local temporary file and then uploaded.
 Writers that publish several files (the converter) write their index (`manifest.json`) last.
 
+Read-modify-write (`Location.locked`): locally, cooperating writers of one file take an `flock` on
+a hidden lock file beside it, so two processes appending to the same file never lose each other's
+update. S3 has no locks: nothing is held there, and the later of two racing uploads wins; callers
+say why that is acceptable for their file (trainer/run_layout.py, the evaluation history).
+
 fsspec filesystem instances are not fork-safe ("This class is not fork-safe" in fsspec's docs):
 `filesystem()` caches one instance per (process id, protocol, options), created with
 `skip_instance_cache=True` so a forked child never reuses its parent's instance. `open_url` is the
@@ -35,6 +40,7 @@ function for data-loader workers: it builds the filesystem lazily in whichever p
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -52,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
 TEMP_PREFIX = ".tmp-"  # hidden temporary files of atomic local writes; never valid shard names
+LOCK_PREFIX = ".lock-"  # hidden lock files of `Location.locked`, beside the file they guard
 
 _FS_CACHE: dict[tuple[int, str, str], fsspec.AbstractFileSystem] = {}
 
@@ -261,7 +268,7 @@ class Location:
         """A URL of file `name` that `open_url` (and so a WebDataset reader) understands."""
         return f"{self.url}/{name}" if self.is_s3 else os.path.join(self.path, name)
 
-    def child(self, name: str) -> "Location":
+    def child(self, name: str) -> Location:
         """The subdirectory (sub-prefix) `name` of this location, on the same filesystem."""
         return Location(url=f"{self.url}/{name}" if self.is_s3 else os.path.join(self.url, name),
                         protocol=self.protocol, fs=self.fs, path=self.child_path(name),
@@ -292,6 +299,28 @@ class Location:
     def subdirectories(self) -> list[str]:
         """Names of the directories (S3: common prefixes) directly in this location, sorted."""
         return [e.name for e in self.entries() if e.is_dir]
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """Hold the lock of file `name` for a read-modify-write among cooperating writers.
+
+        Local: an exclusive `flock` on the hidden file `.lock-<name>` beside it, created on first
+        use and left in place (deleting it would let a waiter and a newcomer lock two different
+        files). flock locks belong to an open file description, so the lock also excludes other
+        threads of this process, and on Linux it works on NFS too (emulated with POSIX locks).
+        S3 has no locks: nothing is held, so the later of two racing writers wins there.
+        """
+        if self.is_s3:
+            yield
+            return
+        directory, base = os.path.split(self.child_path(name))
+        os.makedirs(directory, exist_ok=True)
+        descriptor = os.open(os.path.join(directory, f"{LOCK_PREFIX}{base}"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing the descriptor releases the lock
 
     def remove_tree(self, name: str) -> None:
         """Delete the subdirectory (sub-prefix) `name` and everything under it."""

@@ -1,7 +1,7 @@
 """Real inputs for the evaluation-worker tests: tiny sharded splits, tiny VSRN checkpoints, runs.
 
-Shared by tests/trainer/test_eval_worker.py and tests/trainer/test_evaluate_cli.py (tests/ is on
-sys.path, see tests/conftest.py). Everything is small enough for a 2-core machine: splits of a few
+Shared by tests/trainer/test_checkpoint_eval.py, test_eval_worker.py, test_evaluate_cli.py,
+test_run_layout.py and test_report.py (tests/ is on sys.path, see tests/conftest.py). Everything is small enough for a 2-core machine: splits of a few
 dozen images with 4 regions of 8 features, models with 16-dimensional embeddings.
 
 Splits are written in the precomputed layout and converted with the project's converter
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +24,13 @@ from data_shards.convert import convert, plan_precomp
 from model.checkpoint import save_inference_checkpoint
 from model.vocab import Vocabulary, build_vocab, pad_captions
 from model.vsrn import VSRN, VSRNConfig
-from trainer.config import TrainConfig, config_to_yaml
+from trainer.config import EvalConfig, TrainConfig, config_to_yaml
+from trainer.evaluation import evaluate_embeddings
 
 REGIONS, FEATURES = 4, 8
+DEV_IMAGES = 20  # of the 30 dev images of build_eval_data: the subset ends inside the second shard of 16
+PINNED_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
+               "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum"]
 WORDS = ("dog", "cat", "red", "blue", "park", "street", "ball", "tree", "runs", "sits", "near", "under")
 
 
@@ -107,3 +112,49 @@ def embed(model: VSRN, vocab: Vocabulary, split: Split, images: int | None = Non
     image_emb = model.encode_images(torch.from_numpy(split.ims[:count])).numpy()
     tokens, lengths = pad_captions([vocab.encode(c) for c in split.captions[: 5 * count]])
     return image_emb, model.encode_captions(tokens, lengths).numpy()
+
+
+def dev_metrics(model: VSRN, data: EvalData) -> dict[str, Any]:
+    """The dev metrics an evaluator must find: protocol "all" on the first DEV_IMAGES dev images."""
+    return evaluate_embeddings([embed(model, data.vocab, data.dev, DEV_IMAGES)], "all")
+
+
+def expected_test_metrics(model: VSRN, data: EvalData) -> dict[str, Any]:
+    return evaluate_embeddings([embed(model, data.vocab, data.test)], "all")
+
+
+def ranked_models(data: EvalData) -> list[VSRN]:
+    """Two different models, the one with the higher dev rsum first (it must stay the best when
+    the later checkpoint, with a lower rsum, is evaluated)."""
+    candidates = [make_model(data.vocab, seed) for seed in (1, 2)]
+    rsums = [dev_metrics(m, data)["rsum"] for m in candidates]
+    assert rsums[0] != rsums[1]
+    return sorted(candidates, key=lambda m: -dev_metrics(m, data)["rsum"])
+
+
+def eval_config(**changes: Any) -> EvalConfig:
+    base = {"test_protocols": ["1k-5fold", "all"], "dev_images": DEV_IMAGES, "batch_size": 16}
+    return EvalConfig(**{**base, **changes})
+
+
+def truncate(path: Path) -> None:
+    """Cut a file in half (a damaged model.safetensors)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def make_run(root: Path, data: EvalData, models: list[VSRN], corrupt: int | None = None) -> Path:
+    """RUN_DIR with config.yaml and checkpoint_000001.. (steps 10, 20, ...) of ``models``;
+    ``corrupt``: index of a checkpoint whose model.safetensors is truncated."""
+    run = root / "run"
+    write_run_config(run, str(data.dev.shards), str(data.test.shards), ["1k-5fold", "all"], DEV_IMAGES)
+    for index, model in enumerate(models):
+        directory = write_checkpoint(run, f"checkpoint_{index + 1:06d}", model, data.vocab, step=10 * (index + 1),
+                                     epoch=index)
+        if index == corrupt:
+            truncate(directory / "inference" / "model.safetensors")
+    return run
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

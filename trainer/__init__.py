@@ -1,0 +1,18 @@
+"""Training and evaluation: composes model/ (the library) and data_shards/ (the data); monitoring/
+is used from here, never the other way round.
+
+    launch.py           the main job (`ray job submit -- python trainer/launch.py`): Ray Train driver
+    config.py           the typed configuration (configs/*.yaml, --set overrides)
+    data.py             the run's data: synthetic default, shards, vocabulary
+    worker.py           the training loop on each Ray Train worker (DeepSpeed engine)
+    run_checkpoint.py   saving and resuming checkpoints (DeepSpeed state, inference export)
+    run_layout.py       the one owner of RUN_DIR: file names, records, evaluation history, retention
+    failures.py         which worker errors end a run at once
+    checkpoint_eval.py  evaluate and record one checkpoint, or every checkpoint of a run
+    eval_worker.py      the Ray actor that evaluates checkpoints while training runs
+    evaluation.py       recall protocols (1K-fold, 5K), the TF32 switch
+    evaluate.py         CLI: a checkpoint, a run (--watch), or saved embeddings
+    encode.py           CLI: embeddings of a split
+    report.py           CLI: plots and summary of a run directory
+    allocator.py        the allocator settings of the workers
+"""

@@ -22,13 +22,14 @@ similarity matrices are averaged before ranking):
   (``--data``, a directory with manifest.json) are encoded with it and every ``--protocol`` is
   computed (default: both; ``1k-5fold`` is skipped below 5000 images); ``--dev`` adds the dev
   metrics (protocol ``all`` on the first ``--dev-images`` images) whose rsum selects models.
-  Writes the run-layout ``metrics.json`` beside the checkpoint (and, for a run checkpoint with
-  dev metrics, updates the run's ``best.json``), or to ``--output`` instead. For a run checkpoint
+  Writes the run-layout ``metrics.json`` beside the checkpoint (and, for a run checkpoint, adds
+  its line to the run's ``evaluations.jsonl`` and, with dev metrics, updates ``best.json``: the
+  evaluation worker's record sequence), or to ``--output`` instead. For a run checkpoint
   the run's ``config.yaml`` (if any) gives the default eval settings (protocols, dev images,
   batch size), so that its dev rsum compares with the run's other checkpoints.
 * ``--watch RUN_DIR``: evaluate every complete checkpoint of the run without metrics.json or
   eval_error.json (``--retry-failed``: also those with eval_error.json), in step order, record
-  the results as the evaluation worker does (trainer/eval_worker.py), then exit: a CronJob runs
+  the results as the evaluation worker does (trainer/checkpoint_eval.py), then exit: a CronJob runs
   this. Shards, protocols and the dev subset come from ``RUN_DIR/config.yaml`` unless given.
 
 S3 endpoint: ``--endpoint-url``, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (credentials
@@ -64,8 +65,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-# trainer.eval_worker (the --checkpoint/--watch modes: shard reader, model, storage) is imported
-# where it is used, so the --embeddings/--sims modes start as fast as before.
+# trainer.checkpoint_eval (the --checkpoint/--watch modes: shard reader, model) is imported where
+# it is used, so the --embeddings/--sims modes start as fast as before.
 from model.atomic import atomic_write
 from trainer.evaluation import (
     PROTOCOLS,
@@ -73,8 +74,10 @@ from trainer.evaluation import (
     evaluate_embeddings,
     evaluate_similarities,
     format_table,
+    set_tf32,
     validate_protocol,
 )
+from trainer.run_layout import METRICS_FILE, run_dir_of
 
 if TYPE_CHECKING:
     from trainer.config import EvalConfig
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation protocol; repeat for several (required with --embeddings/--sims; "
         "--checkpoint: default both; --watch: default eval.test_protocols of the run's config.yaml)",
     )
-    parser.add_argument("--output", type=Path, metavar="metrics.json", help="write the metrics as JSON")
+    parser.add_argument("--output", type=Path, metavar=METRICS_FILE, help="write the metrics as JSON")
     parser.add_argument("--device", default="cpu", help="torch device to compute on (default: cpu)")
     parser.add_argument(
         "--block-size",
@@ -331,9 +334,7 @@ def _eval_config(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
 
 def _full_precision(device: str) -> None:
     if device.startswith("cuda"):
-        from trainer.evaluation import set_tf32
-
-        set_tf32(False)
+        set_tf32(False)  # metrics in full fp32, as the evaluation actor computes them
 
 
 class _ExportedMetrics:
@@ -378,8 +379,6 @@ class _ExportedMetrics:
 
 def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
     """``--checkpoint``: evaluate one checkpoint, print the table, write metrics.json."""
-    from trainer.eval_worker import run_dir_of
-
     exported = _ExportedMetrics(args, run_dir_of(args.checkpoint))
     try:
         return _evaluate_one_checkpoint(args, prog, exported)
@@ -388,17 +387,14 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
 
 
 def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
-    from trainer.config import EvalConfig
-    from trainer.eval_worker import (
-        best_dev_rsum,
+    from trainer.checkpoint_eval import (
         evaluate_checkpoint,
-        is_run_checkpoint,
         read_run_settings,
-        record_result,
+        record_evaluated,
         results_table,
-        run_dir_of,
     )
-    from trainer.run_layout import record_in_run
+    from trainer.config import EvalConfig
+    from trainer.run_layout import best_dev_rsum, is_run_checkpoint
 
     options = _storage_options(args)
     _full_precision(args.device)
@@ -423,20 +419,22 @@ def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _Exp
     print(results_table(payload))
     for protocol, reason in payload["skipped"].items():
         print(f"skipped {protocol}: {reason}")
+    problem = None
     try:
         if args.output is not None:
             write_json_atomic(args.output, payload)
             logger.info("wrote %s", args.output)
         else:
-            record_result(args.checkpoint, payload, options)
-            logger.info("wrote metrics.json beside %s", payload["checkpoint"])
             # A run checkpoint evaluated by hand must count in the run's history and for model
-            # selection as --watch would, which now skips it.
-            if in_run:
-                record_in_run(run_dir_of(args.checkpoint), payload, options)
+            # selection as --watch would, which now skips it: the actor's record sequence.
+            problem = record_evaluated(args.checkpoint, payload, run_dir_of(args.checkpoint) if in_run else None,
+                                       options).problem
+            logger.info("wrote %s beside %s", METRICS_FILE, payload["checkpoint"])
     except OSError as error:
-        target = args.output if args.output is not None else f"metrics.json beside {args.checkpoint}"
-        print(f"{prog}: error: cannot write {target}: {error}", file=sys.stderr)
+        problem = f"{error}"
+    if problem is not None:
+        target = args.output if args.output is not None else f"the records of {args.checkpoint}"
+        print(f"{prog}: error: cannot write {target}: {problem}", file=sys.stderr)
         exported.failed()
         return EXIT_WRITE_FAILED
     if exported.recorder is not None:  # (reading best.json costs a request on S3: only when exported)
@@ -454,8 +452,8 @@ def run_watch(args: argparse.Namespace, prog: str) -> int:
 
 
 def _evaluate_run(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
+    from trainer.checkpoint_eval import evaluate_run, read_run_settings
     from trainer.config import EvalConfig
-    from trainer.eval_worker import evaluate_run, read_run_settings
 
     options = _storage_options(args)
     _full_precision(args.device)

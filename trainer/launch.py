@@ -46,7 +46,7 @@ from trainer.config import (
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
-from trainer.run_layout import CONFIG_YAML
+from trainer.run_layout import CONFIG_YAML, prune_checkpoints, read_best
 
 log = logging.getLogger("trainer.launch")
 
@@ -173,8 +173,6 @@ def _make_callback(evaluator: Any, run_dir: str, keep_last: int, storage_options
 
 
 def prune(run_dir: str, keep_last: int, storage_options: dict[str, Any] | None) -> None:
-    from trainer.eval_worker import prune_checkpoints
-
     try:
         prune_checkpoints(run_dir, keep_last, storage_options)
     except Exception as error:  # noqa: BLE001 - pruning is housekeeping; never stop training for it
@@ -256,8 +254,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
             ray.get(evaluator.wait_idle.remote(EVAL_WAIT_S))
             best = ray.get(evaluator.best.remote())
         except ray.exceptions.RayActorError as error:  # lost more often than Ray restarts it
-            from trainer.eval_worker import read_best
-
             log.warning("the evaluation worker is gone (%s); checkpoints without metrics.json are left to "
                         "`python trainer/evaluate.py --watch %s`", type(error).__name__, run_dir)
             best = read_best(run_dir, storage_options)

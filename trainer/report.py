@@ -15,12 +15,16 @@ data_shards/storage.py; S3 endpoint from ``--endpoint-url``, else ``AWS_ENDPOINT
   layout the evaluation worker logs), every checkpoint with its rsum, and links to the plots.
 
 The inputs are ``train_log.jsonl`` (one JSON object per step, trainer/worker.py's ``StepLog``),
-the ``checkpoint_*/metrics.json`` and ``eval_error.json`` files and ``best.json``
-(trainer/eval_worker.py). A run with missing pieces (no step log yet, no evaluation yet, a
-checkpoint whose evaluation failed, a pruned checkpoint) gives the plots it can, and summary.md
-says what is missing. A corrupt step-log line or metrics.json stops the report with a message
-naming the file (and the line); the exception is an unparsable *last* step-log line without a
-newline, which is a line still being written by a live run and is skipped with a warning.
+``evaluations.jsonl`` (the evaluation history, which keeps the checkpoints that pruning deleted),
+the ``checkpoint_*/metrics.json`` and ``eval_error.json`` files and ``best.json`` (written by
+trainer/checkpoint_eval.py), all named and read through trainer/run_layout.py. Every evaluated
+checkpoint is plotted: those of the history and, for a run without one (written before it
+existed), those whose metrics.json is still there. A run with missing pieces (no step log yet, no
+evaluation yet, a checkpoint whose evaluation failed) gives the plots it can, and summary.md says
+what is missing. A corrupt step-log line, history line or metrics.json stops the report with a
+message naming the file (and the line); the exception is an unparsable *last* step-log line
+without a newline, which is a line still being written by a live run and is skipped with a
+warning.
 
 Exit status: 0 on success, printing the paths written (one per line) on stdout; 2 when the run
 directory cannot be read or an input is corrupt (a one-line message on stderr). Logs go to stderr.
@@ -61,7 +65,7 @@ from data_shards.storage import (
     open_location,
     s3_storage_options,
 )
-from trainer.eval_worker import results_table
+from trainer.checkpoint_eval import results_table
 from trainer.run_layout import (
     BEST_FILE,
     CHECKPOINT_PREFIX,
@@ -71,7 +75,9 @@ from trainer.run_layout import (
     METRICS_FILE,
     TRAIN_LOG,
     list_checkpoints,
+    load_best,
     read_evaluations,
+    read_json,
     utc_now,
 )
 
@@ -199,15 +205,12 @@ def _read_text(location: Location, name: str) -> str | None:
         raise ReportInputError(str(error)) from None
 
 
-def _parse_json_object(text: str, where: str) -> dict[str, Any]:
+def _read_record(location: Location, name: str) -> dict[str, Any] | None:
+    """A JSON record of the run (run_layout's reader); None if absent; damage is a ReportInputError."""
     try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ReportInputError(f"{where}: not valid JSON at line {error.lineno} column {error.colno}: "
-                               f"{error.msg}") from None
-    if not isinstance(payload, dict):
-        raise ReportInputError(f"{where}: expected a JSON object, got {type(payload).__name__}")
-    return payload
+        return read_json(location, name)
+    except (ValueError, StorageError) as error:  # not a JSON object; not UTF-8
+        raise ReportInputError(str(error)) from None
 
 
 def read_step_log(run: Location) -> StepSeries | None:
@@ -319,15 +322,12 @@ def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> 
         info = CheckpointInfo(name=entry.name, step=entry.step, epoch=entry.epoch)
         checkpoint = location.child(entry.name)
         if entry.evaluated:
-            text = _read_text(checkpoint, METRICS_FILE)
-            if text is not None:  # deleted between listing and reading: pruned meanwhile
-                where = checkpoint.child_url(METRICS_FILE)
-                info.metrics = _parse_json_object(text, where)
-                _validate_metrics(info.metrics, where)
+            info.metrics = _read_record(checkpoint, METRICS_FILE)  # None: pruned between listing and reading
+            if info.metrics is not None:
+                _validate_metrics(info.metrics, checkpoint.child_url(METRICS_FILE))
         elif entry.failed:
-            text = _read_text(checkpoint, ERROR_FILE)
             try:
-                info.error = str(_parse_json_object(text or "{}", checkpoint.child_url(ERROR_FILE)).get("error")
+                info.error = str((_read_record(checkpoint, ERROR_FILE) or {}).get("error")
                                  or "no error message recorded")
             except ReportInputError as error:  # the failure record itself is damaged: still a failure
                 info.error = f"{ERROR_FILE} unreadable: {error}"
@@ -337,17 +337,17 @@ def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> 
     checkpoints = _with_history(location, checkpoints, options, notes)
 
     best_file: dict[str, Any] | None = None
-    best_text = _read_text(location, BEST_FILE)
-    if best_text is not None:
-        try:
-            best_file = _parse_json_object(best_text, location.child_url(BEST_FILE))
-        except ReportInputError as error:
-            # The trainer itself treats an unreadable best.json as absent (eval_worker.read_best).
-            logger.warning("%s", error)
-            notes.append(f"{BEST_FILE} unreadable ({error}); the best checkpoint is the highest dev rsum found")
+    try:
+        best_file = load_best(location.url, options)
+        best_found = best_file is not None
+    except (ValueError, StorageError) as error:
+        # The trainer itself treats an unreadable best.json as absent (run_layout.read_best).
+        best_found = True
+        logger.warning("%s", error)
+        notes.append(f"{BEST_FILE} unreadable ({error}); the best checkpoint is the highest dev rsum found")
 
     if config is None and config_text is None and steps is None and not checkpoints and not incomplete \
-            and best_text is None:
+            and not best_found:
         raise ReportInputError(f"{location.url}: not a run directory (no {CONFIG_YAML}, {TRAIN_LOG}, "
                                f"{BEST_FILE} or checkpoint_* found)")
     name = str(_config_value(config, "checkpoint", "run_name") or location.url.rstrip("/").rsplit("/", 1)[-1])
@@ -653,6 +653,8 @@ def _checkpoints_section(run: Run, best: CheckpointInfo | None) -> list[str]:
     for checkpoint in run.checkpoints:
         if checkpoint.metrics is not None:
             status = "**best**" if best is not None and checkpoint.name == best.name else "evaluated"
+            if checkpoint.pruned:
+                status += f" (pruned; from {EVALUATIONS_FILE})"
         elif checkpoint.error is not None:
             status = "failed: " + checkpoint.error.splitlines()[0].replace("|", "\\|")[:200]
         else:
@@ -665,8 +667,8 @@ def _checkpoints_section(run: Run, best: CheckpointInfo | None) -> list[str]:
                      + "incomplete (no readable train_state.json) |")
     keep_last = run.config_value("checkpoint", "keep_last")
     if keep_last is not None:
-        lines += ["", (f"Only checkpoints still in the run directory are listed: pruning deletes evaluated ones "
-                       f"beyond the newest {keep_last} (`checkpoint.keep_last`) and keeps the best.")]
+        lines += ["", (f"Pruning deletes evaluated checkpoints beyond the newest {keep_last} (`checkpoint.keep_last`) "
+                       f"and keeps the best; the pruned ones are listed from {EVALUATIONS_FILE}.")]
     return lines
 
 

@@ -35,7 +35,7 @@ epoch does (the reader's plan depends on the world size), which is logged.
 
 Pruning ("keep the last K and the best") is not Ray's: CheckpointConfig(num_to_keep) cannot know
 the best, whose metrics arrive later from the evaluation worker. The launcher calls
-`trainer.eval_worker.prune_checkpoints(RUN_DIR, checkpoint.keep_last)` after each report and at
+`trainer.run_layout.prune_checkpoints(RUN_DIR, checkpoint.keep_last)` after each report and at
 the end; it only deletes evaluated checkpoints that are neither among the newest K nor the best.
 """
 
@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import random
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,57 +60,24 @@ from model.checkpoint import save_inference_checkpoint
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
 from trainer.config import ConfigError, TrainConfig
-from trainer.run_layout import DEEPSPEED_DIR, INFERENCE_DIR, best_dev_rsum, checkpoint_name
-from trainer.run_layout import TRAIN_STATE_FILE as TRAIN_STATE
+from trainer.run_layout import (
+    DEEPSPEED_DIR,
+    INFERENCE_DIR,
+    TRAIN_STATE_FILE,
+    TrainState,
+    TrainStateError,
+    best_dev_rsum,
+    checkpoint_dir_name,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 RNG_DIR = "rng"  # inside DEEPSPEED_DIR: each rank's RNG states
 UNIVERSAL_LATEST = "latest_universal"
 
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed as configured; the message says what to do."""
-
-
-@dataclass
-class TrainState:
-    """Where training stands after `step` optimizer steps (the content of train_state.json)."""
-
-    epoch: int  # the epoch of the last step taken
-    step: int  # optimizer steps taken since the start of the run
-    batch_in_epoch: int  # batches of `epoch` consumed by every rank
-    epoch_complete: bool  # `epoch` is finished: continue with epoch + 1, batch 0
-    world_size: int
-    global_batch_size: int
-    best_rsum: float | None = None  # best dev rsum the evaluation worker had reported, if any
-    format_version: int = FORMAT_VERSION
-
-    def next_position(self) -> tuple[int, int]:
-        """(epoch, first batch) to continue with."""
-        return (self.epoch + 1, 0) if self.epoch_complete else (self.epoch, self.batch_in_epoch)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> TrainState:
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ResumeError(f"{where}: not valid JSON ({error})") from None
-        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-            raise ResumeError(f"{where}: unsupported train state (format_version "
-                              f"{payload.get('format_version') if isinstance(payload, dict) else None!r}, "
-                              f"this code reads {FORMAT_VERSION})")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in payload.items() if k in known})
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """`checkpoint_000001234`: one per step, so names sort by step and never repeat in a run."""
-    return checkpoint_name(step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,10 +223,10 @@ def _uploader(train_state: str | None) -> Callable[[Any, str], Any]:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if train_state is not None:
-            temporary = f"{destination}/.{TRAIN_STATE}.tmp"
+            temporary = f"{destination}/.{TRAIN_STATE_FILE}.tmp"
             with fs.open_output_stream(temporary) as stream:
                 stream.write(train_state.encode())
-            fs.move(temporary, f"{destination}/{TRAIN_STATE}")
+            fs.move(temporary, f"{destination}/{TRAIN_STATE_FILE}")
         return ray.train.Checkpoint(filesystem=fs, path=destination)
 
     return upload
@@ -273,14 +239,17 @@ def _uploader(train_state: str | None) -> Callable[[Any, str], Any]:
 
 def read_train_state(checkpoint: Any) -> TrainState:
     """The TrainState of a Ray checkpoint (reads one small file, no download of the rest)."""
-    path = f"{checkpoint.path}/{TRAIN_STATE}"
+    path = f"{checkpoint.path}/{TRAIN_STATE_FILE}"
     try:
         with checkpoint.filesystem.open_input_stream(path) as stream:
             text = stream.read().decode("utf-8")
     except (OSError, FileNotFoundError) as error:
         raise ResumeError(f"{path}: cannot read the train state of the checkpoint to resume ({error}); "
                           "it is incomplete: remove that checkpoint directory and re-run") from None
-    return TrainState.from_json(text, path)
+    try:
+        return TrainState.from_json(text, path)
+    except TrainStateError as error:  # resuming from it is what fails: one of the errors that stop a run
+        raise ResumeError(str(error)) from None
 
 
 def needs_universal(saved: TrainState, world_size: int, zero_stage: int) -> bool:

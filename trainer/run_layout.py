@@ -6,18 +6,23 @@ spelled here, and every reader and writer of those files asks this module:
 
     config.yaml            the resolved configuration (written by trainer/launch.py)
     train_log.jsonl        one line per training step (trainer/worker.py)
-    best.json              the best checkpoint so far by dev rsum (`update_best`, `read_best`)
+    best.json              the best checkpoint so far by dev rsum (`update_best`; read by
+                           `load_best` alone, `read_best` and `best_dev_rsum` ask it)
     evaluations.jsonl      one line per evaluated checkpoint, never pruned (`record_evaluation`,
                            `read_evaluations`): the run's evaluation history
-    checkpoint_<step>/     `checkpoint_name`, listed by `list_checkpoints`, pruned by `prune_checkpoints`
-      train_state.json     written last: the checkpoint is complete (`read_train_state`)
+    checkpoint_<step>/     `checkpoint_dir_name`, listed by `list_checkpoints`, pruned by
+                           `prune_checkpoints`
+      train_state.json     written last: the checkpoint is complete (`TrainState`,
+                           `read_train_state_fields`)
       deepspeed/           the engine checkpoint of all ranks
       inference/           model/checkpoint.py's inference format
       metrics.json         the evaluator's result (`record_result`)
       eval_error.json      instead of metrics.json when evaluating failed (`record_failure`)
 
 The retention policy (which checkpoints to delete) is here too (`checkpoints_to_prune`), not in
-the evaluator: it is a property of the run directory, used by whoever prunes.
+the evaluator: it is a property of the run directory, used by whoever prunes (trainer/launch.py).
+What to evaluate and in which order to record it is trainer/checkpoint_eval.py's
+(`record_evaluated`: metrics.json, then the history line and best.json).
 """
 
 from __future__ import annotations
@@ -35,11 +40,40 @@ from typing import Any
 from data_shards.storage import Location, open_location
 
 __all__ = [
-    "evaluation_line", "BEST_FILE", "CHECKPOINT_PREFIX", "CONFIG_YAML", "DEEPSPEED_DIR", "ERROR_FILE", "EVALUATIONS_FILE", "INFERENCE_DIR",
-    "METRICS_FILE", "TRAIN_LOG", "TRAIN_STATE_FILE", "CheckpointEntry", "best_dev_rsum", "checkpoint_name",
-    "checkpoints_to_prune", "is_run_checkpoint", "list_checkpoints", "prune_checkpoints", "read_best",
-    "read_evaluations", "read_json", "read_train_state", "record_evaluation", "record_in_run", "record_failure", "record_result",
-    "run_dir_of", "state_int", "update_best", "utc_now", "write_json",
+    "BEST_FILE",
+    "CHECKPOINT_PREFIX",
+    "CONFIG_YAML",
+    "DEEPSPEED_DIR",
+    "ERROR_FILE",
+    "EVALUATIONS_FILE",
+    "INFERENCE_DIR",
+    "METRICS_FILE",
+    "TRAIN_LOG",
+    "TRAIN_STATE_FILE",
+    "TRAIN_STATE_FORMAT_VERSION",
+    "CheckpointEntry",
+    "TrainState",
+    "TrainStateError",
+    "best_dev_rsum",
+    "checkpoint_dir_name",
+    "checkpoints_to_prune",
+    "evaluation_line",
+    "is_run_checkpoint",
+    "list_checkpoints",
+    "load_best",
+    "prune_checkpoints",
+    "read_best",
+    "read_evaluations",
+    "read_json",
+    "read_train_state_fields",
+    "record_evaluation",
+    "record_failure",
+    "record_result",
+    "run_dir_of",
+    "state_int",
+    "update_best",
+    "utc_now",
+    "write_json",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,14 +90,16 @@ METRICS_FILE = "metrics.json"
 ERROR_FILE = "eval_error.json"
 
 
-def checkpoint_name(step: int) -> str:
-    """The directory name of the checkpoint saved at `step` (zero-padded: names sort by step)."""
+def checkpoint_dir_name(step: int) -> str:
+    """`checkpoint_000001234`: the directory of the checkpoint saved at `step`, one per step, so
+    names sort by step and never repeat in a run."""
     return f"{CHECKPOINT_PREFIX}{step:09d}"
 
 
 def utc_now() -> str:
     """The time stamps of the run directory's records: ISO 8601, UTC, seconds."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    # timezone.utc, not datetime.UTC: that alias is Python 3.11+, and setup.py allows 3.10.
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017
 
 
 def _location(url: str, storage_options: Mapping[str, Any] | None) -> Location:
@@ -79,7 +115,8 @@ def read_json(location: Location, name: str) -> dict[str, Any] | None:
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{location.child_url(name)}: not valid JSON: {error}") from None
+        raise ValueError(f"{location.child_url(name)}: not valid JSON at line {error.lineno} column {error.colno}: "
+                         f"{error.msg}") from None
     if not isinstance(payload, dict):
         raise ValueError(f"{location.child_url(name)}: expected a JSON object, got {type(payload).__name__}")  # noqa: TRY004 - bad file content, not a bad argument
     return payload
@@ -108,8 +145,53 @@ def _basename(url: str) -> str:
     return str(url).rstrip("/").rsplit("/", 1)[-1]
 
 
-def read_train_state(checkpoint: Location) -> dict[str, Any] | None:
-    """A checkpoint's train_state.json (None: absent, the checkpoint is incomplete)."""
+TRAIN_STATE_FORMAT_VERSION = 1
+
+
+class TrainStateError(ValueError):
+    """train_state.json is not a train state this code reads; the message names the file."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands after `step` optimizer steps: the content of train_state.json, written
+    by trainer/run_checkpoint.py (last, so its presence marks a complete checkpoint) and read back
+    to resume."""
+
+    epoch: int  # the epoch of the last step taken
+    step: int  # optimizer steps taken since the start of the run
+    batch_in_epoch: int  # batches of `epoch` consumed by every rank
+    epoch_complete: bool  # `epoch` is finished: continue with epoch + 1, batch 0
+    world_size: int
+    global_batch_size: int
+    best_rsum: float | None = None  # best dev rsum the evaluation worker had reported, if any
+    format_version: int = TRAIN_STATE_FORMAT_VERSION
+
+    def next_position(self) -> tuple[int, int]:
+        """(epoch, first batch) to continue with."""
+        return (self.epoch + 1, 0) if self.epoch_complete else (self.epoch, self.batch_in_epoch)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> TrainState:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise TrainStateError(f"{where}: not valid JSON ({error})") from None
+        if not isinstance(payload, dict) or payload.get("format_version") != TRAIN_STATE_FORMAT_VERSION:
+            raise TrainStateError(f"{where}: unsupported train state (format_version "
+                                  f"{payload.get('format_version') if isinstance(payload, dict) else None!r}, "
+                                  f"this code reads {TRAIN_STATE_FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in known})
+
+
+def read_train_state_fields(checkpoint: Location) -> dict[str, Any] | None:
+    """A checkpoint's train_state.json as a plain object, for listing and labelling (None: absent,
+    the checkpoint is incomplete); no format check, unlike `TrainState.from_json`, which resuming
+    needs: the evaluator only reads "step" and "epoch" (`state_int`)."""
     return read_json(checkpoint, TRAIN_STATE_FILE)
 
 
@@ -153,13 +235,23 @@ def record_failure(checkpoint: str, error: BaseException,
     return payload
 
 
+def load_best(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The run's ``best.json`` payload, None when there is none; the one reader of the file.
+
+    Raises ValueError naming the file when it is not a JSON object (StorageError when it is not
+    UTF-8). The trainer and the evaluator use :func:`read_best`, which treats that as no best;
+    trainer/report.py uses this to say so in its summary.
+    """
+    return read_json(_location(run_dir, storage_options), BEST_FILE)
+
+
 def read_best(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The run's ``best.json`` payload, or None when there is none (or it is unreadable)."""
-    location = _location(run_dir, storage_options)
+    """The run's ``best.json`` payload, or None when there is none (or it is unreadable: a damaged
+    best.json must not stop training or evaluation; the next better checkpoint replaces it)."""
     try:
-        return read_json(location, BEST_FILE)
+        return load_best(run_dir, storage_options)
     except (ValueError, UnicodeDecodeError, OSError) as error:
-        logger.warning("ignoring %s: %s", location.child_url(BEST_FILE), error)
+        logger.warning("ignoring %s: %s", _location(run_dir, storage_options).child_url(BEST_FILE), error)
         return None
 
 
@@ -210,14 +302,6 @@ def update_best(run_dir: str, payload: dict[str, Any],
     return True
 
 
-def record_in_run(run_dir: str, payload: dict[str, Any], storage_options: Mapping[str, Any] | None = None) -> bool:
-    """What a run records of an evaluated checkpoint besides its metrics.json (`record_result`,
-    written first): its line in evaluations.jsonl, then best.json if it beats the best. Both the
-    evaluation actor and ``evaluate.py`` go through here. Returns whether it became the best."""
-    record_evaluation(run_dir, payload, storage_options)
-    return update_best(run_dir, payload, storage_options)
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoints and retention
 # --------------------------------------------------------------------------------------------------
@@ -245,7 +329,7 @@ def list_checkpoints(run_dir: str, storage_options: Mapping[str, Any] | None = N
             continue
         checkpoint = run.child(name)
         try:
-            state = read_train_state(checkpoint)
+            state = read_train_state_fields(checkpoint)
         except (ValueError, UnicodeDecodeError) as error:
             # Written last and atomically, so unreadable means damaged, not in progress.
             logger.warning("%s: %s; treating the checkpoint as incomplete", checkpoint.display, error)
@@ -342,28 +426,38 @@ def record_evaluation(run_dir: str, payload: dict[str, Any], storage_options: Ma
     once per checkpoint name: a second evaluator (``evaluate.py --watch`` beside the training's
     actor) that evaluates it again leaves the first line. Returns whether a line was added.
 
-    S3 objects cannot be appended to, so the file is rewritten whole and atomically (locally:
-    temporary file + rename) with the new line at the end. Two writers racing may both read the
-    old file and the later upload drop the other's line, as with best.json; each write also adds
-    any evaluated checkpoint still on disk that the history lacks, so a lost line comes back at
-    the next evaluation unless its checkpoint was pruned in between.
+    Each call re-reads the file and writes it back whole and atomically (locally: temporary file +
+    rename) with the new line at the end, and adds any evaluated checkpoint still on disk that the
+    history lacks, so a lost line comes back at the next evaluation unless its checkpoint was pruned
+    in between.
     """
+    # Two writers: the training's evaluation actor and `evaluate.py --watch` (a CronJob) may record
+    # at the same moment. Locally they take the file's lock (`Location.locked`) around the re-read
+    # and the write, so neither loses the other's line. S3 cannot append and has no locks; the
+    # options were a whole-object rewrite that may lose a line to a concurrent upload (the race
+    # best.json accepts), one object per checkpoint under a prefix (no race, but the pinned file
+    # becomes a prefix and a report lists and reads an object per checkpoint), or conditional
+    # writes (If-Match), which not every S3-compatible store implements. The rewrite is taken: the
+    # window is one GET and one PUT, only two *different* checkpoints finishing together can lose
+    # a line, and the self-repair above restores it from the checkpoint's metrics.json.
     location = _location(run_dir, storage_options)
-    entries = read_evaluations(run_dir, storage_options)
-    names = {str(entry["checkpoint"]) for entry in entries}
-    added = []
-    for name in location.subdirectories():
-        if name.startswith(CHECKPOINT_PREFIX) and name not in names and name != _basename(str(payload["checkpoint"])):
-            with contextlib.suppress(ValueError, UnicodeDecodeError, OSError):
-                metrics = read_json(location.child(name), METRICS_FILE)
-                if metrics is not None and metrics.get("checkpoint"):
-                    added.append(evaluation_line(metrics))
-                    names.add(name)
-    new = _basename(str(payload["checkpoint"])) not in names
-    if new:
-        added.append(evaluation_line(payload))
-    if added:
-        lines = [json.dumps(entry, allow_nan=False) for entry in entries + sorted(
-            added, key=lambda e: (e["step"] if isinstance(e.get("step"), int) else -1, e["checkpoint"]))]
-        location.write_bytes_atomic(EVALUATIONS_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
+    with location.locked(EVALUATIONS_FILE):
+        entries = read_evaluations(run_dir, storage_options)
+        names = {str(entry["checkpoint"]) for entry in entries}
+        own = _basename(str(payload["checkpoint"]))
+        added = []
+        for name in location.subdirectories():
+            if name.startswith(CHECKPOINT_PREFIX) and name not in names and name != own:
+                with contextlib.suppress(ValueError, UnicodeDecodeError, OSError):
+                    metrics = read_json(location.child(name), METRICS_FILE)
+                    if metrics is not None and metrics.get("checkpoint"):
+                        added.append(evaluation_line(metrics))
+                        names.add(name)
+        new = own not in names
+        if new:
+            added.append(evaluation_line(payload))
+        if added:
+            added.sort(key=lambda e: (e["step"] if isinstance(e.get("step"), int) else -1, e["checkpoint"]))
+            lines = [json.dumps(entry, allow_nan=False) for entry in entries + added]
+            location.write_bytes_atomic(EVALUATIONS_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
     return new

@@ -16,7 +16,6 @@ buffers tested in test_shared_rows.py.)
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import itertools
 from collections.abc import Callable, Iterator
@@ -27,19 +26,13 @@ import numpy as np
 import pytest
 import torch
 
+from shard_test_helpers import REGIONS, boxes_for, caption, features, tokenize, write_split
+
 from data_shards.collate import eval_batch, tokenize_captions
 from data_shards.format import ImageRecord, ShardFormatError, _all_finite, _load_npy
 from data_shards.plan import REGION_STREAM
 from data_shards.reader import EvalReader, ReaderConfig, TrainBatch, TrainReader
 
-# The shard helpers of test_reader.py (tests/ is on sys.path, where "data_shards" is the package,
-# so the module is loaded by its path).
-_spec = importlib.util.spec_from_file_location("_reader_test_helpers", Path(__file__).with_name("test_reader.py"))
-assert _spec is not None and _spec.loader is not None
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-REGIONS, boxes_for, caption, features = _helpers.REGIONS, _helpers.boxes_for, _helpers.caption, _helpers.features
-tokenize, write_split = _helpers.tokenize, _helpers.write_split
 
 # --------------------------------------------------------------------------------------------------
 # .npy decoding, finiteness, tokens

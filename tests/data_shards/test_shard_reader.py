@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import shutil
 import subprocess
@@ -21,18 +20,12 @@ import pytest
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from shard_test_helpers import boxes_for, caption, features
+
 from data_shards.convert import TAR_MODE, TAR_MTIME, TAR_USER
 from data_shards.format import ImageRecord, encode_record, sample_key
 from data_shards.shard_reader import ShardStream, shard_files
 
-# The shard helpers of test_reader.py (tests/ is on sys.path, where "data_shards" is the package,
-# so the module is loaded by its path).
-_spec = importlib.util.spec_from_file_location("_reader_test_helpers", Path(__file__).with_name("test_reader.py"))
-assert _spec is not None and _spec.loader is not None
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-REGIONS, boxes_for, caption, features = _helpers.REGIONS, _helpers.boxes_for, _helpers.caption, _helpers.features
-tokenize, write_split = _helpers.tokenize, _helpers.write_split
 
 URL = "shard.tar"
 

@@ -7,6 +7,7 @@ import io
 import multiprocessing
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,37 @@ def test_listing_trees_and_downloads(kind: str, tmp_path: Path, s3_server: Any, 
     assert location.subdirectories() == [] and location.list() == ["a.json"]
     assert location.display == (location.url if kind == "s3" else location.path)
     assert open_location(str(tmp_path / "absent")).entries() == []
+
+
+def test_local_lock_excludes_other_writers(tmp_path: Path) -> None:
+    """`locked` serializes read-modify-writes of one file: a second writer (another thread here;
+    flock works alike across processes) waits until the first has published its version."""
+    location = open_location(str(tmp_path / "run"))
+    order: list[str] = []
+
+    def second_writer() -> None:
+        with location.locked("history.jsonl"):
+            order.append("second: " + location.read_text("history.jsonl"))
+
+    with location.locked("history.jsonl"):
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive(), "the second writer must wait for the lock"
+        location.write_bytes_atomic("history.jsonl", b"first\n")
+        order.append("first")
+    thread.join(30)
+    assert order == ["first", "second: first\n"]
+    # The lock file stays beside the file it guards (hidden), whatever the file's directory.
+    with location.locked("sub/x.json"):
+        pass
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock-history.jsonl", "history.jsonl", "sub"]
+    assert os.listdir(tmp_path / "run" / "sub") == [".lock-x.json"]
+
+
+def test_s3_lock_holds_nothing(s3_server: Any, s3_bucket: str) -> None:
+    location = open_location(f"s3://{s3_bucket}/run", s3_server.storage_options)
+    with location.locked("history.jsonl"):
+        location.write_bytes_atomic("history.jsonl", b"line\n")
+    assert location.list() == ["history.jsonl"]  # no lock object: S3 has no locks to take
+    assert location.read_bytes("history.jsonl") == b"line\n"

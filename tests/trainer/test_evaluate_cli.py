@@ -27,8 +27,8 @@ from eval_run_helpers import (
     write_run_config,
 )
 
+from trainer.checkpoint_eval import evaluate_checkpoint
 from trainer.config import EvalConfig
-from trainer.eval_worker import evaluate_checkpoint
 from trainer.evaluate import main, write_json_atomic
 from trainer.evaluation import evaluate_embeddings, evaluate_similarities
 
@@ -266,7 +266,7 @@ def test_write_json_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# --checkpoint and --watch: model checkpoints on sharded splits (trainer/eval_worker.py)
+# --checkpoint and --watch: model checkpoints on sharded splits (trainer/checkpoint_eval.py)
 # ------------------------------------------------------------------------------------------------
 
 RUN_DEV_IMAGES = 20
@@ -324,6 +324,9 @@ def test_checkpoint_mode_writes_metrics_beside_the_checkpoint(eval_data: EvalDat
     assert list(metrics["test"]["all"]) == PINNED_KEYS
     best = json.loads((run / "best.json").read_text())
     assert best["checkpoint"] == str(checkpoint) and best["dev_rsum"] == metrics["dev_rsum"]
+    # The run's history got the checkpoint's line, as the evaluation worker records it.
+    lines = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert [(line["checkpoint"], line["dev_rsum"]) for line in lines] == [("checkpoint_000001", metrics["dev_rsum"])]
 
 
 def test_checkpoint_mode_output_file_and_protocols(
@@ -342,6 +345,7 @@ def test_checkpoint_mode_output_file_and_protocols(
                                    EvalConfig(test_protocols=["all"], batch_size=8))
     assert_same_payload(stable(payload), stable(expected))
     assert not (inference / "metrics.json").exists() and not (tmp_path / "best.json").exists()
+    assert not list(tmp_path.rglob("evaluations.jsonl"))  # not a run: no history anywhere
     assert "test all" in capsys.readouterr().out
 
 

@@ -102,6 +102,9 @@ def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(
     for checkpoint in checkpoints:
         payload = json.loads((checkpoint / "metrics.json").read_text())
         assert payload["dev_rsum"] > 0 and "all" in payload["test"]
+    # The evaluation history keeps every evaluated checkpoint, the pruned ones too (once each).
+    history = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert sorted(line["step"] for line in history) == [30, 60, 90, 120]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "train_log.jsonl").is_file()
     config = load_config(run_dir / "config.yaml")  # the resolved configuration, with the data it used
     assert config.data.train.endswith("shards/train") and config.model.vocab_size < 200

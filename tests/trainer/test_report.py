@@ -3,7 +3,7 @@
 The run directories here are written by the code that writes real runs: the step log by
 trainer/worker.py's ``StepLog`` fed through ``_Loop.record`` (the method that builds each record),
 train_state.json by ``TrainState.to_json``, config.yaml by ``config_to_yaml``, and metrics.json,
-eval_error.json and best.json by the evaluator itself (``evaluate_run``, the ``--watch`` path, on
+eval_error.json, evaluations.jsonl and best.json by the evaluator itself (``evaluate_run``, the ``--watch`` path, on
 tiny checkpoints and splits from tests/eval_run_helpers.py). The report runs as the CLI in a
 subprocess for the complete local run, and in-process (the same ``main``, without a second
 interpreter start) for the other cases: several test protocols, missing pieces, corrupt inputs
@@ -28,10 +28,15 @@ from eval_run_helpers import EvalData, build_eval_data, make_model, write_checkp
 
 from data_shards.storage import open_location
 from trainer import report
+from trainer.checkpoint_eval import evaluate_run, record_evaluated, results_table
 from trainer.config import TrainConfig, config_to_yaml
-from trainer.eval_worker import evaluate_run, record_result, results_table, update_best
 from trainer.evaluation import evaluate_embeddings
-from trainer.run_checkpoint import TrainState, checkpoint_dir_name
+from trainer.run_layout import (
+    EVALUATIONS_FILE,
+    TrainState,
+    checkpoint_dir_name,
+    prune_checkpoints,
+)
 from trainer.worker import Interval, StepLog, _Loop, hardest_negatives, learning_rate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,7 +235,7 @@ def test_cli_reports_a_complete_run(full_run: Path, tmp_path: Path) -> None:
 
 def test_every_test_protocol_gets_a_recall_panel_and_a_column(tmp_path: Path) -> None:
     """Payloads as the evaluator writes them on a 5000-image test split (1k-5fold with its folds),
-    recorded with its record_result/update_best."""
+    recorded with its record sequence (record_evaluated: metrics.json, evaluations.jsonl, best.json)."""
     run_dir = tmp_path / "run"
     config = run_config(None, "folds", ["1k-5fold", "all"])
     run_dir.mkdir()
@@ -249,8 +254,7 @@ def test_every_test_protocol_gets_a_recall_panel_and_a_column(tmp_path: Path) ->
                             "all": evaluate_embeddings([(images[:1000], captions[:5000])], "all")},
                    "skipped": {}, "data": {"dev": "d", "dev_images": 100, "test": "t", "test_images": 5000}}
         payload["dev_rsum"] = payload["dev"]["rsum"]
-        record_result(str(directory), payload)
-        update_best(str(run_dir), payload)
+        record_evaluated(str(directory), payload, str(run_dir))
     output = tmp_path / "report"
     assert report.main([str(run_dir), "--output", str(output)]) == 0
     width = round(report.FIGSIZE[0] * 100)
@@ -375,8 +379,7 @@ def test_cli_reads_a_run_on_s3(full_run: Path, tmp_path: Path, s3_env: Any, s3_b
         checkpoint.write_bytes_atomic("train_state.json", train_state(step).encode())
         payload = metrics_of(full_run, step)
         payload["checkpoint"] = checkpoint.url
-        record_result(checkpoint.url, payload, options)
-        update_best(run_url, payload, options)
+        record_evaluated(checkpoint.url, payload, run_url, options)
     output = tmp_path / "report"
     assert report.main([run_url, "--output", str(output)]) == 0  # no options given: the environment's
     summary = (output / "summary.md").read_text()
@@ -390,7 +393,7 @@ def test_cli_reads_a_run_on_s3(full_run: Path, tmp_path: Path, s3_env: Any, s3_b
 
 
 def test_unreadable_best_json_falls_back_to_the_highest_dev_rsum(full_run: Path, tmp_path: Path) -> None:
-    """As the trainer does (eval_worker.read_best treats it as absent): a note, not an error."""
+    """As the trainer does (run_layout.read_best treats it as absent): a note, not an error."""
     run_dir = tmp_path / "run"
     # Without the step log: only the recall plot is drawn, the part this test is about.
     shutil.copytree(full_run, run_dir, ignore=shutil.ignore_patterns("inference", "train_log.jsonl"))
@@ -402,3 +405,66 @@ def test_unreadable_best_json_falls_back_to_the_highest_dev_rsum(full_run: Path,
     top = max((10, 20, 30), key=lambda step: metrics_of(run_dir, step)["dev_rsum"])
     assert checkpoint_rows(summary)[checkpoint_dir_name(top)]["evaluation"] == "**best**"
     assert "(chosen by: highest dev rsum (no best.json))" in summary
+
+
+def recall_plot_lines(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[float]]:
+    """Make report.main record the recall plot's lines: {label: x values (checkpoint steps)}."""
+    lines: dict[str, list[float]] = {}
+    save = report._save
+
+    def recording_save(figure: Any, path: Path, dpi: int) -> Path:
+        if path.name == "recall.png":
+            for ax in figure.axes:
+                for line in ax.get_lines():
+                    lines[str(line.get_label())] = [float(x) for x in line.get_xdata()]
+        return save(figure, path, dpi)
+
+    monkeypatch.setattr(report, "_save", recording_save)
+    return lines
+
+
+def test_every_evaluated_checkpoint_is_plotted_after_pruning(tmp_path: Path, eval_data: EvalData,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Pruning deletes checkpoints with their metrics.json; evaluations.jsonl keeps them, and the
+    report plots and lists every evaluated checkpoint, as the default run's report must."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = run_config(eval_data, "pruned", ["all"])
+    (run_dir / "config.yaml").write_text(config_to_yaml(config), encoding="utf-8")
+    steps = (10, 20, 30, 40, 50)
+    for seed, step in enumerate(steps):
+        directory = write_checkpoint(run_dir, checkpoint_dir_name(step), make_model(eval_data.vocab, seed),
+                                     eval_data.vocab, step, complete=False)
+        (directory / "train_state.json").write_text(train_state(step), encoding="utf-8")
+    assert [s["status"] for s in evaluate_run(str(run_dir))] == ["ok"] * len(steps)
+    pruned = prune_checkpoints(str(run_dir), keep_last=1)
+    assert len(pruned) >= 2
+    left = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint_"))
+    assert len(left) == len(steps) - len(pruned)
+
+    lines = recall_plot_lines(monkeypatch)
+    output = tmp_path / "report"
+    assert report.main([str(run_dir), "--output", str(output)]) == 0
+    assert lines["dev rsum"] == [float(s) for s in steps]  # every evaluated checkpoint, pruned or not
+    assert lines["test all rsum"] == [float(s) for s in steps]
+    rows = checkpoint_rows((output / "summary.md").read_text())
+    assert list(rows) == [checkpoint_dir_name(s) for s in steps]
+    for name in (Path(p).name for p in pruned):
+        assert rows[name]["evaluation"] == f"evaluated (pruned; from {EVALUATIONS_FILE})"
+        assert rows[name]["dev rsum"] != "n/a"
+
+    # A run without a history (written before evaluations.jsonl existed): what metrics.json is left.
+    (run_dir / EVALUATIONS_FILE).unlink()
+    lines.clear()
+    assert report.main([str(run_dir), "--output", str(output)]) == 0
+    assert lines["dev rsum"] == [float(name.rsplit("_", 1)[1]) for name in left]
+    assert f"no {EVALUATIONS_FILE}: only the checkpoints still in the run are plotted" in \
+        (output / "summary.md").read_text()
+
+    # A damaged history line stops the report with the file and the line.
+    (run_dir / EVALUATIONS_FILE).write_text('{"checkpoint": "checkpoint_000000010"}\n{cut\n')
+    with caplog.at_level(logging.ERROR):
+        assert report.main([str(run_dir), "--output", str(output)]) == report.EXIT_BAD_INPUT
+    assert f"{run_dir / EVALUATIONS_FILE}: line 2: not valid JSON" in caplog.text
+

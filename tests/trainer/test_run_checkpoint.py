@@ -31,13 +31,12 @@ from model.vsrn import VSRN, VSRNConfig
 from train_run_helpers import STEPS_PER_EPOCH, logged_losses, tiny_run_config
 from trainer.config import ConfigError, TrainConfig
 from trainer.run_checkpoint import (
-    TrainState,
-    checkpoint_dir_name,
     export_inference,
     require_shared_storage,
     rng_state,
     set_rng_state,
 )
+from trainer.run_layout import TrainState, checkpoint_dir_name
 
 
 # --------------------------------------------------------------------------------------------------

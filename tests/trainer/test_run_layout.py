@@ -1,27 +1,37 @@
-"""trainer/run_layout.py: the evaluation history survives pruning and is written once per
-checkpoint, the report plots it, damage is named; the retention policy alone."""
+"""trainer/run_layout.py: best.json bookkeeping, pruning and the retention policy, the evaluation
+history (it survives pruning, is written once per checkpoint, loses no line to two local writers,
+and names damage by file and line), the train state's format."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_run_helpers import EvalData, build_eval_data, make_model, write_checkpoint
+from eval_run_helpers import (
+    EvalData,
+    build_eval_data,
+    make_model,
+    read_json,
+    write_checkpoint,
+)
 
 from trainer import report
+from trainer.checkpoint_eval import evaluate_run, record_evaluated
 from trainer.config import EvalConfig
-from trainer.eval_worker import evaluate_run
-from trainer.run_checkpoint import checkpoint_dir_name
 from trainer.run_layout import (
     EVALUATIONS_FILE,
     CheckpointEntry,
+    TrainState,
+    TrainStateError,
+    checkpoint_dir_name,
     checkpoints_to_prune,
     prune_checkpoints,
     read_evaluations,
-    record_in_run,
-    record_result,
+    record_evaluation,
+    update_best,
 )
 
 
@@ -58,8 +68,7 @@ def test_a_checkpoint_evaluated_twice_is_one_line(tmp_path: Path, eval_data: Eva
     _evaluated_run(run, eval_data, (10,))
     payload = json.loads((run / checkpoint_dir_name(10) / "metrics.json").read_text())
     # A second evaluator (evaluate.py beside the actor) records the same checkpoint again.
-    record_result(str(run / checkpoint_dir_name(10)), payload)
-    record_in_run(str(run), payload)
+    record_evaluated(str(run / checkpoint_dir_name(10)), payload, str(run))
     assert len(read_evaluations(str(run))) == 1
     assert len((run / EVALUATIONS_FILE).read_text().splitlines()) == 1
 
@@ -96,3 +105,76 @@ def test_retention_policy_keeps_newest_best_top_and_unevaluated() -> None:
         "c1", "c2", "c3", "c5"]
     with pytest.raises(ValueError, match="keep_last"):
         checkpoints_to_prune(entries, 0, None, None)
+
+
+def test_update_best_keeps_the_highest_dev_rsum(tmp_path: Path) -> None:
+    def payload(name: str, rsum: float | None) -> dict[str, Any]:
+        return {"checkpoint": str(tmp_path / name), "step": 1, "epoch": 0, "dev": {"rsum": rsum}, "dev_rsum": rsum,
+                "test": {"all": {"rsum": 1.0}}, "data": {"dev_images": 20}}
+
+    assert update_best(str(tmp_path), payload("checkpoint_a", 100.0))
+    assert not update_best(str(tmp_path), payload("checkpoint_b", 100.0))  # a tie keeps the earlier one
+    assert not update_best(str(tmp_path), payload("checkpoint_b", 99.0))
+    assert not update_best(str(tmp_path), payload("checkpoint_c", None))  # no dev split: no selection
+    assert read_json(tmp_path / "best.json")["checkpoint"] == str(tmp_path / "checkpoint_a")
+    assert update_best(str(tmp_path), payload("checkpoint_a", 90.0))  # the best re-evaluated: rewritten
+    assert read_json(tmp_path / "best.json")["dev_rsum"] == 90.0
+    assert update_best(str(tmp_path), payload("checkpoint_b", 95.0))
+    (tmp_path / "best.json").write_text('{"checkpoint": ')  # damaged: replaced, not fatal
+    assert update_best(str(tmp_path), payload("checkpoint_c", 1.0))
+    assert read_json(tmp_path / "best.json")["checkpoint"] == str(tmp_path / "checkpoint_c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]  # no temporary files left
+
+
+def test_prune_checkpoints_keeps_newest_best_and_unevaluated(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step, rsum in [(10, 300.0), (20, 100.0), (30, 200.0), (40, None), (50, 50.0)]:
+        directory = run / f"checkpoint_{step:06d}"
+        directory.mkdir(parents=True)
+        (directory / "train_state.json").write_text(json.dumps({"step": step, "epoch": 0}))
+        if rsum is not None:
+            (directory / "metrics.json").write_text(json.dumps({"dev_rsum": rsum}))
+    (run / "checkpoint_000030" / "eval_error.json").write_text("{}")
+    (run / "checkpoint_000060").mkdir()  # incomplete: no train_state.json
+    (run / "best.json").write_text(json.dumps({"checkpoint": str(run / "checkpoint_000020"), "dev_rsum": 100.0}))
+    deleted = prune_checkpoints(str(run), keep_last=1)
+    # 50: newest complete; 20: best.json; 10: highest dev rsum (best.json lags); 40: not evaluated.
+    assert deleted == [str(run / "checkpoint_000030")]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        "checkpoint_000010", "checkpoint_000020", "checkpoint_000040", "checkpoint_000050", "checkpoint_000060"]
+    with pytest.raises(ValueError, match="keep_last"):
+        prune_checkpoints(str(run), keep_last=0)
+
+
+def _record_many(run_dir: str, first_step: int, count: int) -> None:
+    for step in range(first_step, first_step + count):
+        record_evaluation(run_dir, {"checkpoint": f"{run_dir}/{checkpoint_dir_name(step)}", "step": step, "epoch": 0,
+                                    "dev_rsum": float(step), "test": {}})
+
+
+def test_two_local_writers_lose_no_line(tmp_path: Path) -> None:
+    """The actor and an evaluate.py process recording at the same moment: each rewrite of the
+    history happens under the file's lock, so no line is lost (no checkpoint directories here,
+    so the self-repair from metrics.json cannot hide a lost line)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_record_many, args=(str(run), first, 25)) for first in (1, 101)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+        assert writer.exitcode == 0
+    steps = sorted(line["step"] for line in read_evaluations(str(run)))
+    assert steps == list(range(1, 26)) + list(range(101, 126))
+    assert sorted(p.name for p in run.iterdir()) == [".lock-evaluations.jsonl", EVALUATIONS_FILE]
+
+
+def test_train_state_round_trip_and_damage() -> None:
+    state = TrainState(epoch=1, step=20, batch_in_epoch=3, epoch_complete=False, world_size=2, global_batch_size=8)
+    assert TrainState.from_json(state.to_json(), "x") == state
+    with pytest.raises(TrainStateError, match="where: not valid JSON"):
+        TrainState.from_json("{", "where")
+    with pytest.raises(TrainStateError, match="unsupported train state"):
+        TrainState.from_json(json.dumps({"format_version": 99}), "where")
+

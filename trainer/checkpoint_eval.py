@@ -1,0 +1,508 @@
+"""Evaluating one checkpoint and recording the outcome: what the evaluation actor
+(trainer/eval_worker.py) and ``python trainer/evaluate.py --checkpoint/--watch`` share.
+
+For a checkpoint directory (local or ``s3://``) this module encodes the dev and test shards with the
+checkpoint's inference model (:func:`encode_split`), computes
+
+* the dev metrics (protocol ``all`` on the first ``eval.dev_images`` dev images) whose ``rsum``
+  selects the best model, as the reference's validation does, and
+* the test metrics of each protocol in ``eval.test_protocols`` (COCO: ``1k-5fold`` and ``all``
+  = 5K; Flickr30K: ``all``; ``1k-5fold`` is skipped, and the skip recorded, below 5000 images),
+
+as the ``metrics.json`` payload (:func:`evaluate_checkpoint`), and records it
+(:func:`record_evaluated`): ``metrics.json`` beside the checkpoint, the checkpoint's line in
+``RUN_DIR/evaluations.jsonl`` and ``RUN_DIR/best.json`` when its dev rsum beats the recorded best.
+A checkpoint that cannot be evaluated gets an ``eval_error.json`` instead
+(:func:`evaluate_and_record`, which never raises for one bad checkpoint).
+:func:`evaluate_run` is ``evaluate.py --watch``: every complete checkpoint of a run without
+``metrics.json`` or ``eval_error.json``, in step order.
+
+What the files are called and hold, and how they are read and written, is trainer/run_layout.py's
+(docs/run_layout.md); this module decides what to evaluate and in which order to record it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from data_shards.reader import EvalReader, ReaderConfig, load_split
+from data_shards.storage import Location, open_location
+from model.checkpoint import (
+    CONFIG_FILE,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_inference_checkpoint,
+)
+from model.vocab import Vocabulary
+from model.vsrn import VSRN
+from monitoring.recorders import EvaluationMetrics
+from trainer.config import ConfigError, EvalConfig, TrainConfig, config_from_dict
+from trainer.evaluation import (
+    CAPTIONS_PER_IMAGE,
+    FOLD_PROTOCOL_MIN_IMAGES,
+    PROTOCOL_1K_5FOLD,
+    PROTOCOL_ALL,
+    evaluate_embeddings,
+    format_table,
+)
+from trainer.run_layout import (
+    BEST_FILE,
+    CONFIG_YAML,
+    ERROR_FILE,
+    EVALUATIONS_FILE,
+    INFERENCE_DIR,
+    best_dev_rsum,
+    list_checkpoints,
+    read_train_state_fields,
+    record_evaluation,
+    record_failure,
+    record_result,
+    run_dir_of,
+    state_int,
+    update_best,
+    utc_now,
+)
+
+__all__ = [
+    "METRICS_FORMAT_VERSION",
+    "EvaluationDataError",
+    "Recorded",
+    "RunSettings",
+    "encode_split",
+    "evaluate_and_record",
+    "evaluate_checkpoint",
+    "evaluate_run",
+    "evaluation_summary",
+    "read_run_settings",
+    "record_evaluated",
+    "results_table",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FORMAT_VERSION = 1
+
+
+class EvaluationDataError(ValueError):
+    """The evaluation data cannot be ranked (an image without exactly five captions, no images ...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding a split
+# --------------------------------------------------------------------------------------------------
+
+
+def _prefix_shards(reader: EvalReader, max_images: int) -> list[str]:
+    """Names of the first shards of the selection that hold at least ``max_images`` images, so a
+    dev subset reads only the shards it needs (manifest order is source order)."""
+    names, total = [], 0
+    for shard in reader.spec.shards:
+        names.append(shard.name)
+        total += shard.samples
+        if total >= max_images:
+            break
+    return names
+
+
+@torch.inference_mode()
+def encode_split(
+    model: VSRN,
+    vocab: Vocabulary,
+    reader_config: ReaderConfig,
+    batch_size: int,
+    device: str | torch.device,
+    max_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed the images and captions of a sharded split in source order.
+
+    Args:
+        model: the VSRN to encode with (put in eval mode here).
+        vocab: its vocabulary; ``vocab.encode`` tokenizes the captions.
+        reader_config: where the split is and how to read it; its ``batch_size`` is replaced by
+            ``batch_size`` (images per forward pass, with their captions).
+        batch_size: images per forward pass.
+        device: where the model runs.
+        max_images: encode only the first ``max_images`` images (and their captions).
+
+    Returns:
+        ``images`` (N, D) and ``captions`` (5N, D), float32: image i owns captions 5i..5i+4, the
+        layout :func:`trainer.evaluation.evaluate_embeddings` ranks.
+
+    Raises:
+        EvaluationDataError: an image has other than five captions (ranking pairs caption j with
+            image j // 5), or there is nothing to encode.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    config = dataclasses.replace(reader_config, batch_size=batch_size)
+    reader = EvalReader(config, vocab.encode)
+    if max_images is not None and max_images < reader.images:
+        reader = EvalReader(dataclasses.replace(config, shards=_prefix_shards(reader, max_images)), vocab.encode)
+    wanted = reader.images if max_images is None else min(max_images, reader.images)
+    model.eval()
+    device = torch.device(device)
+    dim = model.config.embed_size
+    images = np.empty((wanted, dim), dtype=np.float32)
+    captions = np.empty((CAPTIONS_PER_IMAGE * wanted, dim), dtype=np.float32)
+    done = 0
+    started = time.perf_counter()
+    batches = iter(reader)
+    try:
+        for batch in batches:
+            take = min(len(batch.keys), wanted - done)
+            counts = Counter(batch.caption_image_ids.tolist())
+            for row, image_id in enumerate(batch.image_ids[:take].tolist()):
+                # Ranking pairs caption j with image j // 5: every image needs exactly five.
+                if counts[image_id] != CAPTIONS_PER_IMAGE:
+                    raise EvaluationDataError(
+                        f"{reader.spec.location}: image {batch.keys[row]} (index {image_id}) has {counts[image_id]} "
+                        f"captions; recall ranking needs exactly {CAPTIONS_PER_IMAGE} per image")
+            regions = batch.regions[:take].to(device=device, dtype=torch.float32)
+            boxes = batch.boxes[:take].to(device) if batch.boxes is not None else None
+            images[done:done + take] = model.encode_images(regions, boxes).float().cpu().numpy()
+            caption_count = CAPTIONS_PER_IMAGE * take
+            tokens = batch.tokens[:caption_count].to(device)
+            lengths = batch.lengths[:caption_count]
+            # Trim the padding to the longest caption kept (the text encoder packs by length anyway).
+            tokens = tokens[:, : int(lengths.max())]
+            start = CAPTIONS_PER_IMAGE * done
+            captions[start:start + caption_count] = model.encode_captions(tokens, lengths).float().cpu().numpy()
+            done += take
+            if done >= wanted:
+                break
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops the loader's workers when a prefix was enough
+    if done == 0:
+        raise EvaluationDataError(f"{reader.spec.location}: no images to evaluate")
+    if done < wanted:  # bad_data="skip" dropped some samples
+        logger.warning("%s: read %d of the %d images the manifest lists", reader.spec.location, done, wanted)
+        images, captions = images[:done], captions[:CAPTIONS_PER_IMAGE * done]
+    logger.info("encoded %d images and %d captions of %s in %.1f s", done, CAPTIONS_PER_IMAGE * done,
+                reader.spec.location, time.perf_counter() - started)
+    return images, captions
+
+
+# --------------------------------------------------------------------------------------------------
+# One checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _local_inference_dir(checkpoint: Location) -> Iterator[Path]:
+    """A local directory with the checkpoint's inference files (downloaded from S3 if needed).
+
+    ``checkpoint`` is a run checkpoint (with ``inference/``) or an inference checkpoint itself.
+    """
+    if checkpoint.exists(f"{INFERENCE_DIR}/{CONFIG_FILE}"):
+        source = checkpoint.child(INFERENCE_DIR)
+    elif checkpoint.exists(CONFIG_FILE):
+        source = checkpoint
+    else:
+        raise CheckpointError(f"{checkpoint.display}: no inference checkpoint "
+                              f"({INFERENCE_DIR}/{CONFIG_FILE} not found)")
+    with contextlib.ExitStack() as stack:
+        try:
+            directory = stack.enter_context(source.local_directory((WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE)))
+        except FileNotFoundError as error:
+            raise CheckpointError(f"{error}: missing from the checkpoint") from error
+        yield Path(directory)
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    dev: str | None,
+    test: str | None,
+    eval_config: EvalConfig,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    loader_workers: int = 0,
+    region_order: str = "stored",
+) -> dict[str, Any]:
+    """Evaluate one checkpoint; returns the ``metrics.json`` payload (nothing is written).
+
+    Args:
+        checkpoint: a run checkpoint directory (local or ``s3://``) holding ``inference/`` and
+            ``train_state.json``, or an inference checkpoint directory itself.
+        dev: dev shards (directory with manifest.json) or None: the first ``eval_config.dev_images``
+            images are ranked with protocol ``all``; their rsum is ``dev_rsum``.
+        test: test shards or None: every protocol of ``eval_config.test_protocols``; ``1k-5fold``
+            is skipped (recorded under ``"skipped"``) when the split has fewer than 5000 images.
+        eval_config: protocols, dev subset size, encoding batch size.
+        storage_options: s3fs options for checkpoint and shards (None: the environment).
+        device: where the model and the ranking run.
+        loader_workers: DataLoader worker processes reading shards (0: in this process, which
+            suits an evaluator with one CPU).
+        region_order: the reader's region order (data.region_order of the run).
+    """
+    if dev is None and test is None:
+        raise ValueError("nothing to evaluate: give dev and/or test shards")
+    started = time.perf_counter()
+    location = open_location(checkpoint, storage_options)
+    state = read_train_state_fields(location)
+    device = torch.device(device)
+    with _local_inference_dir(location) as inference:
+        model, vocab = load_inference_checkpoint(inference, device=device)
+    options = dict(storage_options) if storage_options is not None else None
+
+    def encode(split: str, max_images: int | None) -> tuple[np.ndarray, np.ndarray]:
+        reader_config = ReaderConfig(location=split, batch_size=eval_config.batch_size, num_workers=loader_workers,
+                                     storage_options=options, region_order=region_order,  # type: ignore[arg-type]
+                                     bad_data="strict", output_dtype="stored")  # encode_split casts on the device
+        return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images)
+
+    payload: dict[str, Any] = {
+        "checkpoint": location.display,
+        "step": state_int(state, "step"),
+        "epoch": state_int(state, "epoch"),
+        "dev": None,
+        "dev_rsum": None,
+        "test": {},
+        "skipped": {},
+        "data": {"dev": dev, "dev_images": 0, "test": test, "test_images": 0},
+    }
+    if dev is not None:
+        images, captions = encode(dev, eval_config.dev_images)
+        if images.shape[0] < eval_config.dev_images:
+            logger.info("%s has %d images, fewer than eval.dev_images = %d: the dev metrics use all of them",
+                        dev, images.shape[0], eval_config.dev_images)
+        payload["dev"] = evaluate_embeddings([(images, captions)], PROTOCOL_ALL, device=device)
+        payload["dev_rsum"] = payload["dev"]["rsum"]
+        payload["data"]["dev_images"] = int(images.shape[0])
+    if test is not None:
+        images, captions = encode(test, None)
+        payload["data"]["test_images"] = int(images.shape[0])
+        for protocol in dict.fromkeys(eval_config.test_protocols):
+            if protocol == PROTOCOL_1K_5FOLD and images.shape[0] < FOLD_PROTOCOL_MIN_IMAGES:
+                reason = (f"needs at least {FOLD_PROTOCOL_MIN_IMAGES} test images, "
+                          f"the test split has {images.shape[0]}")
+                logger.warning("%s: protocol %s skipped: %s", location.display, protocol, reason)
+                payload["skipped"][protocol] = reason
+                continue
+            payload["test"][protocol] = evaluate_embeddings([(images, captions)], protocol, device=device)
+    payload["evaluated_at"] = utc_now()
+    payload["elapsed_s"] = round(time.perf_counter() - started, 3)
+    payload["format_version"] = METRICS_FORMAT_VERSION
+    return payload
+
+
+def results_table(payload: dict[str, Any]) -> str:
+    """The recall table of a metrics.json payload: the dev row, then one row per test protocol."""
+    rows: dict[str, dict[str, Any]] = {}
+    if payload.get("dev") is not None:
+        rows[f"dev (all, {payload['data']['dev_images']} images)"] = payload["dev"]
+    for protocol, metrics in payload.get("test", {}).items():
+        rows[f"test {protocol}"] = metrics
+    return format_table(rows) if rows else "(no metrics)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording an evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What :func:`record_evaluated` wrote besides metrics.json."""
+
+    is_best: bool  # the checkpoint is now the run's best (best.json rewritten)
+    problem: str | None = None  # why the run's records (evaluations.jsonl, best.json) were not updated
+
+
+def record_evaluated(checkpoint: str, payload: dict[str, Any], run_dir: str | None,
+                     storage_options: Mapping[str, Any] | None = None) -> Recorded:
+    """The one record sequence of a successful evaluation (the actor, ``--watch`` and
+    ``--checkpoint``): ``metrics.json`` beside the checkpoint, then, for a checkpoint of a run
+    (``run_dir`` given), its evaluations.jsonl line and best.json.
+
+    Raises when metrics.json cannot be written: without it the checkpoint is not evaluated (the
+    caller records the failure). A failure after it is returned in ``problem`` instead: the
+    evaluation itself is recorded. The history and best.json are tried independently, so that a
+    damaged history does not stop model selection; the next evaluation repairs a missing line
+    (run_layout.record_evaluation).
+    """
+    record_result(checkpoint, payload, storage_options)
+    if run_dir is None:
+        return Recorded(is_best=False)
+    problems = []
+    try:
+        record_evaluation(run_dir, payload, storage_options)
+    except Exception as error:  # noqa: BLE001 - e.g. a damaged line or the store is down; keep the rest
+        logger.error("%s: cannot update %s: %s: %s", checkpoint, EVALUATIONS_FILE, type(error).__name__, error)
+        problems.append(f"{EVALUATIONS_FILE} not updated: {type(error).__name__}: {error}")
+    is_best = False
+    try:
+        is_best = update_best(run_dir, payload, storage_options)
+    except Exception as error:  # noqa: BLE001 - metrics.json is written: the evaluation itself succeeded
+        logger.error("%s: cannot update %s: %s: %s", checkpoint, BEST_FILE, type(error).__name__, error)
+        problems.append(f"{BEST_FILE} not updated: {type(error).__name__}: {error}")
+    return Recorded(is_best=is_best, problem="; ".join(problems) or None)
+
+
+# --------------------------------------------------------------------------------------------------
+# A run: every checkpoint not yet evaluated
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """What the evaluator needs from a run's config.yaml (or from the command line)."""
+
+    dev: str | None
+    test: str | None
+    eval: EvalConfig
+    region_order: str = "stored"
+    s3_endpoint_url: str = ""
+
+
+def read_run_settings(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> RunSettings | None:
+    """Dev/test shards and eval settings from ``RUN_DIR/config.yaml``; None if the file is absent.
+
+    Raises ConfigError naming the file when it is not a valid trainer/config.py configuration.
+    """
+    location = open_location(run_dir, storage_options)
+    try:
+        text = location.read_text(CONFIG_YAML)
+    except FileNotFoundError:
+        return None
+    where = location.child_url(CONFIG_YAML)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: invalid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the configuration must be a mapping of sections")
+    try:
+        config: TrainConfig = config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    return RunSettings(dev=config.data.dev or None, test=config.data.test or None, eval=config.eval,
+                       region_order=config.data.region_order, s3_endpoint_url=config.data.s3_endpoint_url)
+
+
+def evaluation_summary(checkpoint: str, step: int | None, epoch: int | None, *, status: str,
+                       dev_rsum: float | None = None, error: str | None = None, is_best: bool = False,
+                       elapsed_s: float | None = None) -> dict[str, Any]:
+    """What :func:`evaluate_and_record` returns per checkpoint (the actor's ``results``)."""
+    return {"path": checkpoint, "step": step, "epoch": epoch, "dev_rsum": dev_rsum, "status": status,
+            "error": error, "is_best": is_best, "elapsed_s": elapsed_s}
+
+
+def evaluate_and_record(
+    checkpoint: str,
+    dev: str | None,
+    test: str | None,
+    eval_config: EvalConfig,
+    run_dir: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    loader_workers: int = 0,
+    region_order: str = "stored",
+    metrics: EvaluationMetrics | None = None,
+) -> dict[str, Any]:
+    """Evaluate one checkpoint and record the outcome (:func:`record_evaluated`, or eval_error.json,
+    and the Prometheus series through ``metrics`` when given); never raises for a bad checkpoint or
+    bad data: returns a summary with status ok/failed."""
+    started = time.perf_counter()
+    display = checkpoint
+    with contextlib.suppress(Exception):
+        display = open_location(checkpoint, storage_options).display
+    try:
+        payload = evaluate_checkpoint(checkpoint, dev, test, eval_config, storage_options, device,
+                                      loader_workers=loader_workers, region_order=region_order)
+        recorded = record_evaluated(checkpoint, payload, run_dir or run_dir_of(checkpoint), storage_options)
+    except Exception as error:  # noqa: BLE001 - one bad checkpoint must not stop the others
+        logger.error("evaluating %s failed: %s: %s", checkpoint, type(error).__name__, error)
+        step = epoch = None
+        with contextlib.suppress(Exception):
+            state = read_train_state_fields(open_location(checkpoint, storage_options))
+            step, epoch = state_int(state, "step"), state_int(state, "epoch")
+        try:
+            record_failure(checkpoint, error, storage_options)
+        except Exception as record_error:  # noqa: BLE001 - e.g. the store is down; keep going
+            logger.error("cannot write %s for %s: %s", ERROR_FILE, checkpoint, record_error)
+        if metrics is not None:
+            metrics.record_failure(time.perf_counter() - started)
+        return evaluation_summary(display, step, epoch, status="failed", error=f"{type(error).__name__}: {error}",
+                                  elapsed_s=round(time.perf_counter() - started, 3))
+    is_best = recorded.is_best
+    if metrics is not None:
+        metrics.record_evaluation(payload, best_dev_rsum(run_dir or run_dir_of(checkpoint), storage_options),
+                                  time.perf_counter() - started)
+    logger.info("checkpoint %s (step %s, epoch %s): dev rsum %s%s\n%s", payload["checkpoint"], payload["step"],
+                payload["epoch"], "n/a" if payload["dev_rsum"] is None else f"{payload['dev_rsum']:.2f}",
+                " (new best)" if is_best else "", results_table(payload))
+    return evaluation_summary(payload["checkpoint"], payload["step"], payload["epoch"], status="ok",
+                              error=recorded.problem, dev_rsum=payload["dev_rsum"], is_best=is_best,
+                              elapsed_s=payload["elapsed_s"])
+
+
+def _check_split_reachable(location: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Fail before touching any checkpoint when a split cannot even be opened: a wrong --data
+    must not stamp eval_error.json on every checkpoint of the run."""
+    load_split(ReaderConfig(location=location, num_workers=0,
+                            storage_options=dict(storage_options) if storage_options is not None else None))
+
+
+def evaluate_run(
+    run_dir: str,
+    dev: str | None = None,
+    test: str | None = None,
+    eval_config: EvalConfig | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    retry_failed: bool = False,
+    loader_workers: int = 0,
+    metrics: EvaluationMetrics | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every complete checkpoint of ``run_dir`` that has neither metrics.json nor
+    eval_error.json (with ``retry_failed``, also those with eval_error.json), in step order.
+
+    Dev/test shards and the eval settings come from ``RUN_DIR/config.yaml`` unless given here.
+    Failures are recorded per checkpoint and the others still evaluated. Returns one summary per
+    evaluated checkpoint: path, step, epoch, dev_rsum, status ("ok"/"failed"), error, is_best.
+
+    Raises (before evaluating anything) when there is nothing to evaluate against: no dev/test
+    shards given or configured, an unreadable config.yaml, or a split whose manifest cannot be read.
+    """
+    settings = read_run_settings(run_dir, storage_options)
+    if settings is None:
+        logger.info("%s: no %s; using the settings given", run_dir, CONFIG_YAML)
+    dev = dev if dev is not None else (settings.dev if settings else None)
+    test = test if test is not None else (settings.test if settings else None)
+    eval_config = eval_config if eval_config is not None else (settings.eval if settings else EvalConfig())
+    region_order = settings.region_order if settings else "stored"
+    if dev is None and test is None:
+        raise ValueError(f"{run_dir}: no dev or test shards to evaluate on: give them (--data/--dev) or set "
+                         f"data.dev / data.test in {CONFIG_YAML}")
+    for split in (dev, test):
+        if split is not None:
+            _check_split_reachable(split, storage_options)
+    entries = list_checkpoints(run_dir, storage_options)
+    pending = [e for e in entries if not e.evaluated and (retry_failed or not e.failed)]
+    logger.info("%s: %d complete checkpoint(s), %d to evaluate", run_dir, len(entries), len(pending))
+    summaries = []
+    for entry in pending:
+        logger.info("evaluating %s (step %s)", entry.url, entry.step)
+        summaries.append(evaluate_and_record(entry.url, dev, test, eval_config, run_dir, storage_options, device,
+                                             loader_workers=loader_workers, region_order=region_order,
+                                             metrics=metrics))
+    return summaries
