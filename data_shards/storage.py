@@ -31,6 +31,17 @@ a hidden lock file beside it, so two processes appending to the same file never 
 update. S3 has no locks: nothing is held there, and the later of two racing uploads wins; callers
 say why that is acceptable for their file (trainer/run_layout.py, the evaluation history).
 
+Conditional writes (`read_bytes_versioned`, `write_bytes_if`, `remove_if`): compare-and-swap on one
+small file, for records that only one writer may own (trainer/run_lease.py). Locally the check and
+the write happen under that same `flock`, so racing writers are serialized, and the version is the
+content's sha256. On S3 they are single conditional requests: PutObject with `If-None-Match: *`
+(create only if absent) or `If-Match: <ETag>` (replace only if unchanged), DeleteObject with
+`If-Match`; a 412 (or 409 ConditionalRequestConflict) means another writer got there first. AWS S3
+honours all three, and so does moto >= 5.2.5 (the tests' server). A store that answers
+501 NotImplemented gets an unconditional write instead, with a warning: the caller's own checks
+(reading its record back) are all that is left there. A store that silently ignores the headers
+cannot be told apart from one that honours them: there the later of two racing writers wins.
+
 fsspec filesystem instances are not fork-safe ("This class is not fork-safe" in fsspec's docs):
 `filesystem()` caches one instance per (process id, protocol, options), created with
 `skip_instance_cache=True` so a forked child never reuses its parent's instance. `open_url` is the
@@ -77,6 +88,21 @@ _FS_CACHE_LOCK = threading.Lock()
 
 class StorageError(OSError):
     """A location cannot be used (malformed, missing, unreadable); the message names it."""
+
+
+# S3 error codes of a conditional request (Location.write_bytes_if, remove_if): the condition did
+# not hold, or a concurrent conditional write to the same key won (AWS answers 409 then).
+_S3_CONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_S3_NOT_IMPLEMENTED = frozenset({"NotImplemented", "501"})
+
+
+def _s3_error_code(error: BaseException) -> str | None:
+    """The S3 error code behind an s3fs error (s3fs keeps botocore's ClientError as the cause)."""
+    for candidate in (error, error.__cause__):
+        response = getattr(candidate, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code"))
+    return None
 
 
 def is_s3_url(location: str) -> bool:
@@ -468,6 +494,88 @@ class Location:
         with self.atomic_writer(name) as (stream, result):
             stream.write(data)
         return result.sha256
+
+    def read_bytes_versioned(self, name: str) -> tuple[bytes, str]:
+        """File `name` and a version token of it for `write_bytes_if` / `remove_if` (module doc,
+        "Conditional writes"); FileNotFoundError names the file.
+
+        S3: the object's ETag, asked BEFORE the content is read: a write in between can only make
+        the later conditional request fail (the ETag is older than the content), never let it
+        replace a record this caller has not seen. Local: the sha256 of the bytes read.
+        """
+        if not self.is_s3:
+            data = self.read_bytes(name)
+            return data, hashlib.sha256(data).hexdigest()
+        self.invalidate()
+        try:
+            etag = str(self.fs.info(self.child_path(name))["ETag"])
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{self.child_url(name)}: not found") from exc
+        return self.read_bytes(name), etag
+
+    def write_bytes_if(self, name: str, data: bytes, version: str | None) -> bool:
+        """Publish `data` as file `name` only if the file is still at `version` (from
+        `read_bytes_versioned`), or only if there is no such file when `version` is None; returns
+        whether it did. Readers see the old file or the whole new one."""
+        if not self.is_s3:
+            with self.locked(name):
+                if self._local_version(name) != version:
+                    return False
+                self.write_bytes_atomic(name, data)
+                return True
+        path = self.child_path(name)
+        condition = {"mode": "create"} if version is None else {"IfMatch": version}
+        try:
+            self.fs.pipe_file(path, data, **condition)
+        except FileExistsError:  # s3fs's translation of a 412 for If-None-Match
+            return False
+        except FileNotFoundError:  # If-Match on an object that is gone
+            return False
+        except OSError as exc:
+            code = _s3_error_code(exc)
+            if code in _S3_CONDITION_FAILED:
+                return False
+            if code not in _S3_NOT_IMPLEMENTED:
+                raise
+            logger.warning("%s: the store does not support conditional writes (%s); writing unconditionally",
+                           self.child_url(name), code)
+            self.fs.pipe_file(path, data)
+        finally:
+            self.invalidate()
+        return True
+
+    def remove_if(self, name: str, version: str) -> bool:
+        """Delete file `name` only if it is still at `version`; returns whether it did (False when
+        it changed or is gone)."""
+        if not self.is_s3:
+            with self.locked(name):
+                if self._local_version(name) != version:
+                    return False
+                os.unlink(self.child_path(name))
+                return True
+        bucket, key, _ = self.fs.split_path(self.child_path(name))
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            code = _s3_error_code(exc)
+            if code in _S3_CONDITION_FAILED or code == "NoSuchKey":
+                return False
+            if code not in _S3_NOT_IMPLEMENTED:
+                raise
+            logger.warning("%s: the store does not support conditional deletes (%s); deleting unconditionally",
+                           self.child_url(name), code)
+            self.fs.rm_file(self.child_path(name))
+        finally:
+            self.invalidate()
+        return True
+
+    def _local_version(self, name: str) -> str | None:
+        try:
+            return hashlib.sha256(self.read_bytes(name)).hexdigest()
+        except FileNotFoundError:
+            return None
 
 
 def open_location(location: str, storage_options: Mapping[str, Any] | None = None) -> Location:

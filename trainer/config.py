@@ -104,6 +104,9 @@ class DistributedConfig:
             raise ConfigError("distributed.precision: fp16 needs a GPU (use bf16 or fp32 on CPU)")
 
 
+MIN_LEASE_TIMEOUT_S = 1.0  # checkpoint.lease_timeout_s: below this the heartbeat would be a busy loop
+
+
 @dataclass
 class CheckpointConfig:
     storage_path: str = "~/vsrn-runs"  # local directory or s3://bucket/prefix
@@ -115,12 +118,21 @@ class CheckpointConfig:
     # unless it is on a filesystem that every node mounts at the same path (NFS, EFS, Lustre...):
     # then say so here (trainer/run_checkpoint.py, require_shared_storage).
     shared_filesystem: bool = False
+    # The lease on RUN_DIR (trainer/run_lease.py): one trainer writes a run at a time. A lease
+    # whose heartbeat is older than this is stale (its driver died) and a new trainer takes it
+    # over; longer than any pause of the driver (a Ray worker restart does not pause it).
+    lease_timeout_s: float = 300.0
+    # Take over a lease that another trainer still renews; that trainer stops at its next heartbeat.
+    force_lease: bool = False
 
     def validate(self) -> None:
         _non_negative(self, "every_steps", "max_failures")
         _positive(self, "keep_last")
         if not self.storage_path:
             raise ConfigError("checkpoint.storage_path must not be empty")
+        if not self.lease_timeout_s >= MIN_LEASE_TIMEOUT_S:
+            raise ConfigError(f"checkpoint.lease_timeout_s must be >= {MIN_LEASE_TIMEOUT_S:g} (seconds; the heartbeat "
+                              f"renews every lease_timeout_s/4, at most every 10 s), got {self.lease_timeout_s:g}")
 
 
 @dataclass

@@ -454,9 +454,13 @@ def run_watch(args: argparse.Namespace, prog: str) -> int:
 def _evaluate_run(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
     from trainer.checkpoint_eval import evaluate_run, read_run_settings
     from trainer.config import EvalConfig
+    from trainer.run_lease import describe_holder
 
     options = _storage_options(args)
     _full_precision(args.device)
+    # Who trains the run, for the operator; the evaluator needs no lease (it writes only its own
+    # records), and an unreadable lease is only reported (describe_holder never raises).
+    logger.info("%s", describe_holder(args.watch, options))
     try:
         settings = read_run_settings(args.watch, options)
         eval_config = _eval_config(args, settings.eval if settings is not None else EvalConfig())

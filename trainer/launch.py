@@ -5,9 +5,11 @@ directory if missing and shards it, starts a local Ray, trains a small VSRN with
 (Ray Train + DeepSpeed on gloo), scores each checkpoint with the evaluation worker, and prints the
 best checkpoint's recall table.
 
-Steps: configuration (errors exit 2 naming the key, before any Ray work) -> data
-(trainer/data.py) -> RUN_DIR/config.yaml (the resolved configuration) -> Ray: the cluster of the
-job submission or RAY_ADDRESS, else a local one sized for the job -> a TorchTrainer
+Steps: configuration (errors exit 2 naming the key, before any Ray work) -> the lease on RUN_DIR
+(trainer/run_lease.py: when another trainer holds the run, exit 2 with one line naming the holder
+and the age of its heartbeat; renewed by a thread of this driver, released at the end, success or
+failure) -> data (trainer/data.py) -> Ray: the cluster of the job submission or RAY_ADDRESS, else
+a local one sized for the job -> RUN_DIR/config.yaml (the resolved configuration) -> a TorchTrainer
 (trainer/worker.py on every worker; RunConfig with the run name and storage path, local or
 s3://, FailureConfig, and a callback that hands each checkpoint to the evaluation worker as soon
 as Ray has committed it) -> wait for the evaluator -> the table and, as the LAST line of stdout,
@@ -15,7 +17,9 @@ one JSON object: {"run_dir", "best" (best.json: checkpoint, step, epoch, dev_rsu
 "latest_checkpoint", "run_name", "wall_s"}.
 
 Re-running with the same checkpoint.run_name (and storage path) resumes that run from its latest
-checkpoint (trainer/run_checkpoint.py).
+checkpoint (trainer/run_checkpoint.py), once the previous trainer of the run released its lease or
+its heartbeat is older than checkpoint.lease_timeout_s (a killed driver); checkpoint.force_lease=true
+takes over a live lease, and the trainer that held it aborts its run and exits 1.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +53,7 @@ from trainer.data import DataError, PreparedData, prepare_data, storage_options_
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
 from trainer.run_layout import CONFIG_YAML, prune_checkpoints, read_best
+from trainer.run_lease import LeaseHeldError, LeaseLostError, RunLease
 
 log = logging.getLogger("trainer.launch")
 
@@ -184,22 +191,64 @@ def prune(run_dir: str, keep_last: int, storage_options: dict[str, Any] | None) 
 # --------------------------------------------------------------------------------------------------
 
 
+class _AbortOnLostLease:
+    """The lease's `on_lost` (called in its heartbeat thread): abort the Ray Train run.
+
+    TorchTrainer.fit() installs, in the main thread, a SIGINT handler that aborts the run through
+    its controller (Ray's Ctrl-C); sending this process SIGINT while fit() runs uses exactly that.
+    Outside fit() (or when run() is not on the main thread, where Ray installs no handler) nothing
+    is interrupted: run() checks the lease at its next step and fails with LeaseLostError.
+    """
+
+    def __init__(self) -> None:
+        self.in_fit = False
+        self.on_main_thread = threading.current_thread() is threading.main_thread()
+
+    def __call__(self, lost: LeaseLostError) -> None:
+        if self.in_fit and self.on_main_thread:
+            log.error("aborting the training run: the lease is lost")
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run of `config` through Ray Train; returns the summary (see module doc).
 
-    Uses the Ray instance of this process if there is one, else connects/starts one (and leaves it
-    running: main() shuts it down).
+    Takes the lease on RUN_DIR first (trainer/run_lease.py; LeaseHeldError when another trainer
+    holds it) and releases it when the run ends, however it ends; LeaseLostError when another
+    trainer took it over meanwhile. Uses the Ray instance of this process if there is one, else
+    connects/starts one (and leaves it running: main() shuts it down).
     """
     started = time.perf_counter()
     config, run_dir = resolve_run(config)
+    checkpoint = config.checkpoint
+    lease = RunLease.acquire(run_dir, timeout_s=checkpoint.lease_timeout_s, force=checkpoint.force_lease,
+                             storage_options=storage_options_for(config.data) if is_s3_url(run_dir) else None,
+                             ray=f"ray cluster {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "")
+    abort = _AbortOnLostLease()
+    lease.start_heartbeat(on_lost=abort)
+    try:
+        summary = _train(config, run_dir, lease, abort)
+        lease.check()
+    finally:
+        lease.release()
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLostLease) -> dict[str, Any]:
+    """run() while holding the lease."""
     data = prepare_data(config.data)
     config = effective_config(config, data)
     connect_ray(config)
+    import ray
+
+    context = ray.get_runtime_context()
+    lease.set_ray(f"ray job {context.get_job_id()} on {context.gcs_address}")
     driver_host, node_hosts = cluster_hosts()
     require_shared_storage(config, node_hosts, driver_host)
+    lease.check()
     write_run_config(config, run_dir)
     log.info("run directory %s", run_dir)
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
@@ -238,12 +287,22 @@ def run(config: TrainConfig) -> dict[str, Any]:
             callbacks=[_make_callback(evaluator, run_dir, config.checkpoint.keep_last, storage_options),
                        stop_on_fatal_error_callback()]),
     )
+    abort.in_fit = True
     try:
+        lease.check()  # after in_fit is set: a loss from now on interrupts fit(), or this raises
         result = trainer.fit()
-    except TrainingFailedError:
-        if evaluator is not None:
+    except BaseException as error:
+        # Aborted for a lost lease: Ray's SIGINT handler exits (SystemExit) or fit() sees its
+        # controller gone; either way the cause to report is the lease.
+        lost = lease.lost
+        if evaluator is not None and (lost is not None or isinstance(error, TrainingFailedError)):
             ray.kill(evaluator)
+        if lost is not None:
+            raise lost from error
         raise
+    finally:
+        abort.in_fit = False
+    lease.check()
     latest = None
     if result.checkpoint is not None:
         latest = f"s3://{result.checkpoint.path}" if is_s3_url(run_dir) else result.checkpoint.path
@@ -259,8 +318,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             best = read_best(run_dir, storage_options)
         prune(run_dir, config.checkpoint.keep_last, storage_options)
         ray.kill(evaluator)
-    return {"run_dir": run_dir, "best": best, "latest_checkpoint": latest, "run_name": config.checkpoint.run_name,
-            "wall_s": round(time.perf_counter() - started, 1)}
+    return {"run_dir": run_dir, "best": best, "latest_checkpoint": latest, "run_name": config.checkpoint.run_name}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(config)
     except ConfigError as error:
         failure = 2, f"launch: configuration error: {error}"
+    except LeaseHeldError as error:  # another trainer writes this run: nothing was written
+        failure = 2, f"launch: {error}"
+    except LeaseLostError as error:  # taken over while training: this run stopped
+        failure = 1, f"launch: {error}"
     except DataError as error:
         failure = 1, f"launch: data error: {error}"
     except Exception as error:

@@ -4,6 +4,8 @@ RUN_DIR = {checkpoint.storage_path}/{checkpoint.run_name}, a local directory or 
 reached through data_shards/storage.py's `Location` only. Every file name of the run directory is
 spelled here, and every reader and writer of those files asks this module:
 
+    lease.json             the lease of the one trainer writing the run (trainer/run_lease.py:
+                           owner, heartbeat; absent when none holds it); readers ignore it
     config.yaml            the resolved configuration (written by trainer/launch.py)
     train_log.jsonl        one line per training step (trainer/worker.py)
     best.json              the best checkpoint so far by dev rsum (`update_best`; read by
@@ -46,8 +48,12 @@ __all__ = [
     "DEEPSPEED_DIR",
     "ERROR_FILE",
     "EVALUATIONS_FILE",
+    "GALLERY_DIR",
     "INFERENCE_DIR",
+    "LEASE_FILE",
     "METRICS_FILE",
+    "QUALITATIVE_DIR",
+    "QUALITATIVE_FILE",
     "TRAIN_LOG",
     "TRAIN_STATE_FILE",
     "TRAIN_STATE_FORMAT_VERSION",
@@ -78,6 +84,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+LEASE_FILE = "lease.json"
 CONFIG_YAML = "config.yaml"
 TRAIN_LOG = "train_log.jsonl"
 BEST_FILE = "best.json"

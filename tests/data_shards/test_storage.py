@@ -219,3 +219,57 @@ def test_s3_lock_holds_nothing(s3_server: Any, s3_bucket: str) -> None:
         location.write_bytes_atomic("history.jsonl", b"line\n")
     assert location.list() == ["history.jsonl"]  # no lock object: S3 has no locks to take
     assert location.read_bytes("history.jsonl") == b"line\n"
+
+
+def _location_of(kind: str, tmp_path: Path, s3_server: Any, s3_bucket: str) -> Any:
+    if kind == "local":
+        return open_location(str(tmp_path / "run"))
+    return open_location(f"s3://{s3_bucket}/run", s3_server.storage_options)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_conditional_writes_create_only_if_absent_and_replace_or_delete_only_if_unchanged(
+        kind: str, tmp_path: Path, s3_server: Any, s3_bucket: str) -> None:
+    # On S3 these are If-None-Match / If-Match requests: moto >= 5.2.5 answers 412 when they fail.
+    location = _location_of(kind, tmp_path, s3_server, s3_bucket)
+    location.makedirs()
+    with pytest.raises(FileNotFoundError, match="lease.json"):
+        location.read_bytes_versioned("lease.json")
+    assert location.write_bytes_if("lease.json", b"first", None)
+    assert not location.write_bytes_if("lease.json", b"second", None)  # exists: not replaced
+    data, version = location.read_bytes_versioned("lease.json")
+    assert data == b"first"
+    assert not location.write_bytes_if("lease.json", b"stale", "0123456789abcdef")  # another version
+    assert location.write_bytes_if("lease.json", b"third", version)
+    assert location.read_bytes("lease.json") == b"third"
+    assert not location.write_bytes_if("lease.json", b"late", version)  # it changed since `version`
+    assert not location.remove_if("lease.json", version)
+    data, current = location.read_bytes_versioned("lease.json")
+    assert data == b"third" and current != version
+    assert location.remove_if("lease.json", current) and not location.exists("lease.json")
+    assert not location.remove_if("lease.json", current)  # gone
+    assert not location.write_bytes_if("lease.json", b"x", current)  # If-Match on nothing fails
+    # Nothing left behind but, locally, the hidden lock file of the check-and-write.
+    assert location.list() == ([] if location.is_s3 else [".lock-lease.json"])
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_racing_conditional_creates_have_exactly_one_winner(
+        kind: str, tmp_path: Path, s3_server: Any, s3_bucket: str) -> None:
+    location = _location_of(kind, tmp_path, s3_server, s3_bucket)
+    location.makedirs()
+    start = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def create(index: int) -> None:
+        start.wait()
+        results[index] = location.write_bytes_if("owner.json", f"writer {index}".encode(), None)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == 8 and len(winners) == 1, results
+    assert location.read_bytes("owner.json") == f"writer {winners[0]}".encode()

@@ -272,5 +272,9 @@ def test_local_storage_on_a_cluster_spanning_hosts_is_refused_before_training(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("launch: configuration error: checkpoint.storage_path is a local path"), last
     assert "127.0.0.2" in last and "s3://" in last and "checkpoint.shared_filesystem=true" in last, last
-    assert not (tmp_path / "runs").exists()  # nothing written, no training started
+    # No training started and nothing of a run written: the lease, taken before Ray (so that a
+    # second trainer is refused at once), was released; only its hidden lock file may remain.
+    run_dir = tmp_path / "runs" / "local"
+    assert not run_dir.exists() or {p.name for p in run_dir.iterdir()} <= {".lock-lease.json"}, \
+        sorted(p.name for p in run_dir.iterdir())
     assert " parameters on " not in result.stderr
