@@ -87,6 +87,10 @@ class EvalBatch(_BatchTensors):
     chunk: int
     last_in_shard: bool
     stats: dict[str, int] = field(default_factory=dict)
+    # The source datasets' ids (meta source_id / caption_ids), None where the shards have none:
+    # per image, and per caption in the order of `captions`.
+    source_ids: list[str | None] = field(default_factory=list)
+    caption_source_ids: list[str | None] = field(default_factory=list)
 
     _TENSORS = ("regions", "boxes", "image_ids", "tokens", "lengths", "caption_image_ids")
 

@@ -110,6 +110,10 @@ def eval_batch(records: list[ImageRecord], *, tokenize: Tokenize, feature_shape:
         regions, boxes = _image_arrays(records, order, dtype, rngs)
     else:
         regions, boxes = torch.zeros((0, *feature_shape), dtype=dtype), None
+    caption_source_ids: list[str | None] = [
+        caption_id for r in records
+        for caption_id in (r.caption_ids if r.caption_ids is not None else [None] * len(r.captions))]
     return EvalBatch(regions=regions, boxes=boxes, image_ids=image_ids, keys=[r.key for r in records],
                      captions=captions, tokens=tokens, lengths=lengths, caption_image_ids=caption_image_ids,
-                     shard_position=shard_position, chunk=chunk, last_in_shard=last, stats=stats)
+                     shard_position=shard_position, chunk=chunk, last_in_shard=last, stats=stats,
+                     source_ids=[r.source_id for r in records], caption_source_ids=caption_source_ids)

@@ -3,8 +3,13 @@
 Two sources:
 
     # SCAN / VSRN / VSE-infinity precomputed layout: DIR/{split}_ims.npy + DIR/{split}_caps.txt
+    # (+ optional DIR/{split}_ims_bbx.npy (N, regions, 4) boxes and DIR/{split}_ims_size.npy (N, 2)
+    # width and height, the companions some precomputed sets ship, written into the shards)
     python data_shards/convert.py --precomp DIR --split test --output OUT [--shard-size 1000]
         [--dtype float16|float32] [--workers N]
+    # COCO 5K test (testall): also each image's COCO id and its captions' annotation ids, from
+    # the eccv-caption package, for the eccv / cxc evaluation protocols
+    python data_shards/convert.py --precomp DIR --split testall --coco-ids --output OUT
 
     # bottom-up-attention TSV files + a Karpathy-style JSON (keeps boxes and image sizes)
     python data_shards/convert.py --tsv FILE [--tsv FILE2 ...] --karpathy dataset_coco.json \\
@@ -93,6 +98,11 @@ class PrecompSource:
     caps_path: str
     split: str
     rows_per_image: int  # 1, or 5 in the variant with one row per caption
+    boxes_path: str | None = None  # {split}_ims_bbx.npy: (images, regions, 4) x1, y1, x2, y2 in pixels
+    sizes_path: str | None = None  # {split}_ims_size.npy: (images, 2) width, height
+    # --coco-ids: the COCO image id of each image and the annotation ids of its five captions
+    image_ids: tuple[str, ...] | None = None
+    caption_ids: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,8 +247,12 @@ def _open_ims(path: str) -> np.ndarray:
     return ims
 
 
-def plan_precomp(precomp_dir: str, split: str, shard_size: int, dtype: str) -> Plan:
-    """Check a precomputed split (files, shapes, caption count and encoding) and plan its shards."""
+def plan_precomp(precomp_dir: str, split: str, shard_size: int, dtype: str, coco_ids: bool = False) -> Plan:
+    """Check a precomputed split (files, shapes, caption count and encoding) and plan its shards.
+
+    ``coco_ids``: the split is the COCO 5K test split in the standard order (SCAN's ``testall``);
+    each image's COCO id (``source_id``) and its captions' annotation ids (``caption_ids``) are
+    written into the shards, from the eccv-caption package (trainer/coco_annotations.py)."""
     ims_path = os.path.join(precomp_dir, f"{split}_ims.npy")
     caps_path = os.path.join(precomp_dir, f"{split}_caps.txt")
     if not os.path.isdir(precomp_dir):
@@ -262,7 +276,11 @@ def plan_precomp(precomp_dir: str, split: str, shard_size: int, dtype: str) -> P
     images = lines // EXPECTED_CAPTIONS
     if rows_per_image > 1:
         _check_repeated_rows(ims, ims_path, images, rows_per_image)
-    source = PrecompSource(ims_path=ims_path, caps_path=caps_path, split=split, rows_per_image=rows_per_image)
+    boxes_path, sizes_path = _precomp_layout_files(precomp_dir, split, images, (int(ims.shape[1]), 4))
+    image_ids, caption_ids = _coco_5k_ids(images, ims_path) if coco_ids else (None, None)
+    source = PrecompSource(ims_path=ims_path, caps_path=caps_path, split=split, rows_per_image=rows_per_image,
+                           boxes_path=boxes_path, sizes_path=sizes_path, image_ids=image_ids,
+                           caption_ids=caption_ids)
     shards: list[PrecompShard | TsvShard] = []
     for number, start in enumerate(range(0, images, shard_size)):
         shards.append(PrecompShard(name=shard_name(split, number), start=start,
@@ -274,9 +292,59 @@ def plan_precomp(precomp_dir: str, split: str, shard_size: int, dtype: str) -> P
         "rows_per_image": rows_per_image, "ims": _file_identity(ims_path),
         "captions": {"name": os.path.basename(caps_path), "sha256": caps_sha},
     }
+    # Only when present, so that the fingerprint of a conversion without them stays what it was.
+    if boxes_path is not None:
+        conversion["boxes"] = _file_identity(boxes_path)
+    if sizes_path is not None:
+        conversion["sizes"] = _file_identity(sizes_path)
+    if coco_ids:
+        conversion["coco_ids"] = {"source": "eccv-caption coco_test_ids (COCO 5K test, standard order)"}
     conversion["fingerprint"] = _fingerprint(conversion)
     return Plan(split=split, source=source, shards=shards, feature_shape=feature_shape, images=images,
                 conversion=conversion)
+
+
+def _coco_5k_ids(images: int, ims_path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The COCO ids of the 5K test split in the standard order, as the shards store them."""
+    # The ids come with the evaluation's annotations (the eccv-caption package), imported only
+    # for --coco-ids.
+    from trainer.coco_annotations import (
+        COCO_5K_IMAGES,
+        AnnotationsUnavailableError,
+        coco_5k_test_ids,
+    )
+
+    if images != COCO_5K_IMAGES:
+        raise ConversionError(f"--coco-ids: {ims_path} has {images} images; the ids are those of the COCO 5K test "
+                              f"split in the standard order ({COCO_5K_IMAGES} images, {5 * COCO_5K_IMAGES} captions, "
+                              "the precomputed 'testall' split)")
+    try:
+        image_ids, caption_ids = coco_5k_test_ids()
+    except AnnotationsUnavailableError as error:
+        raise ConversionError(f"--coco-ids: {error}") from None
+    return tuple(str(i) for i in image_ids), tuple(str(c) for c in caption_ids)
+
+
+def _precomp_layout_files(precomp_dir: str, split: str, images: int,
+                          box_shape: tuple[int, int]) -> tuple[str | None, str | None]:
+    """The optional boxes and image-size companions of a precomputed split, checked against it."""
+    found: list[str | None] = []
+    for suffix, shape in (("ims_bbx", (images, *box_shape)), ("ims_size", (images, 2))):
+        path = os.path.join(precomp_dir, f"{split}_{suffix}.npy")
+        if not os.path.isfile(path):
+            found.append(None)
+            continue
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ConversionError(f"{path}: cannot be read as an .npy array: {error}") from None
+        if not isinstance(array, np.ndarray) or tuple(array.shape) != shape:
+            raise ConversionError(f"{path}: shape {getattr(array, 'shape', None)}, expected {shape} "
+                                  f"(one row per image of {split}_ims.npy)")
+        if array.dtype.kind not in "fiu":
+            raise ConversionError(f"{path}: dtype {array.dtype} is not numeric")
+        found.append(path)
+    return found[0], found[1]
 
 
 def _check_repeated_rows(ims: np.ndarray, path: str, images: int, rows_per_image: int) -> None:
@@ -307,8 +375,18 @@ def _precomp_records(source: PrecompSource, shard: PrecompShard, dtype: str) -> 
                 captions.append(_read_caption_line(raw, source.caps_path, line_number))
             row = index * source.rows_per_image
             regions = _cast_features(np.asarray(ims[row]), dtype, f"{source.ims_path}: image {index} (row {row})")
+            image_boxes = None
+            if boxes is not None:
+                image_boxes = np.asarray(boxes[index], dtype=np.float32)
+                if not np.isfinite(image_boxes).all():
+                    raise ConversionError(f"{source.boxes_path}: image {index}: boxes contain NaN or Inf")
+            size = (int(sizes[index][0]), int(sizes[index][1])) if sizes is not None else None
+            ids = {}
+            if source.image_ids is not None and source.caption_ids is not None:
+                ids = {"source_id": source.image_ids[index],
+                       "caption_ids": list(source.caption_ids[EXPECTED_CAPTIONS * index:EXPECTED_CAPTIONS * (index + 1)])}
             yield ImageRecord(key=sample_key(source.split, index), regions=regions, captions=captions,
-                              split=source.split, index=index)
+                              split=source.split, index=index, boxes=image_boxes, size=size, **ids)
 
 
 def _cast_features(features: np.ndarray, dtype: str, where: str) -> np.ndarray:
@@ -739,6 +817,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an OUT that holds a different conversion")
     parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    parser.add_argument("--coco-ids", action="store_true",
+                        help="--precomp of the COCO 5K test split (testall) in the standard order: write each "
+                        "image's COCO id and its captions' annotation ids (from eccv-caption), which the eccv "
+                        "and cxc evaluation protocols rank by")
     tsv = parser.add_argument_group("TSV source")
     tsv.add_argument("--include-restval", action="store_true",
                      help="with --split train: also take the Karpathy 'restval' images, in JSON order")
@@ -761,12 +843,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tsv needs --karpathy")
     if args.precomp and (args.karpathy or args.include_restval or args.regions):
         parser.error("--karpathy, --include-restval and --regions apply to --tsv only")
+    if args.coco_ids and not args.precomp:
+        parser.error("--coco-ids applies to --precomp only (TSV shards carry the COCO image ids already)")
     if args.captions_per_image < 0:
         parser.error("--captions-per-image must be >= 0")
     try:
         split = check_split_name(args.split)
         if args.precomp:
-            plan = plan_precomp(args.precomp, split, args.shard_size, args.dtype)
+            plan = plan_precomp(args.precomp, split, args.shard_size, args.dtype, coco_ids=args.coco_ids)
         else:
             plan = plan_tsv(args.tsv, args.karpathy, split, args.include_restval, args.regions, args.image_id,
                             args.captions_per_image, args.shard_size, args.dtype)

@@ -7,7 +7,9 @@ A sample is a group of tar members sharing a key (see data_shards/README.md):
     <key>.size.json      optional {"width": W, "height": H}
     <key>.captions.json  the image's captions, raw text, in source order
     <key>.meta.json      {"split": ..., "index": position of the image in the source split,
-                          "source_id": the image's id in its source dataset (optional)}
+                          "source_id": the image's id in its source dataset (optional),
+                          "caption_ids": the captions' ids there, one per caption (optional;
+                          e.g. COCO annotation ids, which the eccv / cxc protocols rank by)}
 
 `manifest.json` beside the shards records the schema version, the feature shape and dtype, the
 number of images and captions, and each shard's name, sample count and sha256.
@@ -55,6 +57,7 @@ class ImageRecord:
     boxes: np.ndarray | None = None  # (regions, 4) float32
     size: tuple[int, int] | None = None  # (width, height)
     source_id: str | None = None  # the image's id in its source dataset (e.g. the COCO id), if any
+    caption_ids: list[str] | None = None  # the captions' ids in the source dataset, one per caption, if any
 
 
 def shard_name(split: str, index: int) -> str:
@@ -89,6 +92,11 @@ def _meta(record: ImageRecord) -> dict[str, Any]:
     meta: dict[str, Any] = {"split": record.split, "index": int(record.index)}
     if record.source_id is not None:
         meta["source_id"] = str(record.source_id)
+    if record.caption_ids is not None:
+        if len(record.caption_ids) != len(record.captions):
+            raise ShardFormatError(f"sample {record.key}: {len(record.caption_ids)} caption ids for "
+                                   f"{len(record.captions)} captions")
+        meta["caption_ids"] = [str(c) for c in record.caption_ids]
     return meta
 
 
@@ -232,9 +240,17 @@ def decode_sample(sample: dict[str, Any]) -> ImageRecord:
         except (TypeError, KeyError, ValueError) as exc:
             raise ShardFormatError(f"{where}: size.json must hold integer 'width' and 'height' ({exc!r})") from exc
     source_id = meta.get("source_id")
+    caption_ids = meta.get("caption_ids")
+    if caption_ids is not None:
+        if (not isinstance(caption_ids, list) or len(caption_ids) != len(captions)
+                or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in caption_ids)):
+            raise ShardFormatError(f"{where}: meta.json caption_ids must be a list of {len(captions)} ids "
+                                   f"(strings or integers, one per caption), got {caption_ids!r:.80}")
+        caption_ids = [str(c) for c in caption_ids]
     return ImageRecord(key=key, regions=_load_npy(sample["regions.npy"], f"{where} regions.npy"),
                        captions=captions, split=str(meta["split"]), index=meta["index"],
-                       boxes=boxes, size=size, source_id=None if source_id is None else str(source_id))
+                       boxes=boxes, size=size, source_id=None if source_id is None else str(source_id),
+                       caption_ids=caption_ids)
 
 
 def record_problems(record: ImageRecord, feature_shape: tuple[int, int], feature_dtype: str) -> list[str]:

@@ -28,10 +28,21 @@ Two extensions over the reference:
 Both paths run the same core (:func:`_anchor_candidate_loss`: local anchors x global candidates),
 so there is one implementation of the hinge.
 
+Diagnostics (``with_stats=True``): the same call also returns :class:`HardNegativeStats`, computed
+under ``torch.no_grad()`` from the score matrices the loss already holds (no extra matrix product):
+per anchor the gap between its positive score and its hardest negative's score in each direction,
+how many of the hinge terms the loss sums are active, and how many hardest negatives lie in another
+rank's part of the gathered candidates. They tell a healthy run from one collapsing to the trivial
+solution (every embedding alike, every gap 0, L_M at 2 * B * margin under hardest negatives). The
+loss value and its gradients are the same with or without them.
+
 This module is library code: it imports nothing from the rest of the project.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -40,6 +51,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_MARGIN",
+    "HardNegativeStats",
     "HardestNegativeLoss",
     "gather_with_grad",
     "gathered_hardest_negative_loss",
@@ -48,6 +60,24 @@ __all__ = [
 
 #: Margin of the reference (``--margin 0.2``).
 DEFAULT_MARGIN: float = 0.2
+
+
+@dataclass(frozen=True)
+class HardNegativeStats:
+    """Diagnostics of one loss call over its ``b`` local anchors; detached, on the loss's device.
+
+    The "hardest negative" of a query is its highest-scoring candidate that is not masked (not its
+    positive, not another caption of its image), whether or not its hinge is active; under
+    ``max_violation`` it is the negative whose hinge the loss takes whenever that hinge is active.
+    Counts are 0-dim float tensors, so that sums over steps and ranks stay on the device.
+    """
+
+    gap_i2t: Tensor  # (b,) positive score - hardest negative caption's score, per image anchor; NaN: no negative
+    gap_t2i: Tensor  # (b,) positive score - hardest negative image's score, per caption anchor; NaN: no negative
+    active_hinges: Tensor  # hinge terms of the loss that are > 0 (both directions)
+    hinges: Tensor  # hinge terms the loss sums: one per query with a negative (max_violation), else one per negative
+    remote_hardest: Tensor  # hardest negatives (both directions) outside this rank's slice of the candidates
+    queries: Tensor  # queries (both directions) that have a negative: the denominator of remote_hardest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,7 +93,9 @@ def _anchor_candidate_loss(
     not_negative: Tensor,
     margin: float,
     max_violation: bool,
-) -> Tensor:
+    local_offset: int = 0,
+    with_stats: bool = False,
+) -> tuple[Tensor, HardNegativeStats | None]:
     """Sum of the hinge costs of ``b`` anchor pairs against ``n`` candidates.
 
     All inputs share one float dtype (float32 or float64).
@@ -80,9 +112,12 @@ def _anchor_candidate_loss(
             anchor ``k`` (the positive itself, and other rows of the same image).
         margin: hinge margin.
         max_violation: True: hardest negative per query; False: sum over all negatives.
+        local_offset: index of the first of this rank's own rows among the candidates (its slice
+            is ``local_offset : local_offset + b``); only used for the stats.
+        with_stats: also compute :class:`HardNegativeStats` (else None is returned for them).
 
     Returns:
-        0-dim tensor: image-query costs plus caption-query costs, summed over the anchors.
+        (0-dim tensor: image-query costs plus caption-query costs summed over the anchors, stats).
     """
     # One positive score per pair, used by both directions like the reference (which takes
     # S.diag() for both cost_s and cost_im). The row-wise dot product is local, so no gradient
@@ -105,7 +140,54 @@ def _anchor_candidate_loss(
         # A query whose candidates are all masked gets max(0, ..., 0) = 0.
         cost_s = cost_s.max(dim=1).values
         cost_im = cost_im.max(dim=1).values
-    return cost_s.sum() + cost_im.sum()
+    loss = cost_s.sum() + cost_im.sum()
+    if not with_stats:
+        return loss, None
+    with torch.no_grad():
+        stats = _hard_negative_stats(positive, scores_i2t, scores_t2i, cost_s, cost_im, not_negative,
+                                     max_violation, local_offset)
+    return loss, stats
+
+
+def _hard_negative_stats(
+    positive: Tensor,
+    scores_i2t: Tensor,
+    scores_t2i: Tensor,
+    cost_s: Tensor,
+    cost_im: Tensor,
+    not_negative: Tensor,
+    max_violation: bool,
+    local_offset: int,
+) -> HardNegativeStats:
+    """The stats of :func:`_anchor_candidate_loss` from its own tensors (call under no_grad).
+
+    The hardest negative is taken from the scores, not from the clamped costs: where no hinge is
+    active the costs are all 0 and their argmax says nothing, while the scores still rank the
+    candidates (and the warm-up, which sums all negatives, has no max at all). One masked max per
+    direction over the (b, n) scores, no matrix product. No value goes to the host here.
+    """
+    has_negative = ~not_negative.all(dim=1)  # (b,)
+    candidates = not_negative.shape[1]
+    # This rank's own rows among the candidates: a hardest negative outside them came from another
+    # worker's part of the gathered global batch.
+    columns = torch.arange(candidates, device=not_negative.device)
+    local = (columns >= local_offset) & (columns < local_offset + not_negative.shape[0])
+    gaps, remote = [], []
+    for scores in (scores_i2t, scores_t2i):
+        hardest, index = scores.detach().masked_fill(not_negative, float("-inf")).max(dim=1)
+        # masked_fill with a Python scalar, not torch.where with a NaN tensor: building that tensor
+        # on a GPU would be a host-to-device copy, i.e. a sync, in every step.
+        gaps.append((positive.detach().squeeze(1) - hardest).masked_fill(~has_negative, float("nan")))
+        remote.append((has_negative & ~local[index]).sum())
+    queries = 2 * has_negative.sum()
+    # max_violation: cost_* are the per-query maxima, one hinge per query that has a negative.
+    # Otherwise every (query, negative) pair is a hinge; masked entries are 0, never counted active.
+    hinges = queries if max_violation else 2 * (~not_negative).sum()
+    active = (cost_s > 0).sum() + (cost_im > 0).sum()
+    dtype = positive.dtype
+    return HardNegativeStats(
+        gap_i2t=gaps[0], gap_t2i=gaps[1], active_hinges=active.to(dtype), hinges=hinges.to(dtype),
+        remote_hardest=(remote[0] + remote[1]).to(dtype), queries=queries.to(dtype))
 
 
 def _not_negative_mask(
@@ -169,13 +251,39 @@ def _validate(image_emb: Tensor, caption_emb: Tensor, image_ids: Tensor | None) 
 # --------------------------------------------------------------------------------------------------
 
 
+@overload
 def hardest_negative_loss(
     image_emb: Tensor,
     caption_emb: Tensor,
     image_ids: Tensor | None = None,
     margin: float = DEFAULT_MARGIN,
     max_violation: bool = True,
-) -> Tensor:
+    *,
+    with_stats: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def hardest_negative_loss(
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    image_ids: Tensor | None = None,
+    margin: float = DEFAULT_MARGIN,
+    max_violation: bool = True,
+    *,
+    with_stats: Literal[True],
+) -> tuple[Tensor, HardNegativeStats]: ...
+
+
+def hardest_negative_loss(
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    image_ids: Tensor | None = None,
+    margin: float = DEFAULT_MARGIN,
+    max_violation: bool = True,
+    *,
+    with_stats: bool = False,
+) -> Tensor | tuple[Tensor, HardNegativeStats]:
     """Matching loss of one process's batch (the reference ``ContrastiveLoss``).
 
     Args:
@@ -187,9 +295,11 @@ def hardest_negative_loss(
             negatives of each other. None: only the diagonal is masked (the reference behaviour).
         margin: hinge margin (0.2 in the reference).
         max_violation: True: hardest negative per query (VSE++); False: sum over all negatives.
+        with_stats: also return :class:`HardNegativeStats` (the loss is the same either way).
 
     Returns:
-        0-dim tensor, float32 (float64 for float64 inputs), summed (not averaged) over the batch.
+        0-dim tensor, float32 (float64 for float64 inputs), summed (not averaged) over the batch;
+        with ``with_stats``, the tuple (loss, stats).
     """
     _validate(image_emb, caption_emb, image_ids)
     images, captions = _at_least_float32(image_emb, caption_emb)
@@ -197,9 +307,13 @@ def hardest_negative_loss(
     positive_index = torch.arange(batch, device=images.device)
     ids = None if image_ids is None else image_ids.to(images.device)
     not_negative = _not_negative_mask(positive_index, batch, ids, ids)
-    return _anchor_candidate_loss(
-        images, captions, images, captions, not_negative, margin, max_violation
+    loss, stats = _anchor_candidate_loss(
+        images, captions, images, captions, not_negative, margin, max_violation, 0, with_stats
     )
+    if with_stats:
+        assert stats is not None  # computed when asked
+        return loss, stats
+    return loss
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,6 +392,7 @@ def _check_equal_local_batches(
         )
 
 
+@overload
 def gathered_hardest_negative_loss(
     image_emb: Tensor,
     caption_emb: Tensor,
@@ -285,7 +400,34 @@ def gathered_hardest_negative_loss(
     margin: float = DEFAULT_MARGIN,
     max_violation: bool = True,
     group: dist.ProcessGroup | None = None,
-) -> Tensor:
+    *,
+    with_stats: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def gathered_hardest_negative_loss(
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    image_ids: Tensor | None = None,
+    margin: float = DEFAULT_MARGIN,
+    max_violation: bool = True,
+    group: dist.ProcessGroup | None = None,
+    *,
+    with_stats: Literal[True],
+) -> tuple[Tensor, HardNegativeStats]: ...
+
+
+def gathered_hardest_negative_loss(
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    image_ids: Tensor | None = None,
+    margin: float = DEFAULT_MARGIN,
+    max_violation: bool = True,
+    group: dist.ProcessGroup | None = None,
+    *,
+    with_stats: bool = False,
+) -> Tensor | tuple[Tensor, HardNegativeStats]:
     """Matching loss of this rank's anchors against the GLOBAL batch of all ranks.
 
     Gathers the image and caption embeddings (with gradient) and the image ids (without) of all
@@ -310,12 +452,19 @@ def gathered_hardest_negative_loss(
         margin: hinge margin.
         max_violation: True: hardest negative among all global candidates; False: sum over all.
         group: process group; None means the default group.
+        with_stats: also return :class:`HardNegativeStats` of this rank's anchors; a hardest
+            negative whose candidate row lies outside this rank's rows ``rank*B : (rank+1)*B``
+            counts as remote (from another worker's part of the global batch).
 
     Returns:
-        0-dim tensor, float32 (float64 for float64 inputs): this rank's share of the global loss.
+        0-dim tensor, float32 (float64 for float64 inputs): this rank's share of the global loss;
+        with ``with_stats``, the tuple (loss, stats).
     """
     world = _distributed_world(group)
     if world == 1:
+        if with_stats:
+            return hardest_negative_loss(image_emb, caption_emb, image_ids, margin, max_violation,
+                                         with_stats=True)
         return hardest_negative_loss(image_emb, caption_emb, image_ids, margin, max_violation)
     _validate(image_emb, caption_emb, image_ids)
     # Cast before gathering: the loss is computed in float32 anyway (see _at_least_float32), and
@@ -342,7 +491,7 @@ def gathered_hardest_negative_loss(
     not_negative = _not_negative_mask(
         positive_index, candidate_images.shape[0], anchor_ids, candidate_ids
     )
-    return _anchor_candidate_loss(
+    loss, stats = _anchor_candidate_loss(
         images,
         captions,
         candidate_images,
@@ -350,7 +499,13 @@ def gathered_hardest_negative_loss(
         not_negative,
         margin,
         max_violation,
+        rank * batch,
+        with_stats,
     )
+    if with_stats:
+        assert stats is not None  # computed when asked
+        return loss, stats
+    return loss
 
 
 # --------------------------------------------------------------------------------------------------

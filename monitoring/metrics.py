@@ -73,6 +73,27 @@ TRAIN_ACCELERATOR_MEMORY = MetricSpec("vsrn_train_accelerator_memory_bytes", "ga
                                       "max_allocated. Only exported where an accelerator is used.",
                                       (*_TRAIN, "kind"))
 
+# Hard-negative diagnostics (trainer/diagnostics.py), one value per logging interval over the global
+# batch (the same on every rank). "Gap": positive score minus the score of the anchor's hardest
+# negative (cosine similarities); direction i2t: image anchors against captions, t2i: captions
+# against images. The collapsed solution has every gap at 0, every hinge active and L_M at
+# 2 * global batch * margin.
+TRAIN_HARDEST_NEGATIVE_GAP = MetricSpec("vsrn_train_hardest_negative_gap", "gauge",
+                                        "Positive score minus hardest-negative score over the last logging "
+                                        "interval; direction i2t or t2i, statistic mean or p10 (10th "
+                                        "percentile).", (*_TRAIN, "direction", "statistic"))
+TRAIN_ACTIVE_HINGES = MetricSpec("vsrn_train_active_hinges_ratio", "gauge",
+                                 "Fraction of the matching loss's hinge terms that are active (> 0) over the last "
+                                 "logging interval: one term per query under hardest negatives, one per "
+                                 "(query, negative) pair during the all-negatives warm-up.", _TRAIN)
+TRAIN_REMOTE_HARDEST = MetricSpec("vsrn_train_remote_hardest_negatives_ratio", "gauge",
+                                  "Share of hardest negatives found in another worker's part of the global "
+                                  "batch over the last logging interval (0 with one worker).", _TRAIN)
+TRAIN_COLLAPSED = MetricSpec("vsrn_train_collapsed", "gauge",
+                             "1 while the collapse detector holds (L_M within 1 % of 2 * global batch * "
+                             "margin for monitoring.collapse_intervals logging intervals under hardest "
+                             "negatives), else 0.", _TRAIN)
+
 _EVAL = ("run",)
 
 EVAL_RECALL = MetricSpec("vsrn_eval_recall_ratio", "gauge",
@@ -95,7 +116,7 @@ EVAL_DURATION = MetricSpec("vsrn_eval_duration_seconds", "histogram", "Time to e
 TRAIN_METRICS: tuple[MetricSpec, ...] = (
     TRAIN_STEPS, TRAIN_SAMPLES, TRAIN_EPOCH, TRAIN_LOSS, TRAIN_LEARNING_RATE, TRAIN_STEP_DURATION,
     TRAIN_DATA_WAIT, TRAIN_LAST_STEP, TRAIN_SAMPLES_SKIPPED, TRAIN_CHECKPOINT_SAVE, TRAIN_CHECKPOINT_FAILURES,
-    TRAIN_ACCELERATOR_MEMORY,
+    TRAIN_ACCELERATOR_MEMORY, TRAIN_HARDEST_NEGATIVE_GAP, TRAIN_ACTIVE_HINGES, TRAIN_REMOTE_HARDEST, TRAIN_COLLAPSED,
 )
 EVAL_METRICS: tuple[MetricSpec, ...] = (
     EVAL_RECALL, EVAL_RSUM, EVAL_BEST_RSUM, EVAL_CHECKPOINT_STEP, EVAL_LAST_SUCCESS, EVAL_CHECKPOINTS,

@@ -229,6 +229,8 @@ class TrainingMetrics:
         self._skipped_seen: dict[str, int] = {}
         for spec in (m.TRAIN_STEPS, m.TRAIN_SAMPLES, m.TRAIN_DATA_WAIT, m.TRAIN_CHECKPOINT_FAILURES):
             self._get(spec).zero(self._labels)
+        # Exported from the start, so "not collapsed" is a value and not a missing series.
+        self._get(m.TRAIN_COLLAPSED).set(0, self._labels)
 
     def _get(self, spec: MetricSpec) -> Instrument:
         return self._i[spec.name]
@@ -273,6 +275,21 @@ class TrainingMetrics:
 
     def record_checkpoint_failure(self) -> None:
         self._get(m.TRAIN_CHECKPOINT_FAILURES).inc(1, self._labels)
+
+    def record_hard_negatives(self, *, gap_mean: Mapping[str, float], gap_p10: Mapping[str, float],
+                              active_hinge_ratio: float, remote_hardest_ratio: float) -> None:
+        """At each logging interval: the hard-negative diagnostics over the global batch
+        (trainer/diagnostics.py). ``gap_mean``/``gap_p10``: direction (i2t, t2i) -> value."""
+        gap = self._get(m.TRAIN_HARDEST_NEGATIVE_GAP)
+        for statistic, values in (("mean", gap_mean), ("p10", gap_p10)):
+            for direction in DIRECTIONS:
+                gap.set(values[direction], {**self._labels, "direction": direction, "statistic": statistic})
+        self._get(m.TRAIN_ACTIVE_HINGES).set(active_hinge_ratio, self._labels)
+        self._get(m.TRAIN_REMOTE_HARDEST).set(remote_hardest_ratio, self._labels)
+
+    def record_collapse(self, collapsed: bool) -> None:
+        """The collapse detector's state after each logging interval."""
+        self._get(m.TRAIN_COLLAPSED).set(1.0 if collapsed else 0.0, self._labels)
 
     def record_accelerator_memory(self, allocated: int, reserved: int, max_allocated: int) -> None:
         for kind, value in (("allocated", allocated), ("reserved", reserved), ("max_allocated", max_allocated)):

@@ -7,7 +7,9 @@ checkpoint's inference model (:func:`encode_split`), computes
 * the dev metrics (protocol ``all`` on the first ``eval.dev_images`` dev images) whose ``rsum``
   selects the best model, as the reference's validation does, and
 * the test metrics of each protocol in ``eval.test_protocols`` (COCO: ``1k-5fold`` and ``all``
-  = 5K; Flickr30K: ``all``; ``1k-5fold`` is skipped, and the skip recorded, below 5000 images),
+  = 5K, optionally ``eccv`` and ``cxc`` on the 5K split by the shards' COCO ids or its standard
+  order; Flickr30K: ``all``; a protocol that cannot run on the split, such as ``1k-5fold``
+  below 5000 images, is skipped and the skip recorded),
 
 as the ``metrics.json`` payload (:func:`evaluate_checkpoint`), and records it
 (:func:`record_evaluated`): ``metrics.json`` beside the checkpoint, the checkpoint's line in
@@ -50,19 +52,26 @@ from model.vsrn import VSRN
 from monitoring.recorders import EvaluationMetrics
 from trainer.config import ConfigError, EvalConfig, TrainConfig, config_from_dict
 from trainer.evaluation import (
+    ANNOTATED_PROTOCOLS,
     CAPTIONS_PER_IMAGE,
     FOLD_PROTOCOL_MIN_IMAGES,
     PROTOCOL_1K_5FOLD,
     PROTOCOL_ALL,
+    EvaluationInputError,
+    GalleryIds,
     evaluate_embeddings,
+    evaluate_embeddings_protocols,
     format_table,
+    validate_protocol,
 )
+from trainer.inference import local_inference_dir
 from trainer.run_layout import (
     BEST_FILE,
     CONFIG_YAML,
     ERROR_FILE,
     EVALUATIONS_FILE,
     INFERENCE_DIR,
+    QUALITATIVE_FILE,
     best_dev_rsum,
     list_checkpoints,
     read_train_state_fields,
@@ -124,6 +133,8 @@ def encode_split(
     batch_size: int,
     device: str | torch.device,
     max_images: int | None = None,
+    *,
+    ids: list[GalleryIds | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed the images and captions of a sharded split in source order.
 
@@ -135,6 +146,9 @@ def encode_split(
         batch_size: images per forward pass.
         device: where the model runs.
         max_images: encode only the first ``max_images`` images (and their captions).
+        ids: if given, a list to which the encoded rows' source ids are appended, as
+            :class:`trainer.evaluation.GalleryIds` from the shards' ``source_id`` (and
+            ``caption_ids``), or None when the shards carry none (what ``eccv`` / ``cxc`` rank by).
 
     Returns:
         ``images`` (N, D) and ``captions`` (5N, D), float32: image i owns captions 5i..5i+4, the
@@ -159,6 +173,8 @@ def encode_split(
     images = np.empty((wanted, dim), dtype=np.float32)
     captions = np.empty((CAPTIONS_PER_IMAGE * wanted, dim), dtype=np.float32)
     done = 0
+    source_ids: list[str | None] = []
+    caption_source_ids: list[str | None] = []
     started = time.perf_counter()
     batches = iter(reader)
     try:
@@ -181,6 +197,9 @@ def encode_split(
             tokens = tokens[:, : int(lengths.max())]
             start = CAPTIONS_PER_IMAGE * done
             captions[start:start + caption_count] = model.encode_captions(tokens, lengths).float().cpu().numpy()
+            if ids is not None:
+                source_ids += batch.source_ids[:take] or [None] * take
+                caption_source_ids += batch.caption_source_ids[:caption_count] or [None] * caption_count
             done += take
             if done >= wanted:
                 break
@@ -195,33 +214,31 @@ def encode_split(
         images, captions = images[:done], captions[:CAPTIONS_PER_IMAGE * done]
     logger.info("encoded %d images and %d captions of %s in %.1f s", done, CAPTIONS_PER_IMAGE * done,
                 reader.spec.location, time.perf_counter() - started)
+    if ids is not None:
+        ids.append(_gallery_ids(source_ids[:done], caption_source_ids[:CAPTIONS_PER_IMAGE * done], reader.spec.location))
     return images, captions
+
+
+def _gallery_ids(image_ids: list[str | None], caption_ids: list[str | None], where: str) -> GalleryIds | None:
+    """The source ids of the encoded rows: None if the shards carry none, an error if only some do."""
+    if all(i is None for i in image_ids):
+        return None
+    if any(i is None for i in image_ids):
+        missing = sum(i is None for i in image_ids)
+        raise EvaluationDataError(f"{where}: {missing} of {len(image_ids)} images have no source_id; the ids "
+                                  "that eccv / cxc rank by must be given for all or none")
+    # Without caption ids each image's captions are its five of the standard COCO 5K order.
+    captions = caption_ids if all(c is not None for c in caption_ids) else None
+    try:
+        return GalleryIds.from_arrays(np.asarray(image_ids), None if captions is None else np.asarray(captions),
+                                      where=str(where))
+    except EvaluationInputError as error:
+        raise EvaluationDataError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------------
 # One checkpoint
 # --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _local_inference_dir(checkpoint: Location) -> Iterator[Path]:
-    """A local directory with the checkpoint's inference files (downloaded from S3 if needed).
-
-    ``checkpoint`` is a run checkpoint (with ``inference/``) or an inference checkpoint itself.
-    """
-    if checkpoint.exists(f"{INFERENCE_DIR}/{CONFIG_FILE}"):
-        source = checkpoint.child(INFERENCE_DIR)
-    elif checkpoint.exists(CONFIG_FILE):
-        source = checkpoint
-    else:
-        raise CheckpointError(f"{checkpoint.display}: no inference checkpoint "
-                              f"({INFERENCE_DIR}/{CONFIG_FILE} not found)")
-    with contextlib.ExitStack() as stack:
-        try:
-            directory = stack.enter_context(source.local_directory((WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE)))
-        except FileNotFoundError as error:
-            raise CheckpointError(f"{error}: missing from the checkpoint") from error
-        yield Path(directory)
 
 
 def evaluate_checkpoint(
@@ -257,15 +274,17 @@ def evaluate_checkpoint(
     location = open_location(checkpoint, storage_options)
     state = read_train_state_fields(location)
     device = torch.device(device)
-    with _local_inference_dir(location) as inference:
+    with local_inference_dir(location) as inference:
         model, vocab = load_inference_checkpoint(inference, device=device)
     options = dict(storage_options) if storage_options is not None else None
 
-    def encode(split: str, max_images: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def encode(split: str, max_images: int | None,
+               ids: list[GalleryIds | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         reader_config = ReaderConfig(location=split, batch_size=eval_config.batch_size, num_workers=loader_workers,
                                      storage_options=options, region_order=region_order,  # type: ignore[arg-type]
                                      bad_data="strict", output_dtype="stored")  # encode_split casts on the device
-        return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images)
+        return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images,
+                            ids=ids)
 
     payload: dict[str, Any] = {
         "checkpoint": location.display,
@@ -286,24 +305,69 @@ def evaluate_checkpoint(
         payload["dev_rsum"] = payload["dev"]["rsum"]
         payload["data"]["dev_images"] = int(images.shape[0])
     if test is not None:
-        images, captions = encode(test, None)
+        found_ids: list[GalleryIds | None] = []
+        images, captions = encode(test, None, found_ids)
+        test_ids = found_ids[0] if found_ids else None
         payload["data"]["test_images"] = int(images.shape[0])
+        runnable = []
         for protocol in dict.fromkeys(eval_config.test_protocols):
+            reason = None
             if protocol == PROTOCOL_1K_5FOLD and images.shape[0] < FOLD_PROTOCOL_MIN_IMAGES:
                 reason = (f"needs at least {FOLD_PROTOCOL_MIN_IMAGES} test images, "
                           f"the test split has {images.shape[0]}")
+            elif protocol in ANNOTATED_PROTOCOLS:
+                try:  # the COCO 5K test split, by the shards' ids or in the standard order
+                    validate_protocol(protocol, images.shape[0], test_ids)
+                except EvaluationInputError as error:
+                    reason = str(error)
+            if reason is not None:
                 logger.warning("%s: protocol %s skipped: %s", location.display, protocol, reason)
                 payload["skipped"][protocol] = reason
                 continue
-            payload["test"][protocol] = evaluate_embeddings([(images, captions)], protocol, device=device)
+            runnable.append(protocol)
+        # One call: all, eccv and cxc share the matrix products.
+        payload["test"].update(evaluate_embeddings_protocols([(images, captions)], runnable, device=device,
+                                                             ids=test_ids))
+        if eval_config.qualitative_queries > 0:
+            payload["qualitative"] = _write_qualitative_page(
+                location, model, images, captions, test, eval_config.qualitative_queries, options,
+                region_order, device, title=f"{location.display} (step {payload['step']}, epoch {payload['epoch']})")
     payload["evaluated_at"] = utc_now()
     payload["elapsed_s"] = round(time.perf_counter() - started, 3)
     payload["format_version"] = METRICS_FORMAT_VERSION
     return payload
 
 
+def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarray, captions: np.ndarray,
+                            test: str, queries: int, storage_options: dict[str, Any] | None, region_order: str,
+                            device: torch.device, title: str) -> str | None:
+    """The checkpoint's qualitative page from the test embeddings just computed; a failure is
+    logged and returns None (the metrics matter more than the page)."""
+    # Imported here: trainer/qualitative.py builds on this module (encode_split, via retrieval).
+    from data_shards.lookup import split_index
+    from trainer.qualitative import build_page, query_positions, write_page
+    from trainer.retrieval import Gallery
+
+    started = time.perf_counter()
+    try:
+        index = split_index(test, storage_options)
+        if len(index) != images.shape[0]:
+            raise EvaluationDataError(f"{test}: {len(index)} images listed, {images.shape[0]} encoded")
+        gallery = Gallery(index, images, captions)
+        page = build_page(model, gallery, query_positions(len(index), queries), title=title, split_location=test,
+                          storage_options=storage_options, region_order=region_order, device=device)
+        write_page(checkpoint, page)
+    except Exception as error:  # noqa: BLE001 - any failure here must not lose the metrics
+        logger.warning("%s: qualitative page not written: %s: %s", checkpoint.display, type(error).__name__, error)
+        return None
+    logger.info("%s: qualitative page (%d queries, %d figures) in %.1f s", checkpoint.display, queries,
+                len(page.figures), time.perf_counter() - started)
+    return QUALITATIVE_FILE
+
+
 def results_table(payload: dict[str, Any]) -> str:
-    """The recall table of a metrics.json payload: the dev row, then one row per test protocol."""
+    """The recall table of a metrics.json payload: the dev row, then one row per test protocol
+    (ECCV Caption and CxC, when evaluated, in tables of their own below it)."""
     rows: dict[str, dict[str, Any]] = {}
     if payload.get("dev") is not None:
         rows[f"dev (all, {payload['data']['dev_images']} images)"] = payload["dev"]

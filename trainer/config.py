@@ -141,15 +141,22 @@ class EvalConfig:
     test_protocols: list[str] = field(default_factory=lambda: ["1k-5fold", "all"])
     dev_images: int = 1000  # the reference validates on the first 1000 dev images
     batch_size: int = 256
+    # Test images whose top-3 retrievals and attention maps each checkpoint's qualitative.md shows
+    # (trainer/qualitative.py; evenly spaced over the test split, the same for every checkpoint); 0: off.
+    qualitative_queries: int = 8
     cpus: float = 1.0
     gpus: float = 0.0
 
     def validate(self) -> None:
+        # The protocol names are trainer/evaluation.py's; imported here rather than at the top, so
+        # that importing this module does not import torch.
+        from trainer.evaluation import PROTOCOLS
+
         for protocol in self.test_protocols:
-            if protocol not in ("1k-5fold", "all"):
-                raise ConfigError(f"eval.test_protocols: unknown protocol {protocol!r} (known: 1k-5fold, all)")
+            if protocol not in PROTOCOLS:
+                raise ConfigError(f"eval.test_protocols: unknown protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
         _positive(self, "dev_images", "batch_size")
-        _non_negative(self, "cpus", "gpus")
+        _non_negative(self, "cpus", "gpus", "qualitative_queries")
 
 
 @dataclass
@@ -170,8 +177,14 @@ class MonitoringConfig:
     # `ray start --metrics-export-port` decides): the port of Ray's metrics endpoint; 0 lets Ray
     # pick one, which it writes to /tmp/ray/prom_metrics_service_discovery.json.
     metrics_export_port: int = 0
+    # Collapse detector (trainer/diagnostics.py): L_M within 1 % of 2 * global batch * margin for
+    # this many consecutive logging intervals (logging.interval_steps) under hardest negatives logs
+    # a warning and sets vsrn_train_collapsed to 1. 0 turns it off. The warning is logged even when
+    # `enabled` is false; only the gauge needs the metrics.
+    collapse_intervals: int = 5
 
     def validate(self) -> None:
+        _non_negative(self, "collapse_intervals")
         if not 0 <= self.metrics_export_port <= 65535:
             raise ConfigError(f"monitoring.metrics_export_port must be a port number (0-65535), "
                               f"got {self.metrics_export_port}")

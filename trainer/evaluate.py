@@ -15,7 +15,9 @@ Inputs (one kind; giving several embedding or similarity files evaluates their e
 similarity matrices are averaged before ranking):
 
 * ``--embeddings E.npz``: an npz archive with ``images`` (N, D) and ``captions`` (5N, D),
-  l2-normalized; image i owns captions 5i .. 5i+4.
+  l2-normalized; image i owns captions 5i .. 5i+4. Optional ``image_ids`` (N,) and
+  ``caption_ids`` (5N,): the COCO ids of the rows, for ``eccv`` and ``cxc`` (``image_ids``
+  alone: each image's captions are its five of the standard COCO 5K order).
 * ``--sims S.npy``: an (N, 5N) similarity matrix, ``S[i, j]`` = score of image i and caption j.
 * ``--checkpoint DIR``: a run checkpoint directory (``inference/`` + ``train_state.json``, see
   docs/run_layout.md) or an inference checkpoint directory, local or ``s3://``. The test shards
@@ -36,12 +38,18 @@ S3 endpoint: ``--endpoint-url``, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_U
 from the environment, data_shards/storage.py).
 
 Protocols (repeat ``--protocol`` for several): ``1k-5fold`` (the first 5000 images in five folds
-of 1000, metrics averaged over the folds; needs N >= 5000) and ``all`` (every image against
-every caption: COCO 5K, Flickr30K 1K).
+of 1000, metrics averaged over the folds; needs N >= 5000), ``all`` (every image against
+every caption: COCO 5K, Flickr30K 1K), and on the COCO 5K test split ``eccv`` (ECCV Caption's
+mAP@R, R-Precision and R@1 with its extra positives) and ``cxc`` (CrissCrossed Captions R@1/5/10).
+These two need the COCO ids of the images and captions: from the embeddings file, the shards
+(converted with ``--coco-ids``), or else the standard 5K order (5,000 images x 25,000 captions)
+is assumed; ``all``, ``eccv`` and ``cxc`` share one pass of matrix products.
 
 Output: a readable table on stdout and, with ``--output``, a JSON file mapping each protocol to
 ``i2t_r1, i2t_r5, i2t_r10, i2t_medr, i2t_meanr, t2i_r1, t2i_r5, t2i_r10, t2i_medr, t2i_meanr,
-rsum`` (and for ``1k-5fold`` also ``folds``, the same keys per fold); for ``--checkpoint`` the
+rsum`` (and for ``1k-5fold`` also ``folds``, the same keys per fold; ``eccv``: ``i2t_map_at_r,
+i2t_rprecision, i2t_r1, t2i_map_at_r, t2i_rprecision, t2i_r1``; ``cxc``: ``i2t_r1, i2t_r5, i2t_r10,
+t2i_r1, t2i_r5, t2i_r10``; all in percent); for ``--checkpoint`` the
 file is the run-layout metrics.json (those keys under ``test`` and ``dev``). The file is replaced
 atomically, so a failed run never leaves a partial one. Logs go to stderr.
 
@@ -70,9 +78,11 @@ import numpy as np
 from model.atomic import atomic_write
 from trainer.evaluation import (
     PROTOCOLS,
+    RECALL_PROTOCOLS,
     EvaluationInputError,
-    evaluate_embeddings,
-    evaluate_similarities,
+    GalleryIds,
+    evaluate_embeddings_protocols,
+    evaluate_similarities_protocols,
     format_table,
     set_tf32,
     validate_protocol,
@@ -90,6 +100,7 @@ EXIT_BAD_INPUT = 2  # the status argparse uses for usage errors
 EXIT_CHECKPOINTS_FAILED = 3  # --watch: some checkpoints could not be evaluated (the rest were)
 
 EMBEDDING_KEYS = ("images", "captions")
+ID_KEYS = ("image_ids", "caption_ids")  # optional: COCO ids of the rows (protocols eccv and cxc)
 
 
 class InputFileError(Exception):
@@ -141,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=PROTOCOLS,
         help="evaluation protocol; repeat for several (required with --embeddings/--sims; "
-        "--checkpoint: default both; --watch: default eval.test_protocols of the run's config.yaml)",
+        f"--checkpoint: default {' and '.join(RECALL_PROTOCOLS)}; --watch: default eval.test_protocols of the "
+        "run's config.yaml)",
     )
     parser.add_argument("--output", type=Path, metavar=METRICS_FILE, help="write the metrics as JSON")
     parser.add_argument("--device", default="cpu", help="torch device to compute on (default: cpu)")
@@ -243,6 +255,13 @@ def _open_npy_or_npz(path: Path) -> Any:
 
 def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The ``images`` and ``captions`` arrays of an npz archive (shapes are checked later)."""
+    images, captions, _ = load_embeddings_and_ids(path)
+    return images, captions
+
+
+def load_embeddings_and_ids(path: Path) -> tuple[np.ndarray, np.ndarray, GalleryIds | None]:
+    """:func:`load_embeddings` plus the archive's optional COCO ids (``image_ids``, and
+    ``caption_ids`` if present), checked against the embeddings; None without ``image_ids``."""
     archive = _open_npy_or_npz(path)
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InputFileError(
@@ -256,11 +275,23 @@ def load_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 f"{path}: missing key {', '.join(repr(k) for k in missing)}; the archive holds "
                 f"{archive.files}, expected 'images' (N, D) and 'captions' (5N, D)"
             )
+        if "caption_ids" in archive.files and "image_ids" not in archive.files:
+            raise InputFileError(f"{path}: has 'caption_ids' but no 'image_ids'; give both, or image_ids alone")
         try:
             images, captions = (archive[key] for key in EMBEDDING_KEYS)
+            raw_ids = [archive[key] if key in archive.files else None for key in ID_KEYS]
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             raise InputFileError(f"{path}: cannot read the arrays: {error}") from None
-    return images, captions
+    ids = None
+    if raw_ids[0] is not None:
+        if np.ndim(images) >= 1 and np.shape(raw_ids[0])[:1] != np.shape(images)[:1]:
+            raise InputFileError(f"{path}: 'image_ids' has shape {np.shape(raw_ids[0])}, but 'images' has "
+                                 f"{np.shape(images)[0]} rows")
+        try:
+            ids = GalleryIds.from_arrays(raw_ids[0], raw_ids[1], where=str(path))
+        except EvaluationInputError as error:
+            raise InputFileError(str(error)) from None
+    return images, captions, ids
 
 
 def load_similarities(path: Path) -> np.ndarray:
@@ -283,13 +314,26 @@ def _unique(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _check_protocols(protocols: list[str], num_images: int, source: str) -> None:
+def _check_protocols(protocols: list[str], num_images: int, source: str, ids: GalleryIds | None = None) -> None:
     # Before any work: a protocol that cannot run should not fail after the others have run.
     for protocol in protocols:
         try:
-            validate_protocol(protocol, num_images)
+            validate_protocol(protocol, num_images, ids)
         except EvaluationInputError as error:
             raise InputFileError(f"{source}: {error}") from None
+
+
+def _ensemble_ids(loaded: list[tuple[np.ndarray, np.ndarray, GalleryIds | None]], names: list[str]) -> GalleryIds | None:
+    """The ids of an ensemble's files: the members rank the same items, so their ids must agree."""
+    given = [(name, entry[2]) for name, entry in zip(names, loaded) if entry[2] is not None]
+    if not given:
+        return None
+    first_name, first = given[0]
+    for name, other in given[1:]:
+        if not (np.array_equal(other.image_ids, first.image_ids) and np.array_equal(other.caption_ids, first.caption_ids)):
+            raise InputFileError(f"{name}: its image_ids/caption_ids differ from those of {first_name}; "
+                                 "an ensemble averages the similarities of the same images and captions")
+    return first
 
 
 def evaluate_files(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -298,19 +342,21 @@ def evaluate_files(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     options = {"device": args.device, "block_size": args.block_size}
     started = time.perf_counter()
     if args.embeddings:
-        models = [load_embeddings(path) for path in args.embeddings]
+        loaded = [load_embeddings_and_ids(path) for path in args.embeddings]
         names = [str(path) for path in args.embeddings]
+        models = [(images, captions) for images, captions, _ in loaded]
+        ids = _ensemble_ids(loaded, names)
         images = models[0][0]
         if images.ndim == 2:
-            _check_protocols(protocols, images.shape[0], names[0])
+            _check_protocols(protocols, images.shape[0], names[0], ids)
         logger.info("loaded %d embedding file(s) in %.1f s", len(models), time.perf_counter() - started)
-        return {p: evaluate_embeddings(models, p, names=names, **options) for p in protocols}
+        return evaluate_embeddings_protocols(models, protocols, names=names, ids=ids, **options)
     matrices = [load_similarities(path) for path in args.sims]
     names = [str(path) for path in args.sims]
     if matrices[0].ndim == 2:
         _check_protocols(protocols, matrices[0].shape[0], names[0])
     logger.info("loaded %d similarity file(s) in %.1f s", len(matrices), time.perf_counter() - started)
-    return {p: evaluate_similarities(matrices, p, names=names, **options) for p in protocols}
+    return evaluate_similarities_protocols(matrices, protocols, names=names, **options)
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -403,7 +449,7 @@ def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _Exp
         # all), so that its dev rsum compares with the others in best.json.
         in_run = is_run_checkpoint(args.checkpoint, options)
         settings = read_run_settings(run_dir_of(args.checkpoint), options) if in_run else None
-        base = settings.eval if settings is not None else EvalConfig(test_protocols=list(PROTOCOLS))
+        base = settings.eval if settings is not None else EvalConfig(test_protocols=list(RECALL_PROTOCOLS))
         region_order = settings.region_order if settings is not None else "stored"
         payload = evaluate_checkpoint(args.checkpoint, args.dev, args.data, _eval_config(args, base), options,
                                       args.device, loader_workers=args.loader_workers, region_order=region_order)

@@ -18,6 +18,14 @@ images into five folds of 1000 (with their 5000 captions each), ranks each fold 
 averages the per-fold metrics (the COCO 1K result). An ensemble of models is evaluated by
 averaging their similarity matrices before ranking.
 
+Two more protocols rank the COCO 5K test split against extra annotated positives (from the
+``eccv-caption`` package, trainer/coco_annotations.py), located by the COCO ids of the images and
+captions (:class:`GalleryIds`; without ids the standard 5K order is assumed): ``"eccv"`` gives
+ECCV Caption's mAP@R, R-Precision and R@1 and ``"cxc"`` CrissCrossed Captions' R@1/5/10, in both
+directions and in percent, equal to the package's own functions on the same rankings (see
+"Annotated protocols" below for how and for the tie rule). :func:`evaluate_embeddings_protocols`
+computes ``"all"``, ``"eccv"`` and ``"cxc"`` in one pass over the similarity blocks.
+
 The metric definitions are the ones of the reference ``evaluation.py`` (``i2t``, ``t2i``,
 ``evalrank``); the ranking is vectorized instead of looping over queries in Python. One pass
 computes (or slices) the similarity matrix in blocks of image rows, whose size follows a memory
@@ -28,10 +36,12 @@ mislabels rsum and the average recalls; here each metric is computed and named f
 
 Example::
 
-    from trainer.evaluation import evaluate_embeddings, format_table
+    from trainer.evaluation import evaluate_embeddings, evaluate_embeddings_protocols, format_table
 
     results = {p: evaluate_embeddings([(images, captions)], p) for p in ("1k-5fold", "all")}
     print(format_table(results))
+    # COCO 5K in the standard order (else pass ids=GalleryIds.from_arrays(image_ids, caption_ids))
+    print(format_table(evaluate_embeddings_protocols([(images, captions)], ["all", "eccv", "cxc"])))
 """
 
 from __future__ import annotations
@@ -57,7 +67,17 @@ RECALL_KS = (1, 5, 10)
 
 PROTOCOL_1K_5FOLD = "1k-5fold"
 PROTOCOL_ALL = "all"
-PROTOCOLS = (PROTOCOL_1K_5FOLD, PROTOCOL_ALL)
+PROTOCOL_ECCV = "eccv"
+PROTOCOL_CXC = "cxc"
+PROTOCOLS = (PROTOCOL_1K_5FOLD, PROTOCOL_ALL, PROTOCOL_ECCV, PROTOCOL_CXC)
+# The protocols of the reference's evaluation (the defaults where none are named).
+RECALL_PROTOCOLS = (PROTOCOL_1K_5FOLD, PROTOCOL_ALL)
+# Protocols whose positives come from extra annotations (the eccv-caption package) and so need
+# the COCO ids of the ranked images and captions; both are defined on the COCO 5K test split.
+ANNOTATED_PROTOCOLS = (PROTOCOL_ECCV, PROTOCOL_CXC)
+# The pinned output keys of the annotated protocols, in percent like the recalls.
+ECCV_KEYS = ("i2t_map_at_r", "i2t_rprecision", "i2t_r1", "t2i_map_at_r", "t2i_rprecision", "t2i_r1")
+CXC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 FOLD_IMAGES = 1000
 NUM_FOLDS = 5
 FOLD_PROTOCOL_MIN_IMAGES = FOLD_IMAGES * NUM_FOLDS
@@ -249,14 +269,120 @@ def _validate_protocol_name(protocol: str) -> None:
         )
 
 
-def validate_protocol(protocol: str, num_images: int) -> None:
-    """Raise :class:`EvaluationInputError` if ``protocol`` cannot run on ``num_images`` images."""
+def validate_protocol(protocol: str, num_images: int, ids: GalleryIds | None = None) -> None:
+    """Raise :class:`EvaluationInputError` if ``protocol`` cannot run on ``num_images`` images
+    (for ``eccv`` and ``cxc``: with the COCO ids ``ids``, or without ids in the standard order)."""
     _validate_protocol_name(protocol)
     if protocol == PROTOCOL_1K_5FOLD and num_images < FOLD_PROTOCOL_MIN_IMAGES:
         raise EvaluationInputError(
             f"protocol {PROTOCOL_1K_5FOLD!r} needs at least {FOLD_PROTOCOL_MIN_IMAGES} images "
             f"({NUM_FOLDS} folds of {FOLD_IMAGES}), got N={num_images}"
         )
+    if protocol in ANNOTATED_PROTOCOLS:
+        _resolve_ids(ids, num_images, protocol)
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO ids of the ranked items (the annotated protocols)
+
+
+def _id_array(values: Any, what: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise EvaluationInputError(f"{what}: expected a 1-D array of ids, got shape {array.shape}")
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64, copy=False)
+    if array.dtype.kind in "USO":  # shards store source ids as strings
+        try:
+            return np.array([int(str(v)) for v in array], dtype=np.int64)
+        except ValueError as error:
+            raise EvaluationInputError(f"{what}: COCO ids must be integers: {error}") from None
+    raise EvaluationInputError(f"{what}: expected integer ids, got dtype {array.dtype}")
+
+
+@dataclass(frozen=True, eq=False)  # arrays: compare with np.array_equal, not ==
+class GalleryIds:
+    """The COCO ids of the ranked items, in ranking order: image i owns captions 5i .. 5i+4.
+
+    ``image_ids`` has N entries and ``caption_ids`` 5N (COCO annotation ids), all distinct.
+    """
+
+    image_ids: np.ndarray
+    caption_ids: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, image_ids: Any, caption_ids: Any | None = None, where: str = "ids") -> GalleryIds:
+        """Checked ids; without ``caption_ids`` each image's five captions are taken to be its
+        captions of the COCO 5K test split in the standard order (that of the SCAN / VSRN
+        precomputed features and of Karpathy's split), which needs every image in that split."""
+        images = _id_array(image_ids, f"{where}: image ids")
+        if caption_ids is None:
+            captions = _standard_caption_ids(images, where)
+        else:
+            captions = _id_array(caption_ids, f"{where}: caption ids")
+        if captions.shape[0] != CAPTIONS_PER_IMAGE * images.shape[0]:
+            raise EvaluationInputError(
+                f"{where}: {images.shape[0]} image ids need {CAPTIONS_PER_IMAGE * images.shape[0]} caption ids, "
+                f"got {captions.shape[0]}"
+            )
+        for what, array in (("image", images), ("caption", captions)):
+            unique, counts = np.unique(array, return_counts=True)
+            if unique.size != array.size:
+                raise EvaluationInputError(f"{where}: {what} id {int(unique[counts > 1][0])} occurs more than once")
+        return cls(images, captions)
+
+    @classmethod
+    def standard_coco_5k(cls) -> GalleryIds:
+        """The COCO 5K test split in the standard order (the package's ``coco_test_ids.npy``)."""
+        from trainer.coco_annotations import (
+            AnnotationsUnavailableError,
+            coco_5k_test_ids,
+        )
+
+        try:
+            images, captions = coco_5k_test_ids()
+        except AnnotationsUnavailableError as error:
+            raise EvaluationInputError(str(error)) from None
+        return cls(images, captions)
+
+
+def _standard_caption_ids(image_ids: np.ndarray, where: str) -> np.ndarray:
+    standard = GalleryIds.standard_coco_5k()
+    rows = _lookup(standard.image_ids, image_ids)
+    if (rows < 0).any():
+        raise EvaluationInputError(
+            f"{where}: image id {int(image_ids[rows < 0][0])} is not in the COCO 5K test split, so its "
+            "caption ids cannot be inferred; give the caption ids too"
+        )
+    grouped = standard.caption_ids.reshape(-1, CAPTIONS_PER_IMAGE)
+    return grouped[rows].reshape(-1)
+
+
+def _lookup(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Position of each value in ``table`` (distinct ids), -1 where it is absent."""
+    order = np.argsort(table, kind="stable")
+    ordered = table[order]
+    where = np.searchsorted(ordered, values).clip(max=max(table.size - 1, 0))
+    found = (ordered[where] == values) if table.size else np.zeros(values.shape, dtype=bool)
+    return np.where(found, order[where], -1)
+
+
+def _resolve_ids(ids: GalleryIds | None, num_images: int, protocol: str) -> GalleryIds:
+    if ids is None:
+        expected = FOLD_PROTOCOL_MIN_IMAGES  # the COCO 5K test split
+        if num_images != expected:
+            raise EvaluationInputError(
+                f"protocol {protocol!r} ranks the COCO 5K test split by COCO ids: give the image and caption "
+                "ids (an --embeddings file's 'image_ids' and 'caption_ids' arrays, or test shards converted "
+                f"with --coco-ids), or the split itself in the standard order ({expected} images x "
+                f"{CAPTIONS_PER_IMAGE * expected} captions); got N={num_images} images without ids"
+            )
+        return GalleryIds.standard_coco_5k()
+    if ids.image_ids.shape[0] != num_images:
+        raise EvaluationInputError(
+            f"protocol {protocol!r}: {ids.image_ids.shape[0]} image ids for N={num_images} ranked images"
+        )
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,6 +790,302 @@ def similarity_ranks(
 
 
 # ----------------------------------------------------------------------------------------------
+# Annotated protocols: ECCV Caption (mAP@R, R-Precision, R@1) and CxC (R@K)
+#
+# Both give a query several positives (annotated by ids) instead of the five captions / one
+# image of the recall protocols. Every metric needs only the positions of a query's positives
+# among the first K candidates (mAP@R and R-Precision: K = R, the number of positives; R@K: K),
+# so the block pass collects, per query, its K highest scores and its positives' scores, and
+# the positions follow without sorting any full ranking:
+#
+#   position of the k-th best positive (0-based) = k + #(candidates scoring strictly higher
+#   that are not positives) = k + #(top-K scores > s_k) - #(positives > s_k),
+#
+# exact whenever it is below K (if K or more candidates score higher, the position is >= K and
+# counts for nothing). Tie rule: a positive is placed before every non-positive with the same
+# score (the "strictly higher" rule of the recall protocols, in the query's favour); ties among
+# positives do not change which positions they occupy. It equals ranking each query's
+# candidates by a stable sort on (score descending, positives first) and handing the lists to
+# the eccv-caption package (tests/trainer/test_evaluation_eccv_cxc.py checks exactly that).
+#
+# CxC's caption queries need only their best positive's rank (R@K), which is counted instead,
+# one comparison per block as the "all" protocol counts t2i ranks (_CaptionQueryBestPositive).
+
+
+class _BlockObserver:
+    """Sees each block of image-query scores of :func:`_all_ranks` (and must not modify it)."""
+
+    def observe(self, start: int, stop: int, scores: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class _Relevance:
+    """The positives of one direction's queries, as positions in the ranked gallery."""
+
+    queries: np.ndarray  # (Q,) int64: gallery index of each query, ascending
+    positives: np.ndarray  # (Q, P) int64: gallery indices of its positives that are ranked, -1 padding
+    num_relevant: np.ndarray  # (Q,) int64: R, all its positives (also those not in the ranked gallery)
+
+
+def _relevance(
+    mapping: dict[int, tuple[int, ...]],
+    query_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    protocol: str,
+    what: str,
+) -> _Relevance:
+    keys = np.fromiter(mapping.keys(), dtype=np.int64, count=len(mapping))
+    query_index = _lookup(query_ids, keys)
+    if (query_index < 0).any():
+        missing = keys[query_index < 0]
+        raise EvaluationInputError(
+            f"protocol {protocol!r}: {missing.size} of its {keys.size} {what} queries are not among the ranked "
+            f"ids (e.g. COCO id {int(missing[0])}); it needs the COCO 5K test split"
+        )
+    counts = np.fromiter((len(v) for v in mapping.values()), dtype=np.int64, count=len(mapping))
+    flat = np.fromiter((i for v in mapping.values() for i in v), dtype=np.int64, count=int(counts.sum()))
+    rows = np.repeat(np.arange(keys.size), counts)
+    # Positives form a set per query, as the package counts them (duplicates would inflate R).
+    pairs = np.unique(np.stack([rows, flat], axis=1), axis=0)
+    rows, flat = pairs[:, 0], pairs[:, 1]
+    num_relevant = np.bincount(rows, minlength=keys.size)
+    gallery = _lookup(candidate_ids, flat)
+    ranked = gallery >= 0
+    rows, gallery = rows[ranked], gallery[ranked]
+    in_gallery = np.bincount(rows, minlength=keys.size)
+    width = max(int(in_gallery.max(initial=0)), 1)
+    slots = np.arange(rows.size) - np.repeat(np.cumsum(in_gallery) - in_gallery, in_gallery)
+    positives = np.full((keys.size, width), -1, dtype=np.int64)
+    positives[rows, slots] = gallery
+    order = np.argsort(query_index, kind="stable")
+    return _Relevance(query_index[order], positives[order], num_relevant[order])
+
+
+class _QueryTopK:
+    """Per query, its K highest scores and its positives' scores (``-inf`` in padding slots)."""
+
+    def __init__(self, relevance: _Relevance, k: int, num_candidates: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.relevance = relevance
+        self.k = max(1, min(k, num_candidates))
+        num_queries, width = relevance.positives.shape
+        self.positive_scores = torch.full((num_queries, width), -math.inf, dtype=dtype, device=device)
+
+    def positions(self, top: torch.Tensor) -> np.ndarray:
+        """0-based positions of each query's positives, best first, (Q, P) float64; ``inf``
+        where a position is K or beyond (or the slot is padding)."""
+        ascending = self.positive_scores.sort(dim=1).values.contiguous()
+        ordered = ascending.flip(1).contiguous()
+        # Counts of scores strictly above each positive: binary searches in the sorted rows.
+        top_ascending = top.sort(dim=1).values.contiguous()
+        above = top.shape[1] - torch.searchsorted(top_ascending, ordered, right=True)
+        positives_above = ordered.shape[1] - torch.searchsorted(ascending, ordered, right=True)
+        slot = torch.arange(ordered.shape[1], device=ordered.device)
+        position = (slot + above - positives_above).to(torch.float64)
+        beyond = (above >= self.k) | torch.isinf(ordered)
+        return position.masked_fill_(beyond, math.inf).cpu().numpy()
+
+
+class _ImageQueryTopK(_QueryTopK, _BlockObserver):
+    """i2t: a query's scores are one row of a block, all there at once."""
+
+    def __init__(self, relevance: _Relevance, k: int, num_captions: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(relevance, k, num_captions, dtype, device)
+        self.rows = torch.as_tensor(relevance.queries, device=device)
+        positives = torch.as_tensor(relevance.positives, device=device)
+        self.valid = positives >= 0
+        self.gather_index = positives.clamp(min=0)
+        self.top = torch.full((relevance.queries.size, self.k), -math.inf, dtype=dtype, device=device)
+
+    def observe(self, start: int, stop: int, scores: torch.Tensor) -> None:
+        low, high = np.searchsorted(self.relevance.queries, (start, stop))
+        if low == high:
+            return
+        # Queries are distinct and ascending: as many as rows means every row, in order.
+        block = scores if high - low == stop - start else scores.index_select(0, self.rows[low:high] - start)
+        # Unsorted: only how many top scores beat a positive matters, not their order.
+        self.top[low:high] = torch.topk(block, self.k, dim=1, sorted=False).values
+        gathered = block.gather(1, self.gather_index[low:high])
+        self.positive_scores[low:high] = gathered.masked_fill_(~self.valid[low:high], -math.inf)
+
+    def result(self) -> np.ndarray:
+        return self.positions(self.top)
+
+
+class _CaptionQueryTopK(_QueryTopK, _BlockObserver):
+    """t2i: a query's scores are one column spread over every block: each block's top K is kept
+    and merged after the pass, and each positive's score is taken from the block that holds its
+    image (the very value the top K sees, so that ties compare exactly)."""
+
+    def __init__(self, relevance: _Relevance, k: int, num_images: int, num_captions: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(relevance, k, num_images, dtype, device)
+        num_queries, width = relevance.positives.shape
+        # With most captions as queries (CxC: 24,972 of 25,000) every column is kept, and the
+        # queries picked from the merged top K: cheaper than copying nearly all of each block.
+        self.all_columns = 2 * num_queries > num_captions
+        self.columns = torch.as_tensor(relevance.queries, device=device)
+        # Each block's own top K, merged once at the end (cheaper than merging every block).
+        self.block_tops: list[torch.Tensor] = []
+        query_of, slot_of = np.nonzero(relevance.positives >= 0)
+        images = relevance.positives[query_of, slot_of]
+        order = np.argsort(images, kind="stable")
+        self.pair_images_np = images[order]
+        self.pair_images = torch.as_tensor(self.pair_images_np, device=device)
+        self.pair_columns = torch.as_tensor(relevance.queries[query_of[order]], device=device)
+        self.pair_slots = torch.as_tensor((query_of * width + slot_of)[order], device=device)
+
+    def observe(self, start: int, stop: int, scores: torch.Tensor) -> None:
+        block = scores if self.all_columns else scores.index_select(1, self.columns)
+        self.block_tops.append(torch.topk(block, min(self.k, stop - start), dim=0, sorted=False).values)
+        low, high = np.searchsorted(self.pair_images_np, (start, stop))
+        if low < high:
+            values = scores[self.pair_images[low:high] - start, self.pair_columns[low:high]]
+            self.positive_scores.view(-1)[self.pair_slots[low:high]] = values
+
+    def result(self) -> np.ndarray:
+        merged = torch.cat(self.block_tops)
+        top = torch.topk(merged, min(self.k, merged.shape[0]), dim=0, sorted=False).values
+        if self.all_columns:
+            top = top.index_select(1, self.columns)
+        return self.positions(top.T)
+
+
+class _CaptionQueryBestPositive(_BlockObserver):
+    """t2i for R@K only (CxC): a query's rank is that of its best positive, the number of
+    non-positive images scoring strictly higher than it, counted down the columns block by block
+    as the recall protocols count t2i ranks (one comparison per block instead of a top K).
+
+    The best positive's score is taken before the pass from the pairs' own scores
+    (:meth:`_SimilaritySource.pair_scores`), and every positive is excluded from the count by
+    its block entry, so that a positive is never counted against the query: as for the ``all``
+    protocol's t2i ranks, only a non-positive within float rounding of the best positive could
+    count either way (for similarity matrices the scores are the entries themselves).
+    """
+
+    def __init__(self, relevance: _Relevance, source: _SimilaritySource) -> None:
+        self.relevance = relevance
+        device, dtype = source.device, source.dtype
+        query_of, slot_of = np.nonzero(relevance.positives >= 0)
+        images = torch.as_tensor(relevance.positives[query_of, slot_of], device=device)
+        columns = torch.as_tensor(relevance.queries[query_of], device=device)
+        pair_scores = source.pair_scores(images, columns)
+        _check_finite(pair_scores, "positive similarity scores")
+        num_queries = relevance.queries.size
+        best = torch.full((num_queries,), -math.inf, dtype=dtype, device=device)
+        best.scatter_reduce_(0, torch.as_tensor(query_of, device=device), pair_scores, reduce="amax")
+        # Thresholds per caption column; columns that are not queries count nothing (+inf).
+        self.threshold = torch.full((source.num_captions,), math.inf, dtype=dtype, device=device)
+        self.columns = torch.as_tensor(relevance.queries, device=device)
+        self.threshold[self.columns] = best
+        self.counts = torch.zeros(source.num_captions, dtype=torch.int64, device=device)
+        self.count_dtype = dtype if source.num_images < _MAX_EXACT_FLOAT32_COUNT else torch.float64
+        order = np.argsort(relevance.positives[query_of, slot_of], kind="stable")
+        self.pair_images_np = relevance.positives[query_of, slot_of][order]
+        self.pair_images = torch.as_tensor(self.pair_images_np, device=device)
+        self.pair_columns = columns[torch.as_tensor(order, device=device)]
+        self.buffer: torch.Tensor | None = None
+
+    def observe(self, start: int, stop: int, scores: torch.Tensor) -> None:
+        if self.buffer is None or self.buffer.shape[0] < scores.shape[0]:
+            self.buffer = torch.empty_like(scores)
+        above = self.buffer[: scores.shape[0]]
+        torch.gt(scores, self.threshold[None, :], out=above)
+        self.counts += above.sum(dim=0, dtype=self.count_dtype).to(torch.int64)
+        low, high = np.searchsorted(self.pair_images_np, (start, stop))
+        if low < high:
+            columns = self.pair_columns[low:high]
+            positives = scores[self.pair_images[low:high] - start, columns]
+            self.counts.index_add_(0, columns, -(positives > self.threshold[columns]).to(torch.int64))
+
+    def result(self) -> np.ndarray:
+        """(Q, 1) float64: the 0-based rank of each query's best positive (``inf``: none ranked)."""
+        ranks = self.counts[self.columns].to(torch.float64)
+        ranks[torch.isinf(self.threshold[self.columns])] = math.inf
+        return ranks[:, None].cpu().numpy()
+
+
+def _ground_truth(protocol: str) -> Any:
+    from trainer.coco_annotations import (
+        AnnotationsUnavailableError,
+        cxc_ground_truth,
+        eccv_ground_truth,
+    )
+
+    try:
+        return eccv_ground_truth() if protocol == PROTOCOL_ECCV else cxc_ground_truth()
+    except AnnotationsUnavailableError as error:
+        raise EvaluationInputError(str(error)) from None
+
+
+class _AnnotatedProtocol:
+    """The collectors of one annotated protocol (both directions) and its metrics."""
+
+    def __init__(self, protocol: str, source: _SimilaritySource, ids: GalleryIds) -> None:
+        self.protocol = protocol
+        truth = _ground_truth(protocol)
+        i2t = _relevance(truth.i2t, ids.image_ids, ids.caption_ids, protocol, "image")
+        t2i = _relevance(truth.t2i, ids.caption_ids, ids.image_ids, protocol, "caption")
+        if protocol == PROTOCOL_ECCV:  # mAP@R and R-Precision look as deep as R
+            k_i2t, k_t2i = int(i2t.num_relevant.max()), int(t2i.num_relevant.max())
+        else:
+            k_i2t = k_t2i = max(RECALL_KS)
+        args = (source.dtype, source.device)
+        self.i2t = _ImageQueryTopK(i2t, k_i2t, source.num_captions, *args)
+        self.t2i: _CaptionQueryTopK | _CaptionQueryBestPositive
+        if protocol == PROTOCOL_ECCV:
+            self.t2i = _CaptionQueryTopK(t2i, k_t2i, source.num_images, source.num_captions, *args)
+        else:  # R@K needs only the best positive: one comparison per block, as for "all"
+            self.t2i = _CaptionQueryBestPositive(t2i, source)
+
+    @property
+    def observers(self) -> tuple[_BlockObserver, ...]:
+        return (self.i2t, self.t2i)
+
+    def metrics(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for direction, collector in (("i2t", self.i2t), ("t2i", self.t2i)):
+            positions = collector.result()
+            if self.protocol == PROTOCOL_ECCV:
+                result.update(
+                    {f"{direction}_{key}": value
+                     for key, value in eccv_metrics(positions, collector.relevance.num_relevant).items()}
+                )
+            else:
+                for k in RECALL_KS:
+                    result[f"{direction}_r{k}"] = 100.0 * float(np.mean(positions[:, 0] < k))
+        keys = ECCV_KEYS if self.protocol == PROTOCOL_ECCV else CXC_KEYS
+        return {key: result[key] for key in keys}
+
+
+def eccv_metrics(positions: np.ndarray, num_relevant: np.ndarray) -> dict[str, float]:
+    """ECCV Caption's mAP@R, R-Precision and R@1, in percent, from positive positions.
+
+    Args:
+        positions: (Q, P) 0-based positions of each query's ranked positives in ascending order
+            (``inf`` for padding and for positions that do not count).
+        num_relevant: (Q,) R of each query, its number of positives (ranked or not).
+
+    mAP@R averages, over the first R positions, the precision at each position that holds a
+    positive (0 elsewhere); the k-th positive (0-based) at position p < R adds (k + 1) / (p + 1).
+    R-Precision is the fraction of the first R positions holding positives; R@1 whether the
+    first holds one.
+    """
+    relevant = num_relevant.astype(np.float64)[:, None]
+    hits = positions < relevant
+    count = np.arange(1, positions.shape[1] + 1, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(hits, count / (positions + 1.0), 0.0)
+    return {
+        "map_at_r": 100.0 * float(np.mean(precision.sum(axis=1) / relevant[:, 0])),
+        "rprecision": 100.0 * float(np.mean(hits.sum(axis=1) / relevant[:, 0])),
+        "r1": 100.0 * float(np.mean(positions[:, 0] == 0)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Protocols
 
 
@@ -673,19 +1095,37 @@ def _metrics_of(source: _SimilaritySource, block_size: int | None, memory_budget
 
 def _evaluate_source(
     source: _SimilaritySource,
-    protocol: str,
+    protocols: Sequence[str],
+    ids: GalleryIds | None,
     block_size: int | None,
     memory_budget_bytes: int,
-) -> dict[str, Any]:
-    validate_protocol(protocol, source.num_images)
-    started = time.perf_counter()
-    if protocol == PROTOCOL_ALL:
-        result: dict[str, Any] = _metrics_of(source, block_size, memory_budget_bytes).to_dict()
-    else:
+) -> dict[str, dict[str, Any]]:
+    """Every protocol of ``protocols`` on ``source``: ``all``, ``eccv`` and ``cxc`` share one
+    pass over the similarity blocks; ``1k-5fold`` ranks its folds separately."""
+    protocols = list(dict.fromkeys(protocols))
+    for protocol in protocols:
+        validate_protocol(protocol, source.num_images, ids)
+    results: dict[str, dict[str, Any]] = {}
+    shared = [p for p in protocols if p != PROTOCOL_1K_5FOLD]
+    if shared:
+        started = time.perf_counter()
+        annotated = [
+            _AnnotatedProtocol(p, source, _resolve_ids(ids, source.num_images, p))
+            for p in shared if p in ANNOTATED_PROTOCOLS
+        ]
+        observers = [observer for protocol in annotated for observer in protocol.observers]
+        ranks = _all_ranks(source, block_size, memory_budget_bytes, observers)
+        if PROTOCOL_ALL in shared:
+            results[PROTOCOL_ALL] = metrics_from_ranks(*ranks).to_dict()
+        for protocol in annotated:
+            results[protocol.protocol] = protocol.metrics()
+        _log_results(source, shared, results, time.perf_counter() - started)
+    if PROTOCOL_1K_5FOLD in protocols:
+        started = time.perf_counter()
         if source.num_images > FOLD_PROTOCOL_MIN_IMAGES:
             logger.warning(
                 "protocol %s uses the first %d of %d images; the others are ignored",
-                protocol, FOLD_PROTOCOL_MIN_IMAGES, source.num_images,
+                PROTOCOL_1K_5FOLD, FOLD_PROTOCOL_MIN_IMAGES, source.num_images,
             )
         folds = [
             _metrics_of(source.restrict(k * FOLD_IMAGES, (k + 1) * FOLD_IMAGES), block_size, memory_budget_bytes)
@@ -693,12 +1133,23 @@ def _evaluate_source(
         ]
         result = RecallMetrics.mean(folds).to_dict()
         result["folds"] = [fold.to_dict() for fold in folds]
-    logger.info(
-        "protocol %s: %d images, %d captions, %d model(s), %s on %s: rsum %.2f in %.2f s",
-        protocol, source.num_images, source.num_captions, source.num_members, source.dtype,
-        source.device, result["rsum"], time.perf_counter() - started,
+        results[PROTOCOL_1K_5FOLD] = result
+        _log_results(source, [PROTOCOL_1K_5FOLD], results, time.perf_counter() - started)
+    return {protocol: results[protocol] for protocol in protocols}
+
+
+def _log_results(source: _SimilaritySource, protocols: Sequence[str], results: dict[str, dict[str, Any]],
+                 elapsed: float) -> None:
+    summary = ", ".join(
+        f"{p}: " + (f"rsum {results[p]['rsum']:.2f}" if "rsum" in results[p]
+                    else " ".join(f"{k} {v:.2f}" for k, v in results[p].items()))
+        for p in protocols
     )
-    return result
+    logger.info(
+        "protocol(s) %s: %d images, %d captions, %d model(s), %s on %s: %s in %.2f s",
+        "+".join(protocols), source.num_images, source.num_captions, source.num_members, source.dtype,
+        source.device, summary, elapsed,
+    )
 
 
 def evaluate_embeddings(
@@ -709,6 +1160,7 @@ def evaluate_embeddings(
     block_size: int | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     names: Sequence[str] | None = None,
+    ids: GalleryIds | None = None,
 ) -> dict[str, Any]:
     """Recall metrics of one model, or of an ensemble, from embeddings.
 
@@ -716,20 +1168,43 @@ def evaluate_embeddings(
         models: one ``(images (N, D), captions (5N, D))`` pair per model; two or more pairs form
             an ensemble whose similarity matrices are averaged before ranking. Embeddings are
             expected l2-normalized: the dot product is the similarity.
-        protocol: ``"1k-5fold"`` (needs N >= 5000) or ``"all"``.
+        protocol: ``"1k-5fold"`` (needs N >= 5000), ``"all"``, or the annotated ``"eccv"`` and
+            ``"cxc"`` (the COCO 5K test split, see ``ids``).
         device: where to compute; defaults to the device of the first tensor (CPU for numpy).
         block_size: queries per block; by default chosen from ``memory_budget_bytes``.
         memory_budget_bytes: working memory for the blocks of scores (beyond the inputs).
         names: labels of the models used in error messages (file names, say).
+        ids: the COCO ids of the images and captions, for ``eccv`` and ``cxc``; without them
+            the inputs must be the COCO 5K test split in the standard order (N = 5000).
 
     Returns:
         The metrics as a dict with the keys of :class:`RecallMetrics`; for ``"1k-5fold"`` the
-        field-wise mean over the folds plus ``"folds"``, the list of the five per-fold dicts.
+        field-wise mean over the folds plus ``"folds"``, the list of the five per-fold dicts;
+        for ``"eccv"`` the keys :data:`ECCV_KEYS`, for ``"cxc"`` :data:`CXC_KEYS`.
     """
-    _validate_protocol_name(protocol)
+    return evaluate_embeddings_protocols(
+        models, [protocol], device=device, block_size=block_size,
+        memory_budget_bytes=memory_budget_bytes, names=names, ids=ids,
+    )[protocol]
+
+
+def evaluate_embeddings_protocols(
+    models: Sequence[tuple[ArrayLike, ArrayLike]],
+    protocols: Sequence[str],
+    *,
+    device: DeviceLike | None = None,
+    block_size: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    names: Sequence[str] | None = None,
+    ids: GalleryIds | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Several protocols at once, keyed by protocol (arguments as for :func:`evaluate_embeddings`):
+    ``all``, ``eccv`` and ``cxc`` share one pass of matrix products."""
+    for protocol in protocols:
+        _validate_protocol_name(protocol)
     with torch.inference_mode(), _ieee_float32_matmul():
         source = _embedding_source(models, device, names)
-        return _evaluate_source(source, protocol, block_size, memory_budget_bytes)
+        return _evaluate_source(source, protocols, ids, block_size, memory_budget_bytes)
 
 
 def evaluate_similarities(
@@ -740,16 +1215,35 @@ def evaluate_similarities(
     block_size: int | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     names: Sequence[str] | None = None,
+    ids: GalleryIds | None = None,
 ) -> dict[str, Any]:
     """Recall metrics from precomputed (N, 5N) similarity matrices, averaged if several.
 
     Same protocols and result as :func:`evaluate_embeddings`; ``sims[i, j]`` scores image i
     against caption j.
     """
-    _validate_protocol_name(protocol)
+    return evaluate_similarities_protocols(
+        sims_list, [protocol], device=device, block_size=block_size,
+        memory_budget_bytes=memory_budget_bytes, names=names, ids=ids,
+    )[protocol]
+
+
+def evaluate_similarities_protocols(
+    sims_list: Sequence[ArrayLike],
+    protocols: Sequence[str],
+    *,
+    device: DeviceLike | None = None,
+    block_size: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    names: Sequence[str] | None = None,
+    ids: GalleryIds | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Several protocols at once from similarity matrices (see :func:`evaluate_embeddings_protocols`)."""
+    for protocol in protocols:
+        _validate_protocol_name(protocol)
     with torch.inference_mode(), _ieee_float32_matmul():
         source = _similarity_source(sims_list, device, names)
-        return _evaluate_source(source, protocol, block_size, memory_budget_bytes)
+        return _evaluate_source(source, protocols, ids, block_size, memory_budget_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -771,24 +1265,63 @@ def _table_row(label: str, metrics: dict[str, Any], label_width: int) -> str:
     return f"{label:<{label_width}} | {cells[0]} | {cells[1]} | {metrics['rsum']:7.2f}"
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A readable text table of results keyed by protocol; ``1k-5fold`` also lists its folds."""
-    labels = list(results)
-    for protocol, metrics in results.items():
-        labels += [f"  fold {k}" for k in range(len(metrics.get("folds", [])))]
-    label_width = max([len("protocol")] + [len(label) for label in labels])
-    widths = [len(fmt.format(0.0)) for _, _, fmt in _TABLE_COLUMNS]
-    headers = " ".join(f"{name:>{width}}" for (name, _, _), width in zip(_TABLE_COLUMNS, widths))
-    block_width = len(headers)
+_ECCV_COLUMNS = (("mAP@R", "map_at_r"), ("R-P", "rprecision"), ("R@1", "r1"))
+
+
+def _is_recall_row(metrics: dict[str, Any]) -> bool:
+    return all(key in metrics for key in METRIC_KEYS)
+
+
+def _annotated_table(rows: list[tuple[str, dict[str, Any]]], columns: Sequence[tuple[str, str]],
+                     label_width: int, title: str) -> list[str]:
+    cell = "{:6.2f}"
+    headers = " ".join(f"{name:>6}" for name, _ in columns)
+    width = len(headers)
     lines = [
-        f"{'':<{label_width}} | {'image-to-text':^{block_width}} | {'text-to-image':^{block_width}} |",
-        f"{'protocol':<{label_width}} | {headers} | {headers} | {'rsum':>7}",
+        f"{'':<{label_width}} | {'image-to-text':^{width}} | {'text-to-image':^{width}} |",
+        f"{title:<{label_width}} | {headers} | {headers} |",
     ]
     lines.append("-" * len(lines[1]))
-    for protocol, metrics in results.items():
-        lines.append(_table_row(protocol, metrics, label_width))
-        for k, fold in enumerate(metrics.get("folds", [])):
-            lines.append(_table_row(f"  fold {k}", fold, label_width))
+    for label, metrics in rows:
+        cells = [" ".join(cell.format(metrics[f"{d}_{key}"]) for _, key in columns) for d in ("i2t", "t2i")]
+        lines.append(f"{label:<{label_width}} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A readable text table of results keyed by protocol (or any row label); ``1k-5fold`` also
+    lists its folds. Rows of ECCV Caption metrics (mAP@R, R-Precision, R@1) and of CxC recalls
+    (R@1/5/10 only) follow in tables of their own, recognised by their keys."""
+    recall_rows = {label: m for label, m in results.items() if _is_recall_row(m)}
+    eccv_rows = [(label, m) for label, m in results.items() if "i2t_map_at_r" in m]
+    cxc_rows = [(label, m) for label, m in results.items()
+                if label not in recall_rows and "i2t_map_at_r" not in m and "i2t_r10" in m]
+    labels = list(results)
+    for protocol, metrics in recall_rows.items():
+        labels += [f"  fold {k}" for k in range(len(metrics.get("folds", [])))]
+    label_width = max([len("protocol")] + [len(label) for label in labels])
+    lines: list[str] = []
+    if recall_rows:
+        widths = [len(fmt.format(0.0)) for _, _, fmt in _TABLE_COLUMNS]
+        headers = " ".join(f"{name:>{width}}" for (name, _, _), width in zip(_TABLE_COLUMNS, widths))
+        block_width = len(headers)
+        lines += [
+            f"{'':<{label_width}} | {'image-to-text':^{block_width}} | {'text-to-image':^{block_width}} |",
+            f"{'protocol':<{label_width}} | {headers} | {headers} | {'rsum':>7}",
+        ]
+        lines.append("-" * len(lines[1]))
+        for protocol, metrics in recall_rows.items():
+            lines.append(_table_row(protocol, metrics, label_width))
+            for k, fold in enumerate(metrics.get("folds", [])):
+                lines.append(_table_row(f"  fold {k}", fold, label_width))
+    if cxc_rows:
+        if lines:
+            lines.append("")
+        lines += _annotated_table(cxc_rows, [(f"R@{k}", f"r{k}") for k in RECALL_KS], label_width, "CxC")
+    if eccv_rows:
+        if lines:
+            lines.append("")
+        lines += _annotated_table(eccv_rows, _ECCV_COLUMNS, label_width, "ECCV")
     return "\n".join(lines)
 
 

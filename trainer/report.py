@@ -8,11 +8,20 @@ data_shards/storage.py; S3 endpoint from ``--endpoint-url``, else ``AWS_ENDPOINT
   and the learning rate in its own panel; epoch boundaries and the switch to hardest negatives
   are marked;
 * ``throughput.png``: samples/s and data wait per step (rolling mean, raw values faint);
+* ``diagnostics.png``: the hard-negative diagnostics of each logging interval (trainer/diagnostics.py):
+  the gap between positive and hardest-negative scores (mean and 10th percentile, both directions)
+  with the margin, and the fractions of active hinges and of hardest negatives from other workers;
+  the switch to hardest negatives and the intervals the collapse detector flagged are marked (only
+  for step logs that carry the diagnostics);
 * ``recall.png``: R@1/5/10 (image-to-text and text-to-image) of every test protocol present and the
   dev and test rsum by checkpoint step, the best checkpoint marked;
 * ``summary.md``: run name, configuration highlights (from ``RUN_DIR/config.yaml``), steps and
-  epochs done, wall time, mean throughput, final losses, the best checkpoint's recall table (the
-  layout the evaluation worker logs), every checkpoint with its rsum, and links to the plots.
+  epochs done, wall time, mean throughput, final losses, the last hard-negative diagnostics and
+  whether the collapse detector tripped, the best checkpoint's recall table (the
+  layout the evaluation worker logs), every checkpoint with its rsum, and links to the plots;
+* ``qualitative.md`` and ``qualitative/*.png``: the best checkpoint's qualitative page (top-3
+  retrievals and attention maps of fixed test queries, trainer/qualitative.py), copied from the
+  checkpoint and linked from summary.md, when it has one.
 
 The inputs are ``train_log.jsonl`` (one JSON object per step, trainer/worker.py's ``StepLog``),
 ``evaluations.jsonl`` (the evaluation history, which keeps the checkpoints that pruning deleted),
@@ -66,6 +75,16 @@ from data_shards.storage import (
     s3_storage_options,
 )
 from trainer.checkpoint_eval import results_table
+from trainer.evaluation import CXC_KEYS, ECCV_KEYS, PROTOCOL_CXC, PROTOCOL_ECCV
+from trainer.diagnostics import (
+    ACTIVE_FIELD,
+    COLLAPSED_FIELD,
+    DIRECTIONS,
+    GAP_MEAN_FIELD,
+    GAP_P10_FIELD,
+    LOG_FIELDS,
+    REMOTE_FIELD,
+)
 from trainer.run_layout import (
     BEST_FILE,
     CHECKPOINT_PREFIX,
@@ -88,9 +107,10 @@ EXIT_BAD_INPUT = 2
 
 LOSSES_PNG = "losses.png"
 THROUGHPUT_PNG = "throughput.png"
+DIAGNOSTICS_PNG = "diagnostics.png"
 RECALL_PNG = "recall.png"
 SUMMARY_MD = "summary.md"
-PLOT_FILES = (LOSSES_PNG, THROUGHPUT_PNG, RECALL_PNG)
+PLOT_FILES = (LOSSES_PNG, THROUGHPUT_PNG, DIAGNOSTICS_PNG, RECALL_PNG)
 
 # The fields of a step-log record this report uses (trainer/worker.py `_Loop.record` writes them).
 STEP_FIELDS = ("step", "epoch", "loss", "loss_matching", "loss_caption", "lr", "samples_per_s",
@@ -98,6 +118,8 @@ STEP_FIELDS = ("step", "epoch", "loss", "loss_matching", "loss_caption", "lr", "
 # The keys evaluate.py writes per protocol (trainer/evaluation.py), and the recalls plotted.
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
                "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum")
+# The annotation protocols' blocks hold other keys (trainer/evaluation.py) and no rsum.
+ANNOTATED_KEYS = {PROTOCOL_ECCV: ECCV_KEYS, PROTOCOL_CXC: CXC_KEYS}
 RECALL_KS = (1, 5, 10)
 FIGSIZE = (9.0, 6.0)
 
@@ -126,9 +148,25 @@ class StepSeries:
     step_time_s: np.ndarray
     time: np.ndarray
     hardest_negatives: np.ndarray
+    # Hard-negative diagnostics (trainer/diagnostics.py LOG_FIELDS -> column, NaN on the steps that
+    # do not close a logging interval or where nothing was counted) and the collapse flag.
+    diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
+    collapsed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def __len__(self) -> int:
         return int(self.step.size)
+
+    @property
+    def has_diagnostics(self) -> bool:
+        return bool(self.diagnostics) and any(np.isfinite(c).any() for c in self.diagnostics.values())
+
+    @property
+    def diagnostic_rows(self) -> np.ndarray:
+        """Indices of the steps that carry diagnostics (those closing a logging interval)."""
+        present = np.zeros(len(self), dtype=bool)
+        for column in self.diagnostics.values():
+            present |= np.isfinite(column)
+        return np.nonzero(present)[0]
 
     @property
     def samples(self) -> np.ndarray:
@@ -174,11 +212,14 @@ class Run:
         return _config_value(self.config, section, key)
 
     def protocols(self) -> list[str]:
-        """The test protocols present in any metrics.json, in order of first appearance."""
+        """The recall test protocols (R@K, rsum) present in any metrics.json, in order of first
+        appearance; the annotation protocols (eccv, cxc) have no rsum and appear in the best
+        checkpoint's table only."""
         found: dict[str, None] = {}
         for checkpoint in self.checkpoints:
             for protocol in ((checkpoint.metrics or {}).get("test") or {}):
-                found[protocol] = None
+                if protocol not in ANNOTATED_KEYS:
+                    found[protocol] = None
         return list(found)
 
     def evaluated(self) -> list[CheckpointInfo]:
@@ -258,7 +299,10 @@ def read_step_log(run: Location) -> StepSeries | None:
         loss_matching=column("loss_matching"), loss_caption=column("loss_caption"), lr=column("lr"),
         samples_per_s=column("samples_per_s"), data_wait_s=column("data_wait_s"),
         step_time_s=column("step_time_s"), time=column("time"),
-        hardest_negatives=np.array([bool(r.get("hardest_negatives", False)) for r in records], dtype=bool))
+        hardest_negatives=np.array([bool(r.get("hardest_negatives", False)) for r in records], dtype=bool),
+        diagnostics={key: np.array([np.nan if r.get(key) is None else float(r[key]) for r in records], dtype=float)
+                     for key in LOG_FIELDS},
+        collapsed=np.array([bool(r.get(COLLAPSED_FIELD, False)) for r in records], dtype=bool))
 
 
 def _validate_metrics(payload: dict[str, Any], where: str) -> None:
@@ -272,13 +316,13 @@ def _validate_metrics(payload: dict[str, Any], where: str) -> None:
     if not isinstance(test, dict):
         raise ReportInputError(f"{where}: 'test' is {type(test).__name__}, expected an object of protocols")
     for protocol, block in test.items():
-        _check_metric_block(block, f"{where}: test {protocol}")
+        _check_metric_block(block, f"{where}: test {protocol}", ANNOTATED_KEYS.get(protocol, METRIC_KEYS))
 
 
-def _check_metric_block(block: Any, where: str) -> None:
+def _check_metric_block(block: Any, where: str, keys: Sequence[str] = METRIC_KEYS) -> None:
     if not isinstance(block, dict):
         raise ReportInputError(f"{where} is {type(block).__name__}, expected an object of metrics")
-    for key in METRIC_KEYS:
+    for key in keys:
         if not _is_number(block.get(key)):
             raise ReportInputError(f"{where}: {key} is {block.get(key)!r}, not a number")
 
@@ -511,6 +555,47 @@ def plot_throughput(steps: StepSeries, path: Path, dpi: int) -> Path:
     return _save(figure, path, dpi)
 
 
+def plot_diagnostics(steps: StepSeries, margin: float | None, path: Path, dpi: int) -> Path | None:
+    """Hard-negative gaps, active hinges and remote hardest negatives by logging interval; None when
+    the step log carries no diagnostics (written before they existed)."""
+    if not steps.has_diagnostics:
+        return None
+    rows = steps.diagnostic_rows
+    x = steps.step[rows]
+    figure, (gap_ax, ratio_ax) = plt.subplots(2, 1, sharex=True, figsize=FIGSIZE, layout="constrained")
+    colors = {"i2t": "tab:blue", "t2i": "tab:orange"}
+    for direction in DIRECTIONS:
+        gap_ax.plot(x, steps.diagnostics[GAP_MEAN_FIELD.format(direction=direction)][rows], color=colors[direction], marker="o",
+                    markersize=2, linewidth=1.2, label=f"{direction} mean")
+        gap_ax.plot(x, steps.diagnostics[GAP_P10_FIELD.format(direction=direction)][rows], color=colors[direction], linestyle="--",
+                    linewidth=1.0, label=f"{direction} 10th percentile")
+    gap_ax.axhline(0.0, color="0.3", linewidth=0.8)
+    if margin is not None:
+        gap_ax.axhline(margin, color="tab:green", linestyle=":", linewidth=1.0,
+                       label=f"margin {margin:g} (below: hinge active)")
+    gap_ax.set_ylabel("positive - hardest negative")
+    gap_ax.set_title("Hard negatives per logging interval (i2t: image anchors, t2i: caption anchors)")
+    gap_ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="x-small")
+    ratio_ax.plot(x, 100 * steps.diagnostics[ACTIVE_FIELD][rows], color="black", marker="o", markersize=2,
+                  linewidth=1.2, label="active hinges")
+    ratio_ax.plot(x, 100 * steps.diagnostics[REMOTE_FIELD][rows], color="tab:purple", linewidth=1.0,
+                  label="hardest negative from another worker")
+    ratio_ax.set_ylim(-2, 102)
+    ratio_ax.set_ylabel("% per interval")
+    ratio_ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="x-small")
+    switch = np.nonzero(steps.hardest_negatives)[0]
+    collapsed = x[steps.collapsed[rows]]
+    for ax in (gap_ax, ratio_ax):
+        if switch.size and switch[0] > 0:
+            ax.axvline(steps.step[switch[0]] - 0.5, color="tab:red", linestyle="--", linewidth=0.8)
+        for step in collapsed:  # intervals the collapse detector flagged
+            ax.axvline(step, color="tab:red", linewidth=2.0, alpha=0.25)
+    ratio_ax.set_xlabel("step (red dashes: hardest negatives from here; red bands: collapse detected; "
+                        "grey lines: epochs)")
+    _mark_epochs((gap_ax, ratio_ax), _epoch_starts(steps))
+    return _save(figure, path, dpi)
+
+
 def plot_recall(run: Run, best: CheckpointInfo | None, path: Path, dpi: int) -> Path | None:
     """Recalls per test protocol and rsums by checkpoint step; None when nothing is evaluated."""
     evaluated = [c for c in run.evaluated() if c.step is not None]
@@ -571,6 +656,9 @@ CONFIG_HIGHLIGHTS = (
     ("optim", "learning_rate", "learning rate"),
     ("optim", "lr_decay_every_epochs", "lr decay every (epochs)"),
     ("optim", "warmup_epochs", "all-negatives warm-up (epochs)"),
+    ("optim", "warmup_steps", "all-negatives warm-up (steps)"),
+    ("optim", "margin", "hinge margin"),
+    ("monitoring", "collapse_intervals", "collapse detector (logging intervals, 0: off)"),
     ("distributed", "workers", "workers"),
     ("distributed", "use_gpu", "GPUs"),
     ("distributed", "precision", "precision"),
@@ -628,10 +716,60 @@ def _training_section(run: Run) -> list[str]:
     if run.is_s3:
         lines.append("- on s3:// the step log is uploaded at each checkpoint: steps after the last checkpoint "
                      "are not in it yet")
+    lines += _diagnostics_lines(steps)
     return lines
 
 
-def _best_section(best: CheckpointInfo | None, payload: dict[str, Any] | None, source: str) -> list[str]:
+def _diagnostics_lines(steps: StepSeries) -> list[str]:
+    """The summary's lines on the hard-negative diagnostics and the collapse detector."""
+    if not steps.has_diagnostics:
+        return []
+    last = int(steps.diagnostic_rows[-1])
+    d = {key: (float(column[last]) if np.isfinite(column[last]) else None) for key, column in steps.diagnostics.items()}
+    gaps = ", ".join(f"{direction} {_fmt(d[GAP_MEAN_FIELD.format(direction=direction)], 3)} / "
+                     f"{_fmt(d[GAP_P10_FIELD.format(direction=direction)], 3)}" for direction in DIRECTIONS)
+    active, remote = d[ACTIVE_FIELD], d[REMOTE_FIELD]
+    lines = [(f"- hard negatives, last logging interval (step {int(steps.step[last])}): gap positive - hardest "
+              f"negative (mean / 10th percentile) {gaps}; active hinges "
+              f"{_fmt(None if active is None else 100 * active, 1)} %; hardest negatives from other workers "
+              f"{_fmt(None if remote is None else 100 * remote, 1)} %")]
+    flagged = steps.step[steps.collapsed]
+    if flagged.size:
+        lines.append(f"- **collapse detected** (L_M at 2 x global batch x margin under hardest negatives) at "
+                     f"{flagged.size} logging interval(s), first at step {int(flagged[0])}, last at step "
+                     f"{int(flagged[-1])}: try a longer all-negatives warm-up or a lower learning rate "
+                     f"(docs/operations.md, \"Collapse\")")
+    else:
+        lines.append("- collapse detector: did not trip")
+    return lines
+
+
+def copy_qualitative_page(run: Run, best: CheckpointInfo | None, output: Path,
+                          storage_options: Mapping[str, Any] | None) -> str | None:
+    """Copy the best checkpoint's qualitative page (qualitative.md and its PNGs, trainer/qualitative.py)
+    into ``output``, so the report links it with the same relative paths; returns where it came
+    from, or None when the checkpoint has none (evaluated without eval.qualitative_queries, pruned)."""
+    stale = output / QUALITATIVE_DIR
+    if stale.is_dir():
+        shutil.rmtree(stale)  # an earlier report's figures: never show another checkpoint's
+    (output / QUALITATIVE_FILE).unlink(missing_ok=True)
+    if best is None or best.pruned:
+        return None
+    checkpoint = open_location(run.url, storage_options).child(best.name)
+    try:
+        page = checkpoint.read_bytes(QUALITATIVE_FILE)
+    except FileNotFoundError:
+        return None
+    figures = checkpoint.child(QUALITATIVE_DIR)
+    (output / QUALITATIVE_DIR).mkdir(parents=True, exist_ok=True)
+    for name in figures.list(".png"):
+        (output / QUALITATIVE_DIR / name).write_bytes(figures.read_bytes(name))
+    (output / QUALITATIVE_FILE).write_bytes(page)
+    return checkpoint.child_url(QUALITATIVE_FILE)
+
+
+def _best_section(best: CheckpointInfo | None, payload: dict[str, Any] | None, source: str,
+                  qualitative: str | None = None) -> list[str]:
     if payload is None:
         return ["No checkpoint with a dev rsum yet: no best checkpoint."]
     name = str(payload.get("checkpoint", best.name if best else "?")).rstrip("/").rsplit("/", 1)[-1]
@@ -673,9 +811,9 @@ def _checkpoints_section(run: Run, best: CheckpointInfo | None) -> list[str]:
 
 
 def write_summary(run: Run, best: CheckpointInfo | None, best_payload: dict[str, Any] | None, best_source: str,
-                  plots: Mapping[str, Path | None], path: Path) -> Path:
+                  plots: Mapping[str, Path | None], path: Path, qualitative: str | None = None) -> Path:
     titles = {LOSSES_PNG: "Losses and learning rate", THROUGHPUT_PNG: "Throughput and data wait",
-              RECALL_PNG: "Recall and rsum by checkpoint"}
+              DIAGNOSTICS_PNG: "Hard-negative diagnostics", RECALL_PNG: "Recall and rsum by checkpoint"}
     notes = list(run.notes)
     if run.config_value("eval", "enabled") is False:
         notes.append("evaluation is disabled in this run (`eval.enabled: false`)")
@@ -726,18 +864,26 @@ def make_report(run_dir: str, output: Path, storage_options: Mapping[str, Any] |
     run = read_run(run_dir, storage_options)
     output.mkdir(parents=True, exist_ok=True)
     best, best_payload, best_source = find_best(run)
-    plots: dict[str, Path | None] = {LOSSES_PNG: None, THROUGHPUT_PNG: None, RECALL_PNG: None}
+    plots: dict[str, Path | None] = {LOSSES_PNG: None, THROUGHPUT_PNG: None, DIAGNOSTICS_PNG: None, RECALL_PNG: None}
     if run.steps is not None and len(run.steps) > 0:
         plots[LOSSES_PNG] = plot_losses(run.steps, output / LOSSES_PNG, dpi)
         plots[THROUGHPUT_PNG] = plot_throughput(run.steps, output / THROUGHPUT_PNG, dpi)
+        margin = run.config_value("optim", "margin")
+        plots[DIAGNOSTICS_PNG] = plot_diagnostics(run.steps, float(margin) if _is_number(margin) else None,
+                                                  output / DIAGNOSTICS_PNG, dpi)
+        if plots[DIAGNOSTICS_PNG] is None:
+            run.notes.append(f"{TRAIN_LOG} has no hard-negative diagnostics (written before they existed): "
+                             "diagnostics plot not produced")
     plots[RECALL_PNG] = plot_recall(run, best, output / RECALL_PNG, dpi)
     for name, written in plots.items():
         stale = output / name
         if written is None and stale.exists():
             logger.info("removing %s from an earlier report", stale)
             stale.unlink()
-    summary = write_summary(run, best, best_payload, best_source, plots, output / SUMMARY_MD)
-    return [p for p in plots.values() if p is not None] + [summary]
+    qualitative = copy_qualitative_page(run, best, output, storage_options)
+    summary = write_summary(run, best, best_payload, best_source, plots, output / SUMMARY_MD, qualitative)
+    copied = [output / QUALITATIVE_FILE] if qualitative is not None else []
+    return [p for p in plots.values() if p is not None] + copied + [summary]
 
 
 def build_parser() -> argparse.ArgumentParser:

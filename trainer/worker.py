@@ -43,6 +43,15 @@ learning rate, data wait) and one JSON line per step to RUN_DIR/train_log.jsonl 
 loss_caption, loss, lr, samples_per_s, data_wait_s, step_time_s; global-batch values, so the
 numbers do not depend on the worker count). The means since the previous checkpoint and the
 reader's counters are reported to Ray with each checkpoint. Checkpoints: trainer/run_checkpoint.py.
+
+Hard-negative diagnostics (trainer/diagnostics.py): the loss also returns its per-anchor stats
+(gaps between positive and hardest-negative scores, active hinges, hardest negatives from other
+workers), kept on the device for a logging interval and gathered over the ranks once, at the
+logging step: they go to the progress line, to that step's train_log.jsonl line (gap_i2t_mean,
+gap_i2t_p10, gap_t2i_mean, gap_t2i_p10, active_hinge_ratio, remote_hardest_ratio, collapsed) and to
+the Ray metrics. The collapse detector (monitoring.collapse_intervals) watches the interval mean of
+L_M against 2 * global batch * margin under hardest negatives; when it trips, rank 0 logs a
+warning saying what to try and every rank sets vsrn_train_collapsed to 1.
 """
 
 from __future__ import annotations
@@ -63,12 +72,13 @@ import torch.distributed as dist
 
 from data_shards.reader import ReaderConfig, TrainBatch, TrainReader
 from data_shards.storage import open_location
-from model.loss import gathered_hardest_negative_loss
+from model.loss import HardNegativeStats, gathered_hardest_negative_loss
 from model.vocab import Vocabulary
 from model.vsrn import VSRN, VSRNConfig, VSRNOutput
 from monitoring.recorders import RayBackend, TrainingMetrics
 from trainer import allocator
 from trainer.config import OptimConfig, TrainConfig, config_from_dict
+from trainer.diagnostics import COLLAPSED_FIELD, CollapseDetector, HardNegativeInterval, HardNegativeSummary
 from trainer.failures import FATAL_ERRORS, fatal_training_error
 from trainer.run_checkpoint import (
     TrainState,
@@ -222,14 +232,17 @@ class Interval:
     data_wait: float = 0.0
     loss_matching: float = 0.0
     loss_caption: float = 0.0
+    hardest_steps: int = 0  # steps with hardest negatives (the collapse detector wants only those)
 
-    def add(self, samples: int, seconds: float, wait: float, matching: float, caption: float) -> None:
+    def add(self, samples: int, seconds: float, wait: float, matching: float, caption: float,
+            hardest: bool = False) -> None:
         self.steps += 1
         self.samples += samples
         self.seconds += seconds
         self.data_wait += wait
         self.loss_matching += matching
         self.loss_caption += caption
+        self.hardest_steps += int(hardest)
 
     def metrics(self) -> dict[str, float]:
         steps = max(self.steps, 1)
@@ -277,10 +290,24 @@ def training_loss(out: VSRNOutput, image_ids: torch.Tensor, cfg: TrainConfig, wo
     """
     matching = gathered_hardest_negative_loss(out.image_emb, out.caption_emb, image_ids,
                                               margin=cfg.optim.margin, max_violation=hardest)
+    return _total_loss(matching, out, cfg, world), matching
+
+
+def training_loss_with_stats(out: VSRNOutput, image_ids: torch.Tensor, cfg: TrainConfig, world: int,
+                             hardest: bool) -> tuple[torch.Tensor, torch.Tensor, HardNegativeStats]:
+    """:func:`training_loss` plus the loss's hard-negative stats of this rank's anchors (the same
+    loss and gradients: the stats are computed without autograd from the loss's own scores)."""
+    matching, stats = gathered_hardest_negative_loss(out.image_emb, out.caption_emb, image_ids,
+                                                     margin=cfg.optim.margin, max_violation=hardest,
+                                                     with_stats=True)
+    return _total_loss(matching, out, cfg, world), matching, stats
+
+
+def _total_loss(matching: torch.Tensor, out: VSRNOutput, cfg: TrainConfig, world: int) -> torch.Tensor:
     loss = matching * world
     if out.caption_loss is not None:
         loss = loss + cfg.model.caption_loss_weight * out.caption_loss.float()
-    return loss, matching
+    return loss
 
 
 def _global_losses(matching: torch.Tensor, caption: torch.Tensor | None, world: int) -> tuple[float, float]:
@@ -393,6 +420,9 @@ class _Loop:
         self.metrics = metrics
         self.interval = Interval()  # since the last progress line
         self.since_checkpoint = Interval()  # since the last checkpoint (reported to Ray with it)
+        self.hard_negatives = HardNegativeInterval()  # the loss's stats since the last progress line
+        self.collapse = CollapseDetector(cfg.optim.global_batch_size, cfg.optim.margin,
+                                         cfg.monitoring.collapse_intervals)
         self.device = next(engine.module.parameters()).device
 
     def run(self, first_epoch: int, start_batch: int, step: int) -> None:
@@ -416,10 +446,10 @@ class _Loop:
                 started = time.perf_counter()
                 wait = started - waited
                 hardest = hardest_negatives(cfg.optim, epoch, step)
-                matching, caption = self.train_step(batch, hardest)
+                matching, caption, stats = self.train_step(batch, hardest)
                 step += 1
                 seconds = time.perf_counter() - started
-                self.record(epoch, position, batches, step, lr, hardest, matching, caption, seconds, wait)
+                self.record(epoch, position, batches, step, lr, hardest, matching, caption, seconds, wait, stats)
 
                 if cfg.debug.fail_at_step == step and self.rank == cfg.debug.fail_rank:
                     _fail_once(self.run_dir, self.storage_options, step)
@@ -438,11 +468,11 @@ class _Loop:
                     return
             iterator.close()
 
-    def train_step(self, batch: TrainBatch, hardest: bool) -> tuple[float, float]:
+    def train_step(self, batch: TrainBatch, hardest: bool) -> tuple[float, float, HardNegativeStats]:
         cfg, engine = self.cfg, self.engine
         batch = batch.to(self.device, non_blocking=True)
         out = engine(batch.regions, batch.tokens, batch.lengths, batch.boxes)
-        loss, matching = training_loss(out, batch.image_ids, cfg, self.world, hardest)
+        loss, matching, stats = training_loss_with_stats(out, batch.image_ids, cfg, self.world, hardest)
         engine.backward(loss)
         engine.step()
         global_matching, global_caption = _global_losses(matching, out.caption_loss, self.world)
@@ -451,39 +481,79 @@ class _Loop:
                 self.metrics.record_losses({"matching": global_matching, "caption": global_caption,
                                             "total": global_matching + cfg.model.caption_loss_weight * global_caption})
             raise FloatingPointError(f"non-finite loss: L_M {global_matching}, L_G {global_caption}")
-        return global_matching, global_caption
+        return global_matching, global_caption, stats
 
     def record(self, epoch: int, position: int, batches: int, step: int, lr: float, hardest: bool,
-               matching: float, caption: float, seconds: float, wait: float) -> None:
+               matching: float, caption: float, seconds: float, wait: float,
+               stats: HardNegativeStats | None = None) -> None:
+        """Log one step. ``stats``: the loss's hard-negative stats of this rank for the step; when
+        given (always, in training), the step that closes a logging interval also summarizes them
+        over all ranks (a collective: every rank records every step) and runs the collapse detector."""
         cfg = self.cfg
         samples = cfg.optim.global_batch_size
         total = cfg.model.caption_loss_weight * caption + matching
-        self.interval.add(samples, seconds + wait, wait, matching, caption)
-        self.since_checkpoint.add(samples, seconds + wait, wait, matching, caption)
+        self.interval.add(samples, seconds + wait, wait, matching, caption, hardest)
+        self.since_checkpoint.add(samples, seconds + wait, wait, matching, caption, hardest)
+        closes_interval = step % cfg.logging.interval_steps == 0 or position + 1 == batches
+        summary: HardNegativeSummary | None = None
+        collapsed: bool | None = None
+        if stats is not None:
+            self.hard_negatives.add(stats)
+            if closes_interval:
+                summary = self.hard_negatives.summarize(self.world)
+                collapsed = self.check_collapse(step, summary)
         if self.step_log is not None:
-            self.step_log.append({
+            record: dict[str, Any] = {
                 "step": step, "epoch": epoch, "batch": position, "loss": total, "loss_matching": matching,
                 "loss_caption": caption, "lr": lr, "hardest_negatives": hardest,
                 "samples_per_s": samples / max(seconds + wait, 1e-9), "data_wait_s": wait, "step_time_s": seconds,
-                "time": time.time()})
+                "time": time.time()}
+            if summary is not None:
+                record.update(summary.log_fields())
+                record[COLLAPSED_FIELD] = bool(collapsed)
+            self.step_log.append(record)
         if self.metrics is not None:
             self.metrics.record_step(epoch=epoch, samples=cfg.per_worker_batch_size, learning_rate=lr,
                                      losses={"matching": matching, "caption": caption, "total": total},
                                      step_seconds=seconds, data_wait_seconds=wait)
-            if step % cfg.logging.interval_steps == 0 or position + 1 == batches:
+            if closes_interval:
                 self.metrics.record_reader_stats(self.reader.stats.as_dict())
                 if self.device.type == "cuda":
                     self.metrics.record_accelerator_memory(
                         torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
                         torch.cuda.max_memory_allocated(self.device))
-        if self.rank == 0 and (step % cfg.logging.interval_steps == 0 or position + 1 == batches):
+                if summary is not None:
+                    self.metrics.record_hard_negatives(
+                        gap_mean=summary.gap_mean, gap_p10=summary.gap_p10,
+                        active_hinge_ratio=summary.active_hinge_ratio,
+                        remote_hardest_ratio=summary.remote_hardest_ratio)
+                if collapsed is not None:
+                    self.metrics.record_collapse(collapsed)
+        if not closes_interval:
+            return
+        if self.rank == 0:
             iv = self.interval
             m = iv.metrics()
             log.info("epoch %d step %d (batch %d/%d)  L_M %.4f  L_G %.4f  lr %.2e  %.0f samples/s  "
-                     "data wait %.3fs/step (%.0f%%)  %s", epoch, step, position + 1, batches, m["loss_matching"],
+                     "data wait %.3fs/step (%.0f%%)  %s%s", epoch, step, position + 1, batches, m["loss_matching"],
                      m["loss_caption"], lr, m["samples_per_s"], m["data_wait_s"],
-                     100 * iv.data_wait / max(iv.seconds, 1e-9), "hardest negatives" if hardest else "all negatives")
-            self.interval = Interval()
+                     100 * iv.data_wait / max(iv.seconds, 1e-9), "hardest negatives" if hardest else "all negatives",
+                     "" if summary is None else "  " + summary.progress() + ("  COLLAPSED" if collapsed else ""))
+        self.interval = Interval()  # on every rank: the collapse detector reads it everywhere
+
+    def check_collapse(self, step: int, summary: HardNegativeSummary | None) -> bool:
+        """Feed the closing interval to the collapse detector; warn (rank 0) when it trips or clears.
+
+        Every rank runs it on the same global numbers, so all ranks agree on the state."""
+        iv = self.interval
+        mean_matching = iv.loss_matching / max(iv.steps, 1)
+        update = self.collapse.update(mean_matching, hardest_only=iv.steps > 0 and iv.hardest_steps == iv.steps)
+        if self.rank == 0 and update.started:
+            log.warning("%s", self.collapse.warning(step, mean_matching, summary))
+        elif self.rank == 0 and update.ended:
+            log.info("step %d: L_M (%.4g) has left the collapse level %.4g; the collapse warning no longer holds",
+                     step, mean_matching, self.collapse.level)
+        return update.collapsed
 
     def checkpoint(self, state: TrainState) -> None:
         if self.rank == 0:

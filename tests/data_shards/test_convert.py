@@ -363,3 +363,52 @@ def test_help_runs_from_repo_root() -> None:
     done = subprocess.run([sys.executable, "data_shards/convert.py", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0 and "--shard-size" in done.stdout
+
+
+def test_precomp_boxes_and_sizes_are_written_into_the_shards(tmp_path: Path, make_precomp: Any,
+                                                             read_output: Any) -> None:
+    # The companions some precomputed sets ship ({split}_ims_bbx.npy, {split}_ims_size.npy).
+    make_precomp(tmp_path / "precomp", "dev", 6)
+    boxes = np.random.default_rng(0).uniform(0, 50, size=(6, 4, 4)).astype(np.float32)
+    boxes[..., 2:] += 50
+    sizes = np.array([[100 + i, 80 + i] for i in range(6)])
+    np.save(tmp_path / "precomp" / "dev_ims_bbx.npy", boxes)
+    np.save(tmp_path / "precomp" / "dev_ims_size.npy", sizes)
+    out = tmp_path / "out"
+    assert _run("--precomp", tmp_path / "precomp", "--split", "dev", "--output", out, "--dtype", "float32") == 0
+    _, records = read_output(str(out))
+    for record, expected, size in zip(records, boxes, sizes):
+        assert np.array_equal(record.boxes, expected) and record.size == tuple(int(v) for v in size)
+    # A companion of the wrong shape is refused, naming it, before anything is written.
+    np.save(tmp_path / "precomp" / "dev_ims_size.npy", sizes[:5])
+    with pytest.raises(convert.ConversionError, match=r"dev_ims_size\.npy: shape \(5, 2\), expected \(6, 2\)"):
+        convert.plan_precomp(str(tmp_path / "precomp"), "dev", 10, "float32")
+
+
+def test_coco_ids_are_written_for_the_5k_test_split(tmp_path: Path, make_precomp: Any, read_output: Any,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.coco_annotations import coco_5k_test_ids
+
+    make_precomp(tmp_path / "precomp", "testall", 5000, regions=1, dim=2)
+    out = tmp_path / "out"
+    assert _run("--precomp", tmp_path / "precomp", "--split", "testall", "--coco-ids", "--output", out,
+                "--shard-size", "2000", "--dtype", "float32") == 0
+    manifest, records = read_output(str(out))
+    image_ids, caption_ids = coco_5k_test_ids()
+    assert [r.source_id for r in records] == [str(i) for i in image_ids]
+    assert [c for r in records for c in r.caption_ids] == [str(c) for c in caption_ids]
+    assert "coco_ids" in manifest.conversion and verify(str(out)).ok
+    # Without --coco-ids the same source is a different conversion (the ids are part of it).
+    assert _run("--precomp", tmp_path / "precomp", "--split", "testall", "--output", out,
+                "--shard-size", "2000", "--dtype", "float32") == 1
+    assert "different conversion" in capsys.readouterr().err
+
+    make_precomp(tmp_path / "small", "testall", 12)
+    assert _run("--precomp", tmp_path / "small", "--split", "testall", "--coco-ids", "--output", tmp_path / "o2") == 1
+    error = capsys.readouterr().err
+    assert "testall_ims.npy has 12 images" in error and "5000 images" in error
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+    with pytest.raises(SystemExit):
+        _run("--tsv", tmp_path / "x.tsv", "--karpathy", tmp_path / "k.json", "--split", "test", "--coco-ids",
+             "--output", tmp_path / "o3")
+    assert "--coco-ids applies to --precomp only" in capsys.readouterr().err

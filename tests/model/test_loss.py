@@ -263,3 +263,108 @@ def test_invalid_inputs_raise() -> None:
         hardest_negative_loss(images, captions, torch.tensor([0, 1, 2]))
     with pytest.raises(TypeError, match="integer"):
         hardest_negative_loss(images, captions, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hard-negative stats (with_stats=True)
+# --------------------------------------------------------------------------------------------------
+
+
+def loop_stats(
+    images: Tensor, captions: Tensor, image_ids: list[int], margin: float, max_violation: bool
+) -> dict[str, list[float] | float]:
+    """The stats by a plain loop: per query its best-scoring negative, gaps, hinge counts."""
+    n = images.shape[0]
+    gaps: dict[str, list[float]] = {"i2t": [], "t2i": []}
+    active = hinges = 0
+    for direction in ("i2t", "t2i"):
+        for q in range(n):
+            positive = float(images[q] @ captions[q])
+            negatives = [
+                float(images[q] @ captions[c]) if direction == "i2t" else float(images[c] @ captions[q])
+                for c in range(n)
+                if image_ids[c] != image_ids[q]
+            ]
+            if not negatives:
+                gaps[direction].append(float("nan"))
+                continue
+            gaps[direction].append(positive - max(negatives))
+            costs = [margin + s - positive for s in negatives]
+            if max_violation:
+                hinges += 1
+                active += max(costs) > 0
+            else:
+                hinges += len(costs)
+                active += sum(c > 0 for c in costs)
+    return {"gap_i2t": gaps["i2t"], "gap_t2i": gaps["t2i"], "active": float(active), "hinges": float(hinges)}
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_stats_leave_loss_and_gradients_unchanged(max_violation: bool) -> None:
+    images, captions = random_batch(9, 6, seed=4)
+    ids = torch.tensor([0, 1, 1, 2, 3, 4, 5, 5, 6])
+    plain = [t.clone().requires_grad_() for t in (images, captions)]
+    loss = hardest_negative_loss(*plain, ids, max_violation=max_violation)
+    loss.backward()
+    with_stats = [t.clone().requires_grad_() for t in (images, captions)]
+    loss_again, stats = hardest_negative_loss(*with_stats, ids, max_violation=max_violation, with_stats=True)
+    loss_again.backward()
+    assert torch.equal(loss_again.detach(), loss.detach())
+    for a, b in zip(plain, with_stats):
+        assert a.grad is not None and b.grad is not None and torch.equal(a.grad, b.grad)
+    assert not stats.gap_i2t.requires_grad and not stats.active_hinges.requires_grad
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_stats_match_loop(max_violation: bool) -> None:
+    images, captions = random_batch(10, 5, seed=3)
+    ids = [4, 7, 7, 1, 9, 4, 2, 2, 2, 8]
+    _, stats = hardest_negative_loss(
+        images, captions, torch.tensor(ids), margin=0.35, max_violation=max_violation, with_stats=True
+    )
+    expected = loop_stats(images, captions, ids, 0.35, max_violation)
+    torch.testing.assert_close(stats.gap_i2t, torch.tensor(expected["gap_i2t"], dtype=torch.float64))
+    torch.testing.assert_close(stats.gap_t2i, torch.tensor(expected["gap_t2i"], dtype=torch.float64))
+    assert stats.active_hinges.item() == expected["active"]
+    assert stats.hinges.item() == expected["hinges"]
+    assert 0 < expected["active"] < expected["hinges"]  # neither trivial case
+    assert stats.queries.item() == 2 * 10 and stats.remote_hardest.item() == 0  # one process: all local
+
+
+def test_stats_of_the_hand_case() -> None:
+    images, captions = hand_case()
+    _, stats = hardest_negative_loss(images, captions, with_stats=True)
+    # S = [[0.6, 0.8, 0], [0.8, 0.6, 0.6], [0, 0, 0.8]], d = [0.6, 0.6, 0.8]. Image rows: hardest
+    # captions 0.8, 0.8, 0.0; caption columns: hardest images 0.8, 0.8, 0.6.
+    torch.testing.assert_close(stats.gap_i2t, torch.tensor([-0.2, -0.2, 0.8], dtype=torch.float64))
+    torch.testing.assert_close(stats.gap_t2i, torch.tensor([-0.2, -0.2, 0.2], dtype=torch.float64))
+    # Hinges active where gap < margin 0.2: four of six (the t2i gap of exactly 0.2 costs 0).
+    assert stats.active_hinges.item() == 4 and stats.hinges.item() == 6
+
+
+def test_collapsed_embeddings_give_two_b_margin() -> None:
+    """All embeddings alike: every hinge equals the margin, so L_M = 2 * B * margin under hardest
+    negatives (one hinge per query and direction) and 2 * B * (B - 1) * margin under all negatives."""
+    batch = 16
+    same = F.normalize(torch.ones(batch, 8, dtype=torch.float64), dim=1)
+    hardest, stats = hardest_negative_loss(same, same, margin=0.2, with_stats=True)
+    torch.testing.assert_close(hardest, torch.tensor(2 * batch * 0.2, dtype=torch.float64))
+    assert stats.active_hinges.item() == stats.hinges.item() == 2 * batch
+    assert stats.gap_i2t.abs().max().item() < 1e-12
+    all_negatives, stats = hardest_negative_loss(same, same, margin=0.2, max_violation=False, with_stats=True)
+    torch.testing.assert_close(all_negatives, torch.tensor(2 * batch * (batch - 1) * 0.2, dtype=torch.float64))
+    assert stats.active_hinges.item() == stats.hinges.item() == 2 * batch * (batch - 1)
+
+
+def test_stats_without_negatives_are_nan_and_not_counted() -> None:
+    images, captions = random_batch(4, 3, seed=2)
+    _, stats = hardest_negative_loss(images, captions, torch.zeros(4, dtype=torch.int64), with_stats=True)
+    assert torch.isnan(stats.gap_i2t).all() and torch.isnan(stats.gap_t2i).all()
+    assert stats.queries.item() == 0 and stats.hinges.item() == 0 and stats.active_hinges.item() == 0
+
+
+def test_gathered_loss_without_a_process_group_gives_the_same_stats() -> None:
+    images, captions = random_batch(7, 4, seed=9)
+    loss, stats = gathered_hardest_negative_loss(images, captions, with_stats=True)
+    expected_loss, expected = hardest_negative_loss(images, captions, with_stats=True)
+    assert torch.equal(loss, expected_loss) and torch.equal(stats.gap_t2i, expected.gap_t2i)

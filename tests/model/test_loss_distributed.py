@@ -14,6 +14,7 @@ All ranks run every case in one spawn (starting processes dominates the run time
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -217,6 +218,17 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as error:
             results["uneven_error"] = str(error)
 
+        # Hard-negative stats of the cross-rank case (image 0's hardest caption is on rank 1).
+        stat_images, stat_captions = cross_rank_hardest_case()
+        stats_loss, stats = gathered_hardest_negative_loss(
+            rank_rows(stat_images, rank, WORLD),
+            rank_rows(stat_captions, rank, WORLD),
+            rank_rows(torch.arange(4), rank, WORLD),
+            with_stats=True,
+        )
+        # plain tensors: torch.load(weights_only=True) refuses other classes
+        results["stats"] = {"loss": stats_loss.detach(), **dataclasses.asdict(stats)}
+
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -343,3 +355,25 @@ def test_bf16_inputs_gathered_in_float32(rank_results: list[dict[str, Any]]) -> 
 def test_uneven_local_batches_raise_on_every_rank(rank_results: list[dict[str, Any]]) -> None:
     for result in rank_results:
         assert "same local (batch, dim, dtype size)" in result["uneven_error"]
+
+
+def test_stats_count_hardest_negatives_from_the_other_rank(rank_results: list[dict[str, Any]]) -> None:
+    images, captions = cross_rank_hardest_case()
+    expected_loss, expected = hardest_negative_loss(images, captions, torch.arange(4), with_stats=True)
+    per_rank = [result["stats"] for result in rank_results]
+    close(per_rank[0]["loss"] + per_rank[1]["loss"], expected_loss)  # stats change nothing
+    # Gaps and hinge counts: the ranks' anchors together are the single-process anchors.
+    close(torch.cat([r["gap_i2t"] for r in per_rank]), expected.gap_i2t)
+    close(torch.cat([r["gap_t2i"] for r in per_rank]), expected.gap_t2i)
+    assert sum(r["active_hinges"].item() for r in per_rank) == expected.active_hinges.item()
+    assert sum(r["queries"].item() for r in per_rank) == 8
+    # Remote: the query's hardest negative (by score, positives masked) lies in the other rank's
+    # half of the global batch (rows 0-1 on rank 0, rows 2-3 on rank 1).
+    remote = [0, 0]
+    for scores in (images @ captions.t(), captions @ images.t()):
+        hardest = scores.fill_diagonal_(float("-inf")).argmax(dim=1)
+        for query, candidate in enumerate(hardest.tolist()):
+            remote[query // 2] += candidate // 2 != query // 2
+    assert [r["remote_hardest"].item() for r in per_rank] == remote
+    assert remote[0] >= 1  # image 0's hardest caption (caption 2) is on rank 1
+    assert expected.remote_hardest.item() == 0  # one process: no other worker

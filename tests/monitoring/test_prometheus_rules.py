@@ -27,6 +27,7 @@ RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
 EXPECTED_ALERTS = {
     "VSRNTrainingStalled", "VSRNTrainingLossNaN", "VSRNTrainingLossExploding", "VSRNEvaluationFailing",
     "VSRNEvaluationLate", "VSRNRecallRegressed", "VSRNSkippedSamplesRising",
+    "VSRNTrainingCollapsed",  # issue 13: hard-negative collapse detector
 }
 SEVERITIES = {"critical", "warning"}
 SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"  # written by Ray's head

@@ -60,6 +60,9 @@ def test_training_and_evaluation_series_follow_the_contract(backend: PrometheusB
     train.record_checkpoint(1.5)
     train.record_checkpoint_failure()
     train.record_accelerator_memory(allocated=1 << 30, reserved=2 << 30, max_allocated=3 << 30)
+    train.record_hard_negatives(gap_mean={"i2t": 0.12, "t2i": 0.08}, gap_p10={"i2t": -0.05, "t2i": -0.11},
+                                active_hinge_ratio=0.75, remote_hardest_ratio=0.5)
+    train.record_collapse(True)
     evaluation = EvaluationMetrics(backend, run="r")
     before = time.time()
     evaluation.record_evaluation(PAYLOAD, best_rsum=250.0, seconds=12.0)
@@ -91,6 +94,11 @@ def test_training_and_evaluation_series_follow_the_contract(backend: PrometheusB
     assert value(parsed, "vsrn_train_checkpoint_save_duration_seconds_sum", **t) == 1.5
     assert value(parsed, "vsrn_train_checkpoint_failures_total", **t) == 1
     assert value(parsed, "vsrn_train_accelerator_memory_bytes", **t, kind="reserved") == 2 << 30
+    assert value(parsed, "vsrn_train_hardest_negative_gap", **t, direction="i2t", statistic="mean") == 0.12
+    assert value(parsed, "vsrn_train_hardest_negative_gap", **t, direction="t2i", statistic="p10") == -0.11
+    assert value(parsed, "vsrn_train_active_hinges_ratio", **t) == 0.75
+    assert value(parsed, "vsrn_train_remote_hardest_negatives_ratio", **t) == 0.5
+    assert value(parsed, "vsrn_train_collapsed", **t) == 1
 
     e = {"run": "r"}
     assert value(parsed, "vsrn_eval_recall_ratio", **e, split="dev", protocol="all", direction="i2t",
@@ -121,6 +129,8 @@ def test_counters_are_exported_at_zero_before_the_first_event(backend: Prometheu
     assert value(parsed, "vsrn_eval_failures_total", run="r") == 0
     assert value(parsed, "vsrn_train_checkpoint_failures_total", run="r", rank="0") == 0
     assert value(parsed, "vsrn_train_steps_total", run="r", rank="0") == 0
+    # not a counter, but exported from the start as well: "not collapsed" is a value, not a gap
+    assert value(parsed, "vsrn_train_collapsed", run="r", rank="0") == 0
 
 
 def test_a_nan_loss_is_exported_as_nan(backend: PrometheusBackend) -> None:

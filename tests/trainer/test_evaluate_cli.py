@@ -319,7 +319,7 @@ def test_checkpoint_mode_writes_metrics_beside_the_checkpoint(eval_data: EvalDat
     # The run's config.yaml supplies the eval settings (20 dev images, both protocols).
     metrics = json.loads((checkpoint / "metrics.json").read_text())
     expected = evaluate_checkpoint(str(checkpoint), str(eval_data.dev.shards), str(eval_data.test.shards),
-                                   EvalConfig(dev_images=RUN_DEV_IMAGES, batch_size=16))
+                                   EvalConfig(dev_images=RUN_DEV_IMAGES, batch_size=16, qualitative_queries=0))
     assert_same_payload(stable(metrics), stable(expected))
     assert list(metrics["test"]["all"]) == PINNED_KEYS
     best = json.loads((run / "best.json").read_text())
@@ -441,3 +441,48 @@ def test_watch_an_s3_run_with_the_environment(eval_data: EvalData, tmp_path: Pat
     best = json.loads(remote.read_text("best.json"))
     rsums = [json.loads(remote.read_text(f"{n}/metrics.json"))["dev_rsum"] for n in ("checkpoint_000001", "checkpoint_000002")]
     assert best["dev_rsum"] == max(rsums)
+
+
+# ----------------------------------------------------------------------------------------------
+# The annotated protocols eccv and cxc (tests/trainer/test_evaluation_eccv_cxc.py checks their
+# numbers against the eccv-caption package)
+
+
+def test_embeddings_eccv_and_cxc_with_ids(files: dict[str, Path], tmp_path: Path) -> None:
+    """The pinned keys on stdout and in the file; ids in the archive place rows in any order."""
+    from trainer.coco_annotations import coco_5k_test_ids
+    from trainer.evaluation import CXC_KEYS, ECCV_KEYS, evaluate_embeddings_protocols
+
+    images, captions = load_npz(files["a"])
+    image_ids, caption_ids = coco_5k_test_ids()
+    order = np.random.default_rng(1).permutation(images.shape[0])
+    rows = (5 * order[:, None] + np.arange(5)).reshape(-1)
+    shuffled = tmp_path / "shuffled.npz"
+    np.savez(shuffled, images=images[order], captions=captions[rows], image_ids=image_ids[order],
+             caption_ids=caption_ids[rows])
+    output = tmp_path / "metrics.json"
+    result = run_cli("--embeddings", shuffled, "--protocol", "eccv", "--protocol", "cxc", "--output", output)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(output.read_text())
+    assert list(metrics) == ["eccv", "cxc"]
+    assert list(metrics["eccv"]) == list(ECCV_KEYS) and list(metrics["cxc"]) == list(CXC_KEYS)
+    expected = evaluate_embeddings_protocols([(images, captions)], ["eccv", "cxc"])  # the standard order
+    for protocol in expected:
+        assert metrics[protocol] == pytest.approx(expected[protocol], abs=1e-9)
+    assert "mAP@R" in result.stdout and f"{metrics['eccv']['t2i_map_at_r']:.2f}" in result.stdout
+    assert f"{metrics['cxc']['i2t_r10']:.2f}" in result.stdout
+
+
+def test_eccv_and_cxc_bad_inputs(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--embeddings", str(files["small"]), "--protocol", "all", "--protocol", "cxc"]) == 2
+    error = capsys.readouterr().err
+    assert f"{files['small']}: protocol 'cxc'" in error and "image_ids" in error and "N=300" in error
+    images, captions = load_npz(files["small"])
+    only_captions = tmp_path / "only_captions.npz"
+    np.savez(only_captions, images=images, captions=captions, caption_ids=np.arange(1500))
+    assert main(["--embeddings", str(only_captions), "--protocol", "eccv"]) == 2
+    assert "has 'caption_ids' but no 'image_ids'" in capsys.readouterr().err
+    wrong = tmp_path / "wrong_ids.npz"
+    np.savez(wrong, images=images, captions=captions, image_ids=np.arange(299))
+    assert main(["--embeddings", str(wrong), "--protocol", "eccv"]) == 2
+    assert f"{wrong}: 'image_ids' has shape (299,), but 'images' has 300 rows" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from data_shards.storage import open_location
 from trainer import report
 from trainer.checkpoint_eval import evaluate_run, record_evaluated, results_table
 from trainer.config import TrainConfig, config_to_yaml
-from trainer.evaluation import evaluate_embeddings
+from trainer.evaluation import evaluate_embeddings, evaluate_embeddings_protocols
 from trainer.run_layout import (
     EVALUATIONS_FILE,
     TrainState,
@@ -234,8 +234,10 @@ def test_cli_reports_a_complete_run(full_run: Path, tmp_path: Path) -> None:
 
 
 def test_every_test_protocol_gets_a_recall_panel_and_a_column(tmp_path: Path) -> None:
-    """Payloads as the evaluator writes them on a 5000-image test split (1k-5fold with its folds),
-    recorded with its record sequence (record_evaluated: metrics.json, evaluations.jsonl, best.json)."""
+    """Payloads as the evaluator writes them on a 5000-image test split (1k-5fold with its folds; the
+    annotation protocols eccv and cxc, which have no rsum: rows in the best checkpoint's table, no
+    panel or column), recorded with its record sequence (record_evaluated: metrics.json,
+    evaluations.jsonl, best.json)."""
     run_dir = tmp_path / "run"
     config = run_config(None, "folds", ["1k-5fold", "all"])
     run_dir.mkdir()
@@ -251,7 +253,8 @@ def test_every_test_protocol_gets_a_recall_panel_and_a_column(tmp_path: Path) ->
                    "dev": evaluate_embeddings([(images[:100], captions[:500])], "all"),
                    # "all" on the first 1000 images only: 5000 x 25000 similarities take seconds
                    "test": {"1k-5fold": evaluate_embeddings([(images, captions)], "1k-5fold"),
-                            "all": evaluate_embeddings([(images[:1000], captions[:5000])], "all")},
+                            "all": evaluate_embeddings([(images[:1000], captions[:5000])], "all"),
+                            **evaluate_embeddings_protocols([(images, captions)], ["eccv", "cxc"])},
                    "skipped": {}, "data": {"dev": "d", "dev_images": 100, "test": "t", "test_images": 5000}}
         payload["dev_rsum"] = payload["dev"]["rsum"]
         record_evaluated(str(directory), payload, str(run_dir))
@@ -262,7 +265,9 @@ def test_every_test_protocol_gets_a_recall_panel_and_a_column(tmp_path: Path) ->
     summary = (output / "summary.md").read_text()
     assert json.loads((run_dir / "best.json").read_text())["step"] == 10
     assert results_table(metrics_of(run_dir, 10)) in summary and "  fold 4" in summary
+    assert "mAP@R" in results_table(metrics_of(run_dir, 10))  # the ECCV Caption rows are in that table
     rows = checkpoint_rows(summary)
+    assert not any("eccv" in column or "cxc" in column for column in rows[checkpoint_dir_name(10)])
     for step in (10, 20):
         metrics = metrics_of(run_dir, step)
         row = rows[checkpoint_dir_name(step)]
