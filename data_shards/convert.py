@@ -363,6 +363,8 @@ def _check_repeated_rows(ims: np.ndarray, path: str, images: int, rows_per_image
 
 def _precomp_records(source: PrecompSource, shard: PrecompShard, dtype: str) -> Iterator[ImageRecord]:
     ims = _open_ims(source.ims_path)  # memory-mapped: one image is read at a time
+    boxes = np.load(source.boxes_path, mmap_mode="r") if source.boxes_path is not None else None
+    sizes = np.load(source.sizes_path, mmap_mode="r") if source.sizes_path is not None else None
     with open(source.caps_path, "rb") as caps:
         caps.seek(shard.caption_offset)
         for index in range(shard.start, shard.stop):

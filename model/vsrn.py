@@ -368,18 +368,27 @@ class ImageEncoder(nn.Module):
         self.gsr = nn.GRU(d, d, batch_first=True) if config.aggregation == "gsr" else None
         self.final_norm = FP32BatchNorm1d(d) if config.final_batchnorm else None
 
+    def reason(self, regions: Tensor) -> Tensor:
+        """The reasoned region features V* (B, regions, D) as the global reasoning reads them: fc,
+        the RRR layers and the normalization, in the order the regions are given.
+
+        Every step is permutation-equivariant over regions, so V* of the stored order is V* of
+        any order, permuted: model/interpret.py relies on this to report regions in stored order.
+        """
+        v = self.fc(regions.to(self.fc.weight.dtype))
+        if self.config.norm_after_fc:
+            v = normalize_regions(v, self.config.region_norm)
+        for layer in self.reasoning:
+            v = layer(v)
+        return normalize_regions(v, self.config.region_norm)
+
     def forward(self, regions: Tensor, boxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (image_emb (B, D), reasoned region features (B, regions, D))."""
+        """Returns (image_emb (B, D), reasoned region features (B, regions, D) in the order the
+        GRU read them: `config.region_order`)."""
         if regions.dim() != 3 or regions.shape[-1] != self.config.img_dim:
             raise ValueError(f"regions must be (batch, regions, {self.config.img_dim}), got {tuple(regions.shape)}")
         cfg = self.config
-        regions = order_regions(regions.to(self.fc.weight.dtype), cfg.region_order, boxes)
-        v = self.fc(regions)
-        if cfg.norm_after_fc:
-            v = normalize_regions(v, cfg.region_norm)
-        for layer in self.reasoning:
-            v = layer(v)
-        v = normalize_regions(v, cfg.region_norm)
+        v = self.reason(order_regions(regions, cfg.region_order, boxes))
         if self.gsr is not None:
             _, hidden = run_gru(self.gsr, v)  # zero initial memory; the final memory m_k is the image
             image = hidden[-1]

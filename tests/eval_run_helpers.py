@@ -13,6 +13,8 @@ features are Gaussian: no two similarities tie, so independently computed embedd
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from model.vsrn import VSRN, VSRNConfig
 from trainer.config import EvalConfig, TrainConfig, config_to_yaml
 from trainer.evaluation import evaluate_embeddings
 
+ROOT = Path(__file__).resolve().parents[1]
 REGIONS, FEATURES = 4, 8
 DEV_IMAGES = 20  # of the 30 dev images of build_eval_data: the subset ends inside the second shard of 16
 PINNED_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
@@ -101,6 +104,7 @@ def write_run_config(run_dir: Path, dev: str, test: str, protocols: list[str], d
     config.eval.test_protocols = protocols
     config.eval.dev_images = dev_images
     config.eval.batch_size = 16
+    config.eval.qualitative_queries = 0  # see eval_config
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
 
@@ -133,7 +137,9 @@ def ranked_models(data: EvalData) -> list[VSRN]:
 
 
 def eval_config(**changes: Any) -> EvalConfig:
-    base = {"test_protocols": ["1k-5fold", "all"], "dev_images": DEV_IMAGES, "batch_size": 16}
+    # No qualitative pages unless a test asks (tests/trainer/test_qualitative.py): they cost figures.
+    base = {"test_protocols": ["1k-5fold", "all"], "dev_images": DEV_IMAGES, "batch_size": 16,
+            "qualitative_queries": 0}
     return EvalConfig(**{**base, **changes})
 
 
@@ -158,3 +164,47 @@ def make_run(root: Path, data: EvalData, models: list[VSRN], corrupt: int | None
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class PictureSplit:
+    """A split of the synthetic world with boxes, sizes and drawn images (data_shards/synthetic.py)."""
+
+    shards: Path
+    images: Path  # <key>.png per image
+    captions: list[str]
+    vocab: Vocabulary
+
+
+def write_picture_split(root: Path, images: int = 12, seed: int = 2) -> PictureSplit:
+    """``images`` synthetic test images of REGIONS regions x FEATURES features, converted with their
+    boxes and sizes, and drawn; a vocabulary of their captions."""
+    from data_shards.format import sample_key
+    from data_shards.synthetic import (
+        scene_layout,
+        write_precomp_split,
+        write_scene_images,
+    )
+
+    precomp = root / "picture_precomp"
+    write_precomp_split(precomp, "test", images, regions=REGIONS, feature_dim=FEATURES, seed=seed)
+    shards = root / "picture_shards"
+    convert(plan_precomp(str(precomp), "test", 5, "float32"), str(shards), {}, "float32")
+    pictures = root / "pictures"
+    write_scene_images(pictures, scene_layout(images, seed=seed), (sample_key("test", i) for i in range(images)))
+    captions = (precomp / "test_caps.txt").read_text(encoding="utf-8").splitlines()
+    return PictureSplit(shards=shards, images=pictures, captions=captions, vocab=build_vocab(captions, threshold=1))
+
+
+def make_caption_model(vocab: Vocabulary, seed: int) -> VSRN:
+    """A tiny VSRN with the caption generator (L_G) and seeded random weights."""
+    torch.manual_seed(seed)
+    config = VSRNConfig(img_dim=FEATURES, embed_size=16, word_dim=8, vocab_size=len(vocab), num_reasoning_layers=1,
+                        caption_hidden=12, caption_word_dim=6, max_caption_len=12)
+    return VSRN(config).eval()
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python trainer/<script> args...`` from the repository root, as users run the CLIs."""
+    return subprocess.run([sys.executable, f"trainer/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=300)

@@ -252,7 +252,11 @@ def evaluate_checkpoint(
     loader_workers: int = 0,
     region_order: str = "stored",
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint; returns the ``metrics.json`` payload (nothing is written).
+    """Evaluate one checkpoint; returns the ``metrics.json`` payload.
+
+    Nothing is written but the qualitative page (``eval_config.qualitative_queries`` > 0 and test
+    shards given: trainer/qualitative.py, beside the checkpoint; the payload's ``"qualitative"``
+    names it, or is None when it could not be written).
 
     Args:
         checkpoint: a run checkpoint directory (local or ``s3://``) holding ``inference/`` and

@@ -169,7 +169,7 @@ class LoggingConfig:
 
 @dataclass
 class MonitoringConfig:
-    """Prometheus metrics (monitoring/metrics.py lists them)."""
+    """Prometheus metrics (monitoring/metrics.py lists them) and the training health checks."""
 
     # Record the training and evaluation metrics through ray.util.metrics.
     enabled: bool = True

@@ -8,7 +8,9 @@ vocabulary are, plus what the model must agree with (feature shape, vocabulary s
   bytes, so a different configuration gets its own directory and an unchanged one is reused:
 
       precomp/{train,dev,test}_ims.npy, {split}_caps.txt   the standard precomputed layout
-      shards/{train,dev,test}/                              WebDataset shards + manifest.json
+               {split}_ims_bbx.npy, {split}_ims_size.npy  region boxes and image sizes
+      shards/{train,dev,test}/                              WebDataset shards (with boxes and sizes)
+      images/{dev,test}/<key>.png                           the images drawn (trainer/explain.py --image)
       vocab.json                                           model/vocab.py, from the train captions
 
   Features are sharded as float32: the synthetic sets are small, and float32 keeps them bit-exact
@@ -39,17 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from data_shards.convert import convert, plan_precomp
-from data_shards.format import MANIFEST_NAME, Manifest
+from data_shards.format import MANIFEST_NAME, Manifest, sample_key
 from data_shards.shard_reader import ShardStream, open_shard, shard_files
 from data_shards.split import read_split
 from data_shards.storage import is_s3_url, open_location, s3_storage_options
-from data_shards.synthetic import write_precomp_split
+from data_shards.synthetic import scene_layout, write_precomp_split, write_scene_images
 from model.vocab import Vocabulary, build_vocab
 from trainer.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_FORMAT = 1  # bump when the cache layout or the generation changes
+SYNTHETIC_FORMAT = 2  # bump when the cache layout or the generation changes (2: boxes, sizes, images)
+SYNTHETIC_RENDERED_SPLITS = ("dev", "test")  # drawn as PNGs: the splits explanations look at
 SYNTHETIC_DTYPE = "float32"
 SYNTHETIC_SEEDS = {"train": 0, "dev": 1, "test": 2}  # one world (world_seed), three draws of images
 SYNTHETIC_WORLD_SEED = 1234
@@ -163,6 +166,10 @@ def _build_synthetic(data: DataConfig, final: Path) -> None:
             plan = plan_precomp(str(precomp), split, params["shard_sizes"][split], SYNTHETIC_DTYPE)
             with _quiet("data_shards.convert"):  # it logs every shard at INFO
                 convert(plan, str(staging / "shards" / split), {}, SYNTHETIC_DTYPE, workers=1)
+            if split in SYNTHETIC_RENDERED_SPLITS:
+                layout = scene_layout(images, SYNTHETIC_SEEDS[split], SYNTHETIC_WORLD_SEED)
+                write_scene_images(staging / "images" / split, layout,
+                                   (sample_key(split, i) for i in range(images)))
         captions = (precomp / "train_caps.txt").read_text(encoding="utf-8").splitlines()
         build_vocab(captions, data.vocab_threshold).save_json(staging / VOCAB_FILE)
         (staging / "parameters.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")

@@ -414,6 +414,11 @@ class _SimilaritySource:
         """Score of every caption j with its own image j // 5, shape ``(5N,)``."""
         raise NotImplementedError
 
+    def pair_scores(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        """Scores of the pairs (``images[p]``, ``captions[p]``) (index tensors on the device),
+        computed as :meth:`positive_scores` computes its pairs."""
+        raise NotImplementedError
+
     def restrict(self, image_start: int, image_stop: int) -> _SimilaritySource:
         """The same source limited to images ``image_start:image_stop`` and their captions."""
         raise NotImplementedError
@@ -445,6 +450,16 @@ class _EmbeddingSimilarities(_SimilaritySource):
             # One (1 x D) @ (D x 5) product per image: N x 5 x D work, no (5N, D) temporary.
             grouped = captions.reshape(self.num_images, CAPTIONS_PER_IMAGE, -1)
             scores = torch.einsum("nd,nkd->nk", images, grouped).reshape(-1)
+            total = scores if total is None else total.add_(scores)
+        assert total is not None
+        if self.num_members > 1:
+            total /= self.num_members
+        return total
+
+    def pair_scores(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        total = None
+        for image_embeddings, caption_embeddings in self.members:
+            scores = (image_embeddings[images] * caption_embeddings[captions]).sum(dim=1)
             total = scores if total is None else total.add_(scores)
         assert total is not None
         if self.num_members > 1:
@@ -502,6 +517,10 @@ class _PrecomputedSimilarities(_SimilaritySource):
         captions = torch.arange(self.num_captions)
         images = captions // CAPTIONS_PER_IMAGE
         out = torch.empty(self.num_captions, dtype=self.dtype, device=self.device)
+        return self._average(lambda sims: sims[images.to(sims.device), captions.to(sims.device)], out)
+
+    def pair_scores(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(images.shape[0], dtype=self.dtype, device=self.device)
         return self._average(lambda sims: sims[images.to(sims.device), captions.to(sims.device)], out)
 
     def restrict(self, image_start: int, image_stop: int) -> _PrecomputedSimilarities:
@@ -634,19 +653,24 @@ def _ieee_float32_matmul() -> Iterator[None]:
 
 
 
+# Public name for the tools that score queries the evaluator's way (trainer/retrieval.py).
+full_float32_matmul = _ieee_float32_matmul
+
+
 def choose_block_size(
     num_candidates: int,
     dtype: torch.dtype = torch.float32,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    buffers: int = 3,
 ) -> int:
     """How many image queries to score at once so that the working set fits the budget.
 
     Per query the working set holds its scores against all candidates, the same again for the
     comparison results, and room for one transient of that size (an ensemble member's product,
-    or a converted slice of a similarity matrix).
+    or a converted slice of a similarity matrix): ``buffers`` = 3 rows of scores per query.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    bytes_per_query = num_candidates * 3 * itemsize
+    bytes_per_query = num_candidates * buffers * itemsize
     return max(1, int(memory_budget_bytes // bytes_per_query))
 
 
@@ -654,6 +678,7 @@ def _all_ranks(
     source: _SimilaritySource,
     block_size: int | None,
     memory_budget_bytes: int,
+    observers: Sequence[_BlockObserver] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """0-based i2t ranks (one per image) and t2i ranks (one per caption) of ``source``.
 
@@ -678,11 +703,15 @@ def _all_ranks(
     in the last bit; the caption's own image is therefore never counted against itself, and only
     another image scoring within float rounding of the positive could be counted either way, as
     in any floating-point implementation (the reference's numpy loop included).
+
+    ``observers`` see every block of scores before it is overwritten (the annotated protocols
+    collect their top scores from it), so that they cost no matrix product of their own.
     """
     num_images, num_captions = source.num_images, source.num_captions
     device, dtype = source.device, source.dtype
     if block_size is None:
-        block_size = choose_block_size(num_captions, dtype, memory_budget_bytes)
+        # Observers hold about one more block (top-k and gathered copies) besides the three.
+        block_size = choose_block_size(num_captions, dtype, memory_budget_bytes, 4 if observers else 3)
     elif block_size < 1:
         raise EvaluationInputError(f"block_size must be >= 1, got {block_size}")
     block_size = min(block_size, num_images)
@@ -708,6 +737,8 @@ def _all_ranks(
         source.image_query_scores(start, stop, out=scores)
         # Checked per block, not only on the inputs: products of finite embeddings can overflow.
         _check_finite(scores, f"similarity scores of images {start}:{stop}")
+        for observer in observers:
+            observer.observe(start, stop, scores)
 
         own_columns = CAPTIONS_PER_IMAGE * torch.arange(start, stop, device=device)[:, None] + caption_offsets
         own_scores = scores.gather(1, own_columns)  # (B, 5): each image with its own captions

@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ from trainer.run_layout import (
     ERROR_FILE,
     EVALUATIONS_FILE,
     METRICS_FILE,
+    QUALITATIVE_DIR,
+    QUALITATIVE_FILE,
     TRAIN_LOG,
     list_checkpoints,
     load_best,
@@ -284,6 +287,9 @@ def read_step_log(run: Location) -> StepSeries | None:
             if key not in record:
                 raise ReportInputError(f"{where} line {number}: no {key!r} field")
             if not _is_number(record[key]):
+                raise ReportInputError(f"{where} line {number}: {key!r} is {record[key]!r}, not a finite number")
+        for key in LOG_FIELDS:  # optional: only on the steps that close a logging interval; null: nothing counted
+            if record.get(key) is not None and not _is_number(record[key]):
                 raise ReportInputError(f"{where} line {number}: {key!r} is {record[key]!r}, not a finite number")
         step = int(record["step"])
         if step in by_step:  # StepLog truncates replayed steps on resume; keep the newer line if not
@@ -778,6 +784,11 @@ def _best_section(best: CheckpointInfo | None, payload: dict[str, Any] | None, s
              "```text", results_table(payload), "```"]
     for protocol, reason in (payload.get("skipped") or {}).items():
         lines.append(f"- test protocol `{protocol}` skipped: {reason}")
+    if qualitative is not None:
+        lines += ["", f"Qualitative results (top-3 retrievals and attention maps of fixed test queries): "
+                      f"[{QUALITATIVE_FILE}]({QUALITATIVE_FILE}), copied from `{qualitative}`."]
+    else:
+        lines += ["", "No qualitative page for this checkpoint (`eval.qualitative_queries` 0, or not written)."]
     return lines
 
 
@@ -836,7 +847,7 @@ def write_summary(run: Run, best: CheckpointInfo | None, best_payload: dict[str,
         lines += ["## Missing or incomplete", ""] + [f"- {note}" for note in notes] + [""]
     lines += ["## Configuration", "", f"From `{CONFIG_YAML}` (the resolved configuration of the run).", ""]
     lines += _config_section(run) + ["", "## Training", ""] + _training_section(run)
-    lines += ["", "## Best checkpoint", ""] + _best_section(best, best_payload, best_source)
+    lines += ["", "## Best checkpoint", ""] + _best_section(best, best_payload, best_source, qualitative)
     lines += ["", "## Checkpoints", ""] + _checkpoints_section(run, best)
     lines += ["", "## Plots", ""]
     for name, written in plots.items():

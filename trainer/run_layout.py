@@ -19,6 +19,9 @@ spelled here, and every reader and writer of those files asks this module:
       deepspeed/           the engine checkpoint of all ranks
       inference/           model/checkpoint.py's inference format
       metrics.json         the evaluator's result (`record_result`)
+      qualitative.md       top-3 retrievals and attention maps of fixed test queries, with its
+      qualitative/         PNGs (trainer/qualitative.py; eval.qualitative_queries)
+      gallery/             cached embeddings of splits (trainer/retrieval.py; safe to delete)
       eval_error.json      instead of metrics.json when evaluating failed (`record_failure`)
 
 The retention policy (which checkpoints to delete) is here too (`checkpoints_to_prune`), not in
@@ -94,6 +97,9 @@ TRAIN_STATE_FILE = "train_state.json"
 DEEPSPEED_DIR = "deepspeed"
 INFERENCE_DIR = "inference"
 METRICS_FILE = "metrics.json"
+QUALITATIVE_FILE = "qualitative.md"
+QUALITATIVE_DIR = "qualitative"
+GALLERY_DIR = "gallery"
 ERROR_FILE = "eval_error.json"
 
 

@@ -69,22 +69,13 @@ def test_s3_storage_filesystem_gets_the_endpoint() -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(
-        ray_local: Any, tmp_path: Path) -> None:
-    # Attach to the session's Ray (2 CPUs) through RAY_ADDRESS, as under `ray job submit`: starting
-    # another local Ray would cost ~15 s. 2 workers x 0.75 CPU + the evaluator's 0.5 CPU.
-    address = ray_local.get_runtime_context().gcs_address
-    result = launch(
-        "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"checkpoint.storage_path={tmp_path / 'runs'}",
-        "--set", "checkpoint.run_name=e2e", "--set", "distributed.cpus_per_worker=0.75", "--set", "eval.cpus=0.5",
-        "--set", "data.synthetic_train_images=200", "--set", "optim.epochs=4", "--set", "optim.warmup_epochs=1",
-        "--set", "optim.lr_decay_every_epochs=3", "--set", "checkpoint.keep_last=2",
-        env={"RAY_ADDRESS": address})
+def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(embedded_default_run: Any) -> None:
+    # The embedded default (configs/tiny.yaml), trained once per session (tests/trainer/conftest.py).
+    result, run_dir = embedded_default_run.result, embedded_default_run.run_dir
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     lines = result.stdout.strip().splitlines()
     summary = json.loads(lines[-1])  # pinned: the last line is one JSON object
-    run_dir = tmp_path / "runs" / "e2e"
-    assert summary["run_dir"] == str(run_dir) and summary["run_name"] == "e2e"
+    assert summary["run_dir"] == str(run_dir) and summary["run_name"] == "embedded"
     assert any(line.startswith("protocol") and "R@1" in line for line in lines)
 
     best = summary["best"]
@@ -93,18 +84,18 @@ def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(
     # 100 held-out test images: chance is R@1 1 %, R@10 10 %, rsum ~32. Far above that:
     assert metrics["rsum"] > 150 and metrics["i2t_r10"] > 30 and metrics["t2i_r10"] > 30, metrics
 
-    # One checkpoint per epoch (30 steps each); the evaluator scored every one; pruning kept the
-    # newest two and the best.
+    # One checkpoint per epoch (62 steps each: 400 images x 5 captions / 32); the evaluator scored
+    # every one; pruning kept the newest two and the best.
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     names = [p.name for p in checkpoints]
-    assert names[-2:] == ["checkpoint_000000090", "checkpoint_000000120"] and len(names) <= 3
+    assert names[-2:] == ["checkpoint_000000310", "checkpoint_000000372"] and len(names) <= 3
     assert Path(best["checkpoint"]).name in names
     for checkpoint in checkpoints:
         payload = json.loads((checkpoint / "metrics.json").read_text())
         assert payload["dev_rsum"] > 0 and "all" in payload["test"]
     # The evaluation history keeps every evaluated checkpoint, the pruned ones too (once each).
     history = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
-    assert sorted(line["step"] for line in history) == [30, 60, 90, 120]
+    assert sorted(line["step"] for line in history) == [62, 124, 186, 248, 310, 372]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "train_log.jsonl").is_file()
     config = load_config(run_dir / "config.yaml")  # the resolved configuration, with the data it used
     assert config.data.train.endswith("shards/train") and config.model.vocab_size < 200

@@ -182,7 +182,8 @@ def test_cli_reports_a_complete_run(full_run: Path, tmp_path: Path) -> None:
     output = tmp_path / "report"
     result = run_cli(str(full_run), output)
     assert result.returncode == 0, result.stderr[-3000:]
-    written = [output / name for name in ("losses.png", "throughput.png", "recall.png", "summary.md")]
+    # The best checkpoint's qualitative page (written by its evaluation) is copied beside the summary.
+    written = [output / name for name in ("losses.png", "throughput.png", "recall.png", "qualitative.md", "summary.md")]
     assert result.stdout.split() == [str(path) for path in written]  # the CLI prints the files, nothing else
 
     width, height = (round(v * 100) for v in report.FIGSIZE)  # dpi 100 by default
@@ -190,9 +191,10 @@ def test_cli_reports_a_complete_run(full_run: Path, tmp_path: Path) -> None:
     assert_png(written[1], width, height)
     assert_png(written[2], width, round(2.6 * 2 * 100))  # one test protocol with metrics ("all") + rsum
 
-    summary = written[3].read_text()
+    summary = written[4].read_text()
     best = json.loads((full_run / "best.json").read_text())
     best_name = Path(best["checkpoint"]).name
+    assert f"[qualitative.md](qualitative.md), copied from `{full_run / best_name / 'qualitative.md'}`" in summary
     # The best is what the evaluator recorded, and it is the highest dev rsum of the run.
     assert best["dev_rsum"] == max(metrics_of(full_run, s)["dev_rsum"] for s in (10, 20, 30))
     assert f"`{best_name}` (step {best['step']}, epoch {best['epoch']}): dev rsum **{best['dev_rsum']:.2f}**" \
