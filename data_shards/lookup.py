@@ -1,10 +1,10 @@
 """Looking things up in a split by sample key: what the interpretation and retrieval tools need.
 
-* :func:`split_index`: every image's key, captions and source id in source order (the order the
-  evaluation reader yields), reading only the small `captions.json` and `meta.json` members of each
-  shard (the features stream past without being decoded).
+* :class:`SplitIndex`: the images' keys and captions in source order (as an encoding of the split
+  lists them, trainer/checkpoint_eval.encode_split), and the position of a key.
 * :func:`read_records`: the full records (features, boxes, size, captions) of a few keys, reading
   shards in manifest order and stopping once every key is found.
+* :func:`manifest_digest`: what identifies a split's content (caches key on it).
 
 Unknown keys are an error naming them and the split.
 """
@@ -12,19 +12,14 @@ Unknown keys are an error naming them and the split.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from webdataset.tariterators import group_by_keys
-
-from data_shards.format import MANIFEST_NAME, ImageRecord, ShardFormatError
-from data_shards.shard_reader import ShardReader, ShardStream, open_shard, shard_files
+from data_shards.format import MANIFEST_NAME, ImageRecord
+from data_shards.shard_reader import ShardReader
 from data_shards.split import SplitSpec, read_split
 from data_shards.storage import open_location
-
-_INDEX_MEMBERS = ("captions.json", "meta.json")
 
 
 class UnknownKeyError(KeyError):
@@ -36,13 +31,17 @@ class UnknownKeyError(KeyError):
 
 @dataclass(frozen=True)
 class SplitIndex:
-    """The images of a split in source order: keys, captions and source ids."""
+    """The images of a split in source order: keys and captions."""
 
     location: str
     keys: tuple[str, ...]
     captions: tuple[tuple[str, ...], ...]  # each image's captions in stored order
-    source_ids: tuple[str | None, ...]
-    manifest_sha256: str  # identifies the split's content (caches key on it)
+
+    @classmethod
+    def from_listing(cls, location: str, listing: Sequence[tuple[str, Sequence[str]]]) -> SplitIndex:
+        """From ``(key, captions)`` per image, in source order."""
+        return cls(location=location, keys=tuple(key for key, _ in listing),
+                   captions=tuple(tuple(captions) for _, captions in listing))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -75,34 +74,6 @@ class SplitIndex:
 def manifest_digest(location: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """sha256 of the split's manifest.json (which lists every shard's sha256)."""
     return hashlib.sha256(open_location(location, storage_options).read_bytes(MANIFEST_NAME)).hexdigest()
-
-
-def split_index(location: str, storage_options: Mapping[str, Any] | None = None) -> SplitIndex:
-    """Keys, captions and source ids of every image of the split at `location`, in source order."""
-    spec = read_split(location, storage_options=storage_options)
-    keys: list[str] = []
-    captions: list[tuple[str, ...]] = []
-    source_ids: list[str | None] = []
-    for shard in spec.shards:
-        with open_shard(shard.url, spec.storage_options) as raw:
-            stream = ShardStream(raw, shard.url, hashing=False)
-            files = shard_files(stream, shard.url, lambda name: name.endswith(_INDEX_MEMBERS))
-            for sample in group_by_keys(files):
-                key = sample["__key__"]
-                try:
-                    texts = json.loads(sample["captions.json"])
-                    meta = json.loads(sample["meta.json"])
-                except (KeyError, ValueError) as error:
-                    raise ShardFormatError(f"{shard.url}: sample {key}: unreadable captions.json or "
-                                           f"meta.json ({error!r})") from error
-                keys.append(key)
-                captions.append(tuple(str(t) for t in texts))
-                sid = meta.get("source_id") if isinstance(meta, dict) else None
-                source_ids.append(None if sid is None else str(sid))
-    if len(keys) != spec.images:
-        raise ShardFormatError(f"{spec.location}: read {len(keys)} samples, the manifest lists {spec.images}")
-    return SplitIndex(location=spec.location, keys=tuple(keys), captions=tuple(captions),
-                      source_ids=tuple(source_ids), manifest_sha256=manifest_digest(location, storage_options))
 
 
 def read_records(location: str | SplitSpec, keys: Iterable[str],

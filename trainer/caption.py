@@ -27,12 +27,12 @@ import torch
 
 from data_shards.format import ImageRecord, ShardFormatError
 from data_shards.lookup import UnknownKeyError, read_records
-from data_shards.regions import region_index
 from model.checkpoint import CheckpointError
 from model.vocab import Vocabulary
 from model.vsrn import END_ID, PAD_ID, VSRN
 from trainer.inference import (
     add_checkpoint_arguments,
+    feed_order,
     load_checkpoint,
     run_region_order,
     storage_options_of,
@@ -52,8 +52,7 @@ def generate(model: VSRN, vocab: Vocabulary, record: ImageRecord, region_order: 
              device: str | torch.device = "cpu") -> dict[str, Any]:
     """One record's greedy caption, its words and the attention over regions (stored order) per word."""
     regions = np.asarray(record.regions, dtype=np.float32)
-    index = region_index(record.boxes, regions.shape[0], region_order,  # type: ignore[arg-type]
-                         np.random.default_rng(0) if region_order == "random" else None)
+    index = feed_order(record, region_order)
     boxes = record.boxes
     if index is not None:
         regions = regions[index]

@@ -30,8 +30,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -41,10 +40,6 @@ import yaml
 from data_shards.reader import EvalReader, ReaderConfig, load_split
 from data_shards.storage import Location, open_location
 from model.checkpoint import (
-    CONFIG_FILE,
-    VOCAB_FILE,
-    WEIGHTS_FILE,
-    CheckpointError,
     load_inference_checkpoint,
 )
 from model.vocab import Vocabulary
@@ -70,7 +65,6 @@ from trainer.run_layout import (
     CONFIG_YAML,
     ERROR_FILE,
     EVALUATIONS_FILE,
-    INFERENCE_DIR,
     QUALITATIVE_FILE,
     best_dev_rsum,
     list_checkpoints,
@@ -135,6 +129,7 @@ def encode_split(
     max_images: int | None = None,
     *,
     ids: list[GalleryIds | None] | None = None,
+    listing: list[tuple[str, tuple[str, ...]]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed the images and captions of a sharded split in source order.
 
@@ -149,6 +144,8 @@ def encode_split(
         ids: if given, a list to which the encoded rows' source ids are appended, as
             :class:`trainer.evaluation.GalleryIds` from the shards' ``source_id`` (and
             ``caption_ids``), or None when the shards carry none (what ``eccv`` / ``cxc`` rank by).
+        listing: if given, a list to which ``(key, its five captions)`` of every encoded image is
+            appended, in row order (what retrieval shows; data_shards.lookup.SplitIndex).
 
     Returns:
         ``images`` (N, D) and ``captions`` (5N, D), float32: image i owns captions 5i..5i+4, the
@@ -197,6 +194,9 @@ def encode_split(
             tokens = tokens[:, : int(lengths.max())]
             start = CAPTIONS_PER_IMAGE * done
             captions[start:start + caption_count] = model.encode_captions(tokens, lengths).float().cpu().numpy()
+            if listing is not None:
+                listing += [(key, tuple(batch.captions[CAPTIONS_PER_IMAGE * row:CAPTIONS_PER_IMAGE * (row + 1)]))
+                            for row, key in enumerate(batch.keys[:take])]
             if ids is not None:
                 source_ids += batch.source_ids[:take] or [None] * take
                 caption_source_ids += batch.caption_source_ids[:caption_count] or [None] * caption_count
@@ -282,13 +282,13 @@ def evaluate_checkpoint(
         model, vocab = load_inference_checkpoint(inference, device=device)
     options = dict(storage_options) if storage_options is not None else None
 
-    def encode(split: str, max_images: int | None,
-               ids: list[GalleryIds | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode(split: str, max_images: int | None, ids: list[GalleryIds | None] | None = None,
+               listing: list[tuple[str, tuple[str, ...]]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         reader_config = ReaderConfig(location=split, batch_size=eval_config.batch_size, num_workers=loader_workers,
                                      storage_options=options, region_order=region_order,  # type: ignore[arg-type]
                                      bad_data="strict", output_dtype="stored")  # encode_split casts on the device
         return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images,
-                            ids=ids)
+                            ids=ids, listing=listing)
 
     payload: dict[str, Any] = {
         "checkpoint": location.display,
@@ -310,7 +310,8 @@ def evaluate_checkpoint(
         payload["data"]["dev_images"] = int(images.shape[0])
     if test is not None:
         found_ids: list[GalleryIds | None] = []
-        images, captions = encode(test, None, found_ids)
+        listing: list[tuple[str, tuple[str, ...]]] = []
+        images, captions = encode(test, None, found_ids, listing)
         test_ids = found_ids[0] if found_ids else None
         payload["data"]["test_images"] = int(images.shape[0])
         runnable = []
@@ -334,7 +335,7 @@ def evaluate_checkpoint(
                                                              ids=test_ids))
         if eval_config.qualitative_queries > 0:
             payload["qualitative"] = _write_qualitative_page(
-                location, model, images, captions, test, eval_config.qualitative_queries, options,
+                location, model, images, captions, listing, test, eval_config.qualitative_queries, options,
                 region_order, device, title=f"{location.display} (step {payload['step']}, epoch {payload['epoch']})")
     payload["evaluated_at"] = utc_now()
     payload["elapsed_s"] = round(time.perf_counter() - started, 3)
@@ -343,20 +344,19 @@ def evaluate_checkpoint(
 
 
 def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarray, captions: np.ndarray,
-                            test: str, queries: int, storage_options: dict[str, Any] | None, region_order: str,
-                            device: torch.device, title: str) -> str | None:
-    """The checkpoint's qualitative page from the test embeddings just computed; a failure is
-    logged and returns None (the metrics matter more than the page)."""
+                            listing: list[tuple[str, tuple[str, ...]]], test: str, queries: int,
+                            storage_options: dict[str, Any] | None, region_order: str, device: torch.device,
+                            title: str) -> str | None:
+    """The checkpoint's qualitative page from the test embeddings just computed (and the keys and
+    captions of their encoding); a failure is logged and returns None (the metrics matter more)."""
     # Imported here: trainer/qualitative.py builds on this module (encode_split, via retrieval).
-    from data_shards.lookup import split_index
+    from data_shards.lookup import SplitIndex
     from trainer.qualitative import build_page, query_positions, write_page
     from trainer.retrieval import Gallery
 
     started = time.perf_counter()
     try:
-        index = split_index(test, storage_options)
-        if len(index) != images.shape[0]:
-            raise EvaluationDataError(f"{test}: {len(index)} images listed, {images.shape[0]} encoded")
+        index = SplitIndex.from_listing(test, listing)
         gallery = Gallery(index, images, captions)
         page = build_page(model, gallery, query_positions(len(index), queries), title=title, split_location=test,
                           storage_options=storage_options, region_order=region_order, device=device)

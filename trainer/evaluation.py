@@ -51,8 +51,9 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -621,7 +622,7 @@ def _similarity_source(
 
 
 @contextlib.contextmanager
-def _ieee_float32_matmul() -> Iterator[None]:
+def full_float32_matmul() -> Iterator[None]:
     """Full-precision float32 matrix products inside the block, whatever the process allows.
 
     A trainer may let float32 matmuls run as TF32 (CUDA) or bf16 (oneDNN on CPU) to train
@@ -651,10 +652,6 @@ def _ieee_float32_matmul() -> Iterator[None]:
         finally:
             torch.set_float32_matmul_precision(saved_precision)
 
-
-
-# Public name for the tools that score queries the evaluator's way (trainer/retrieval.py).
-full_float32_matmul = _ieee_float32_matmul
 
 
 def choose_block_size(
@@ -803,7 +800,7 @@ def embedding_ranks(
     The ranks of the ``"all"`` protocol (per image, per caption), for analyses beyond the
     summary metrics; arguments as for :func:`evaluate_embeddings`.
     """
-    with torch.inference_mode(), _ieee_float32_matmul():
+    with torch.inference_mode(), full_float32_matmul():
         return _all_ranks(_embedding_source(models, device, names), block_size, memory_budget_bytes)
 
 
@@ -816,7 +813,7 @@ def similarity_ranks(
     names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """0-based ``(i2t, t2i)`` ranks from (N, 5N) similarity matrices, averaged if several."""
-    with torch.inference_mode(), _ieee_float32_matmul():
+    with torch.inference_mode(), full_float32_matmul():
         return _all_ranks(_similarity_source(sims_list, device, names), block_size, memory_budget_bytes)
 
 
@@ -1233,7 +1230,7 @@ def evaluate_embeddings_protocols(
     ``all``, ``eccv`` and ``cxc`` share one pass of matrix products."""
     for protocol in protocols:
         _validate_protocol_name(protocol)
-    with torch.inference_mode(), _ieee_float32_matmul():
+    with torch.inference_mode(), full_float32_matmul():
         source = _embedding_source(models, device, names)
         return _evaluate_source(source, protocols, ids, block_size, memory_budget_bytes)
 
@@ -1272,7 +1269,7 @@ def evaluate_similarities_protocols(
     """Several protocols at once from similarity matrices (see :func:`evaluate_embeddings_protocols`)."""
     for protocol in protocols:
         _validate_protocol_name(protocol)
-    with torch.inference_mode(), _ieee_float32_matmul():
+    with torch.inference_mode(), full_float32_matmul():
         source = _similarity_source(sims_list, device, names)
         return _evaluate_source(source, protocols, ids, block_size, memory_budget_bytes)
 

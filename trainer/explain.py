@@ -34,18 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from data_shards.format import ImageRecord, ShardFormatError
 from data_shards.lookup import UnknownKeyError, read_records
-from data_shards.regions import region_index
 from model.atomic import atomic_write
 from model.checkpoint import CheckpointError
-from model.interpret import PAPER_LAMBDA, RegionAttention, region_attention
+from model.interpret import PAPER_LAMBDA, RegionAttention
 from trainer.attention_figure import attention_png, load_picture
 from trainer.inference import (
     add_checkpoint_arguments,
     load_checkpoint,
+    records_attention,
     run_region_order,
     storage_options_of,
 )
@@ -71,20 +70,6 @@ def explanation(record: ImageRecord, attention: RegionAttention, lam: float) -> 
             for i in range(attention.regions)
         ],
     }
-
-
-def explain_records(model: Any, records: list[ImageRecord], lam: float, region_order: str,
-                    device: str | torch.device = "cpu") -> list[RegionAttention]:
-    """The Sec. 4.5 attention of each record, the model fed as its run's reader feeds it."""
-    out = []
-    for record in records:
-        regions = torch.from_numpy(np.asarray(record.regions, dtype=np.float32)).unsqueeze(0).to(device)
-        boxes = torch.from_numpy(record.boxes).unsqueeze(0).to(device) if record.boxes is not None else None
-        index = region_index(record.boxes, record.regions.shape[0], region_order,  # type: ignore[arg-type]
-                             np.random.default_rng(0) if region_order == "random" else None)
-        feed = torch.from_numpy(index).unsqueeze(0).to(device) if index is not None else None
-        out.append(region_attention(model, regions, boxes, lam=lam, feed_order=feed)[0])
-    return out
 
 
 def picture_for(image: Path | None, key: str, single: bool) -> np.ndarray | None:
@@ -134,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(args.data, keys, options)
         pictures = {key: picture_for(args.image, key, len(keys) == 1) for key in keys}
         order = run_region_order(loaded, options)
-        attentions = explain_records(loaded.model, records, args.lam, order, args.device)
+        attentions = records_attention(loaded.model, records, args.lam, order, args.device)
     except (CheckpointError, UnknownKeyError, ShardFormatError, FileNotFoundError, ValueError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from data_shards.format import ImageRecord
+from data_shards.regions import region_index
 from data_shards.storage import Location, open_location
 from model.checkpoint import (
     CONFIG_FILE,
@@ -22,11 +25,12 @@ from model.checkpoint import (
     CheckpointError,
     load_inference_checkpoint,
 )
+from model.interpret import RegionAttention, region_attention
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
 from trainer.run_layout import INFERENCE_DIR, TRAIN_STATE_FILE, run_dir_of
 
-__all__ = ["LoadedCheckpoint", "load_checkpoint", "local_inference_dir"]
+__all__ = ["LoadedCheckpoint", "feed_order", "load_checkpoint", "local_inference_dir", "records_attention"]
 
 
 @contextlib.contextmanager
@@ -121,3 +125,25 @@ def run_region_order(loaded: LoadedCheckpoint, storage_options: Mapping[str, Any
         return "stored"
     settings = read_run_settings(run_dir_of(loaded.location.url), storage_options)
     return settings.region_order if settings is not None else "stored"
+
+
+def feed_order(record: ImageRecord, region_order: str) -> np.ndarray | None:
+    """The index that puts a record's regions in the order its run's reader fed them to the model
+    (data.region_order; None: stored order). "random" draws one fixed permutation (seed 0), so
+    that a tool's output is reproducible."""
+    return region_index(record.boxes, record.regions.shape[0], region_order,  # type: ignore[arg-type]
+                        np.random.default_rng(0) if region_order == "random" else None)
+
+
+def records_attention(model: VSRN, records: Sequence[ImageRecord], lam: float, region_order: str,
+                      device: str | torch.device = "cpu") -> list[RegionAttention]:
+    """The Sec. 4.5 attention of each record (model/interpret.py), the model fed as its run's
+    reader feeds it; regions reported in stored order."""
+    out = []
+    for record in records:
+        regions = torch.from_numpy(np.asarray(record.regions, dtype=np.float32)).unsqueeze(0).to(device)
+        boxes = torch.from_numpy(record.boxes).unsqueeze(0).to(device) if record.boxes is not None else None
+        index = feed_order(record, region_order)
+        feed = torch.from_numpy(index).unsqueeze(0).to(device) if index is not None else None
+        out.append(region_attention(model, regions, boxes, lam=lam, feed_order=feed)[0])
+    return out

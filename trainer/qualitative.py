@@ -29,7 +29,7 @@ from data_shards.storage import Location
 from model.interpret import PAPER_LAMBDA
 from model.vsrn import VSRN
 from trainer.attention_figure import attention_png
-from trainer.explain import explain_records
+from trainer.inference import records_attention
 from trainer.retrieval import Gallery, RetrievalHit, search_by_image, search_by_text
 from trainer.run_layout import QUALITATIVE_DIR, QUALITATIVE_FILE
 
@@ -74,7 +74,7 @@ def build_page(model: VSRN, gallery: Gallery, positions: Sequence[int], *, title
     t2i = search_by_text(gallery, np.stack(first_captions), TOP_K) if positions else []
     shown = list(dict.fromkeys(keys + [hit.key for hits in t2i for hit in hits]))
     records: dict[str, ImageRecord] = {r.key: r for r in read_records(split_location, shown, storage_options)}
-    attentions = dict(zip(shown, explain_records(model, [records[k] for k in shown], lam, region_order, device)))
+    attentions = dict(zip(shown, records_attention(model, [records[k] for k in shown], lam, region_order, device)))
     figures = {f"{key}.png": attention_png(attentions[key], key=key, captions=records[key].captions,
                                            boxes=records[key].boxes, size=records[key].size, lam=lam,
                                            dpi=FIGURE_DPI)

@@ -7,7 +7,8 @@ cannot disagree (tests/trainer/test_retrieval.py checks it against the evaluator
 Results are ordered by descending score; equal scores keep gallery order.
 
 A gallery is cached beside a run checkpoint (`RUN_DIR/checkpoint_<step>/gallery/`, named by the
-split's manifest and the weights), so repeated calls on one checkpoint encode a split once.
+split's manifest, the weights and the region order, holding the keys and captions too), so repeated
+calls on one checkpoint encode a split once and then read no shard.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_shards.lookup import SplitIndex, split_index
+from data_shards.lookup import SplitIndex, manifest_digest
 from data_shards.reader import ReaderConfig
 from model.vocab import Vocabulary, pad_captions, tokenize
 from model.vsrn import VSRN
-from trainer.checkpoint_eval import EvaluationDataError, encode_split
-from trainer.evaluation import CAPTIONS_PER_IMAGE
+from trainer.checkpoint_eval import encode_split
+from trainer.evaluation import CAPTIONS_PER_IMAGE, full_float32_matmul
 from trainer.inference import LoadedCheckpoint
 from trainer.run_layout import GALLERY_DIR
 
@@ -68,35 +69,37 @@ class RetrievalHit:
     caption_index: int | None = None  # position of the caption among its image's captions
 
 
-def _cache_name(index: SplitIndex, weights_sha256: str) -> str:
-    return f"{index.manifest_sha256[:16]}-{weights_sha256[:16]}.npz"
+def _cache_name(manifest_sha256: str, weights_sha256: str, region_order: str) -> str:
+    return f"{GALLERY_DIR}/{manifest_sha256[:16]}-{weights_sha256[:16]}-{region_order}.npz"
 
 
-def _read_cache(loaded: LoadedCheckpoint, index: SplitIndex, dim: int) -> Gallery | None:
-    name = f"{GALLERY_DIR}/{_cache_name(index, loaded.weights_sha256)}"
+def _read_cache(loaded: LoadedCheckpoint, name: str, data: str, dim: int) -> Gallery | None:
     location = loaded.location
     try:
-        data = location.read_bytes(name)
+        payload = location.read_bytes(name)
     except FileNotFoundError:
         return None
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            images, captions, keys = archive["images"], archive["captions"], archive["keys"]
+        with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+            images, captions = archive["images"], archive["captions"]
+            keys, texts = archive["keys"].tolist(), archive["caption_texts"].tolist()
     except (OSError, ValueError, KeyError) as error:
         logger.warning("%s: unreadable gallery cache (%s); encoding again", location.child_url(name), error)
         return None
-    n = len(index)
-    if images.shape != (n, dim) or captions.shape != (CAPTIONS_PER_IMAGE * n, dim) or list(keys) != list(index.keys):
-        logger.warning("%s: gallery cache does not match the split; encoding again", location.child_url(name))
+    n = len(keys)
+    if images.shape != (n, dim) or captions.shape != (CAPTIONS_PER_IMAGE * n, dim) or len(texts) != CAPTIONS_PER_IMAGE * n:
+        logger.warning("%s: gallery cache has unexpected shapes; encoding again", location.child_url(name))
         return None
-    logger.info("gallery of %s from %s", index.location, location.child_url(name))
+    logger.info("gallery of %s from %s", data, location.child_url(name))
+    index = SplitIndex.from_listing(
+        data, [(key, texts[CAPTIONS_PER_IMAGE * i:CAPTIONS_PER_IMAGE * (i + 1)]) for i, key in enumerate(keys)])
     return Gallery(index, images.astype(np.float32, copy=False), captions.astype(np.float32, copy=False))
 
 
-def _write_cache(loaded: LoadedCheckpoint, gallery: Gallery) -> None:
-    name = f"{GALLERY_DIR}/{_cache_name(gallery.index, loaded.weights_sha256)}"
+def _write_cache(loaded: LoadedCheckpoint, name: str, gallery: Gallery) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, images=gallery.images, captions=gallery.captions, keys=np.asarray(gallery.index.keys))
+    np.savez(buffer, images=gallery.images, captions=gallery.captions, keys=np.asarray(gallery.index.keys),
+             caption_texts=np.asarray(gallery.caption_texts))
     try:
         loaded.location.write_bytes_atomic(name, buffer.getvalue())
     except OSError as error:  # a read-only checkpoint: retrieval works, it is just not cached
@@ -106,26 +109,23 @@ def _write_cache(loaded: LoadedCheckpoint, gallery: Gallery) -> None:
 def load_gallery(loaded: LoadedCheckpoint, data: str, storage_options: Mapping[str, Any] | None = None,
                  device: str | torch.device = "cpu", *, batch_size: int = 256, region_order: str = "stored",
                  cache: bool = True) -> Gallery:
-    """The split at `data` embedded by the checkpoint (from its cache when there is one)."""
-    index = split_index(data, storage_options)
-    for key, texts in zip(index.keys, index.captions):
-        if len(texts) != CAPTIONS_PER_IMAGE:
-            raise EvaluationDataError(f"{index.location}: image {key} has {len(texts)} captions; retrieval "
-                                      f"(like evaluation) needs exactly {CAPTIONS_PER_IMAGE} per image")
+    """The split at `data` embedded by the checkpoint (from its cache when there is one: then no
+    shard is read). The cache is named by the split's manifest, the weights and the region order."""
     use_cache = cache and loaded.is_run_checkpoint
+    name = ""
     if use_cache:
-        cached = _read_cache(loaded, index, loaded.model.config.embed_size)
+        name = _cache_name(manifest_digest(data, storage_options), loaded.weights_sha256, region_order)
+        cached = _read_cache(loaded, name, data, loaded.model.config.embed_size)
         if cached is not None:
             return cached
     reader = ReaderConfig(location=data, batch_size=batch_size, num_workers=0,
                           storage_options=dict(storage_options) if storage_options is not None else None,
                           region_order=region_order, bad_data="strict", output_dtype="stored")  # type: ignore[arg-type]
-    images, captions = encode_split(loaded.model, loaded.vocab, reader, batch_size, device)
-    if images.shape[0] != len(index):
-        raise EvaluationDataError(f"{index.location}: encoded {images.shape[0]} images, the split lists {len(index)}")
-    gallery = Gallery(index, images, captions)
+    listing: list[tuple[str, tuple[str, ...]]] = []
+    images, captions = encode_split(loaded.model, loaded.vocab, reader, batch_size, device, listing=listing)
+    gallery = Gallery(SplitIndex.from_listing(data, listing), images, captions)
     if use_cache:
-        _write_cache(loaded, gallery)
+        _write_cache(loaded, name, gallery)
     return gallery
 
 
@@ -154,8 +154,6 @@ def rank_descending(scores: np.ndarray, k: int) -> np.ndarray:
 
 def _scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """queries @ candidates.T in full float32 (no TF32/bf16 products), as the evaluator scores."""
-    from trainer.evaluation import full_float32_matmul
-
     with torch.inference_mode(), full_float32_matmul():
         return torch.mm(torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)),
                         torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.float32)).T).numpy()

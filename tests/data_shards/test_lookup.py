@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,12 @@ import numpy as np
 import pytest
 
 from data_shards.convert import convert, plan_precomp
-from data_shards.lookup import UnknownKeyError, read_records, split_index
-from data_shards.reader import EvalReader, ReaderConfig
+from data_shards.lookup import (
+    SplitIndex,
+    UnknownKeyError,
+    manifest_digest,
+    read_records,
+)
 
 
 @pytest.fixture
@@ -21,16 +26,11 @@ def shards(tmp_path: Path, make_precomp: Any) -> tuple[Path, Any]:
     return out, data
 
 
-def test_the_index_lists_images_in_the_evaluation_readers_order(shards: tuple[Path, Any]) -> None:
-    out, data = shards
-    index = split_index(str(out))
-    reader_keys = [key for batch in EvalReader(ReaderConfig(location=str(out), batch_size=4, num_workers=0),
-                                               lambda caption: [1, 2]) for key in batch.keys]
-    assert list(index.keys) == reader_keys and len(index) == 23
-    assert [c for texts in index.captions for c in texts] == data.captions
-    assert index.source_ids == (None,) * 23 and len(index.manifest_sha256) == 64
-    assert index.positions(["test-0000012", "test-0000003"]) == [12, 3]
-    with pytest.raises(UnknownKeyError, match=r"no sample with key 'nope', 'test-9'"):
+def test_the_index_finds_keys_and_names_the_unknown_ones() -> None:
+    index = SplitIndex.from_listing("shards/test", [(f"test-{i:07d}", (f"caption {i}",) * 5) for i in range(23)])
+    assert len(index) == 23 and index.captions[4] == ("caption 4",) * 5
+    assert index.positions(["test-0000012", "test-0000003"]) == [12, 3] and index.position("test-0000022") == 22
+    with pytest.raises(UnknownKeyError, match=r"shards/test: no sample with key 'nope', 'test-9'"):
         index.positions(["test-0000001", "nope", "test-9"])
 
 
@@ -41,3 +41,4 @@ def test_records_by_key_in_the_order_asked(shards: tuple[Path, Any]) -> None:
     assert np.array_equal(records[0].regions, data.ims[21]) and records[1].captions == data.captions[10:15]
     with pytest.raises(UnknownKeyError, match=r"shards: no sample with key 'test-0000099'"):
         read_records(str(out), ["test-0000001", "test-0000099"])
+    assert manifest_digest(str(out)) == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()

@@ -54,6 +54,9 @@ def test_rankings_equal_the_evaluators_similarity_matrix(data: EvalData, models:
                                                           checkpoint: Path) -> None:
     loaded = load_checkpoint(str(checkpoint))
     gallery = load_gallery(loaded, str(data.test.shards), batch_size=16, cache=False)
+    # Keys and captions as the split holds them, in the evaluation reader's (source) order.
+    assert gallery.index.keys == tuple(f"test-{i:07d}" for i in range(len(data.test.ims)))
+    assert gallery.caption_texts == data.test.captions
     images, captions = embed(models[0], data.vocab, data.test)
     np.testing.assert_allclose(gallery.images, images, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gallery.captions, captions, rtol=1e-5, atol=1e-6)
@@ -97,6 +100,10 @@ def test_the_gallery_is_cached_beside_a_run_checkpoint(data: EvalData, checkpoin
     monkeypatch.setattr(retrieval, "encode_split", no_encoding)
     second = load_gallery(loaded, str(data.test.shards), batch_size=16)
     assert np.array_equal(first.images, second.images) and np.array_equal(first.captions, second.captions)
+    assert second.index == first.index  # keys and captions come from the cache too
+    # Another region order is another encoding: not taken from this cache.
+    with pytest.raises(AssertionError, match="cached gallery"):
+        load_gallery(loaded, str(data.test.shards), batch_size=16, region_order="random")
     # The inference directory stands for its run checkpoint (same cache).
     via_inference = load_checkpoint(str(checkpoint / "inference"))
     assert via_inference.is_run_checkpoint and via_inference.location.url == str(checkpoint)

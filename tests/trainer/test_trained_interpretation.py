@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_shards.lookup import read_records, split_index
+from data_shards.format import sample_key
+from data_shards.lookup import read_records
 from data_shards.synthetic import OBJECTS, region_slots, scene_layout
 from model.vsrn import VSRN
+from trainer.config import load_config
 from trainer.data import SYNTHETIC_SEEDS, SYNTHETIC_WORLD_SEED
 from trainer.evaluation import embedding_ranks
-from trainer.explain import explain_records
-from trainer.inference import load_checkpoint
+from trainer.inference import load_checkpoint, records_attention
 from trainer.report import make_report
 from trainer.retrieval import encode_texts, load_gallery, search_by_text
 from trainer.run_layout import (
@@ -68,7 +69,7 @@ def test_every_evaluated_checkpoint_has_its_page_and_the_report_links_the_best(
 
 def _mean_ranks(model: VSRN, records: list[Any], layout: Any) -> tuple[float, float]:
     """Mean attention rank over images of (named-object regions, other regions)."""
-    attentions = explain_records(model, records, 50.0, "stored")
+    attentions = records_attention(model, records, 50.0, "stored")
     regions = records[0].regions.shape[0]
     slot, is_object = region_slots(layout.counts, regions)
     named_means, other_means = [], []
@@ -85,8 +86,9 @@ def _mean_ranks(model: VSRN, records: list[Any], layout: Any) -> tuple[float, fl
 def test_named_objects_get_higher_attention_than_the_other_regions(embedded_default_run: Any) -> None:
     loaded = load_checkpoint(str(_best_checkpoint(embedded_default_run)))
     test = embedded_default_run.synthetic / "shards" / "test"
-    index = split_index(str(test))
-    records = read_records(str(test), index.keys)
+    images = load_config(embedded_default_run.run_dir / "config.yaml").data.synthetic_test_images
+    keys = [sample_key("test", i) for i in range(images)]
+    records = read_records(str(test), keys)
     layout = scene_layout(len(records), SYNTHETIC_SEEDS["test"], SYNTHETIC_WORLD_SEED)
     named, other = _mean_ranks(loaded.model, records, layout)
     torch.manual_seed(0)
