@@ -44,9 +44,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, overload
 
+import warnings
+
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 __all__ = [
@@ -339,12 +341,12 @@ def gather_with_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> 
     NCCL may hang), and every rank must later run the backward through it, since the backward is
     a collective too.
 
-    Op choice: ``torch.distributed._functional_collectives.all_gather_single_autograd``, the
-    replacement that torch 2.13 names when it deprecates ``torch.distributed.nn.functional.
-    all_gather``. Its backward is a reduce-scatter; with torch 2.13 that works on gloo (checked with
-    2 and 3 gloo ranks and rank-dependent upstream gradients: forward equals the concatenation,
-    gradient equals the sum over ranks of their gradients for this rank's slice), so no hand-written
-    autograd Function is needed.
+    Op choice: ``torch.distributed.nn.functional.all_gather``, the public autograd-aware gather
+    that every torch of setup.py's range has and open_clip uses. Its backward reduce-scatters (NCCL)
+    or emulates that with an all-to-all and a sum (gloo). torch 2.13 marks it deprecated in favour
+    of ``torch.distributed._functional_collectives``, a private module that is not in torch 2.11
+    (``all_gather_single_autograd`` appeared in 2.13): the project stays on the public call and
+    silences that one FutureWarning here (tests/test_public_apis.py keeps private torch modules out).
 
     Args:
         tensor: ``(b, ...)`` tensor, same shape on every rank.
@@ -356,14 +358,11 @@ def gather_with_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> 
     """
     if _distributed_world(group) == 1:
         return tensor
-    gathered = funcol.all_gather_single_autograd(
-        tensor.contiguous(), 0, group if group is not None else dist.group.WORLD
-    )
-    # The functional collective returns a lazily-waited tensor subclass; wait now so callers get a
-    # plain Tensor (wait has an identity backward, so the gradient path is unchanged).
-    if isinstance(gathered, funcol.AsyncCollectiveTensor):
-        gathered = gathered.wait()
-    return gathered
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                                category=FutureWarning)
+        parts = dist_nn.all_gather(tensor, group=group if group is not None else dist.group.WORLD)
+    return torch.cat(parts, dim=0)
 
 
 def _check_equal_local_batches(
@@ -380,10 +379,9 @@ def _check_equal_local_batches(
         dtype=torch.int64,
         device=images.device,
     )
-    # all_gather_into_tensor concatenates along dim 0 (gloo insists on the flat output shape).
-    sizes = torch.empty(world * 3, dtype=torch.int64, device=images.device)
-    dist.all_gather_into_tensor(sizes, local, group=group)
-    sizes = sizes.view(world, 3)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    sizes = torch.stack(parts)
     if not bool((sizes == sizes[0]).all()):
         raise ValueError(
             "gathered_hardest_negative_loss needs the same local (batch, dim, dtype size) on every "
@@ -486,8 +484,9 @@ def gathered_hardest_negative_loss(
     candidate_ids: Tensor | None = None
     if image_ids is not None:
         anchor_ids = image_ids.to(device=images.device, dtype=torch.int64).contiguous()
-        candidate_ids = torch.empty(world * batch, dtype=torch.int64, device=images.device)
-        dist.all_gather_into_tensor(candidate_ids, anchor_ids, group=group)  # ids need no grad
+        id_parts = [torch.empty_like(anchor_ids) for _ in range(world)]
+        dist.all_gather(id_parts, anchor_ids, group=group)  # ids need no grad
+        candidate_ids = torch.cat(id_parts)
     not_negative = _not_negative_mask(
         positive_index, candidate_images.shape[0], anchor_ids, candidate_ids
     )

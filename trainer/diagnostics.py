@@ -127,11 +127,10 @@ class HardNegativeInterval:
         local = torch.cat([gaps.flatten(), self._counts])
         self._gaps, self._counts = [], None
         if world > 1:
-            # One all-gather for gaps and counts alike (all_gather_into_tensor concatenates along
-            # dim 0; gloo needs the flat output).
-            gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-            dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
-            per_rank = gathered.view(world, -1)
+            # One all-gather for gaps and counts alike.
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local.contiguous(), group=group)
+            per_rank = torch.stack(parts)
             gaps = per_rank[:, :-4].reshape(world, 2, -1).transpose(0, 1).reshape(2, -1)
             counts = per_rank[:, -4:].sum(dim=0)
         else:

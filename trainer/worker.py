@@ -63,7 +63,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,8 +256,6 @@ def _setup_logging(rank: int) -> None:
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s", force=True)
     for package in ("trainer", "data_shards", "model"):
         logging.getLogger(package).setLevel(logging.INFO)
-    # model/loss.py's size check uses all_gather_into_tensor, which torch 2.13 marks deprecated.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def _fail_once(run_dir: str, storage_options: dict[str, Any] | None, step: int) -> None:
