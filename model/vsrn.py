@@ -348,7 +348,10 @@ class RegionRelationReasoning(nn.Module):
         flat = v.reshape(-1, dim)
         keys = torch.addmm(b_theta @ w_phi, flat, w_theta.t() @ w_phi).view(v.shape)  # theta(V) W_phi
         values = torch.addmm(w_r @ b_g, flat, w_g.t() @ w_r.t()).view(v.shape)  # g(V) W_r^T
-        row_term = torch.addmv(b_theta.dot(b_phi), flat, w_theta.t() @ b_phi).view(batch, num_regions, 1)
+        # addmv is on no autocast list while the products feeding it are: under torch.autocast the
+        # vector comes out bf16 and the scalar float32, so both are put in the features' dtype.
+        row_term = torch.addmv(b_theta.dot(b_phi).to(flat.dtype), flat,
+                               (w_theta.t() @ b_phi).to(flat.dtype)).view(batch, num_regions, 1)
         affinity = (torch.bmm(keys, v.transpose(1, 2)) + row_term) / num_regions  # theta(V) phi(V)^T / N
         return torch.baddbmm(b_r, affinity, values)
 

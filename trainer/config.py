@@ -91,17 +91,40 @@ class DistributedConfig:
     workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # With use_gpu: a whole number of GPUs per worker, or a fraction for a single worker (which
+    # may share its GPU with the evaluation actor). NCCL refuses two ranks on one GPU.
     gpus_per_worker: float = 1.0
     precision: Precision = "fp32"
     zero_stage: int = 0
+    # How long the driver waits for the Ray cluster to hold the resources the run asks for
+    # (workers x cpus/gpus_per_worker and the evaluation actor) before it gives up naming what is
+    # missing: the time an autoscaler, or a KubeRay worker group still starting, needs to add nodes.
+    resource_wait_s: float = 30.0
 
     def validate(self) -> None:
         _positive(self, "workers", "cpus_per_worker")
-        _non_negative(self, "gpus_per_worker")
+        _non_negative(self, "gpus_per_worker", "resource_wait_s")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"distributed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.precision == "fp16" and not self.use_gpu:
             raise ConfigError("distributed.precision: fp16 needs a GPU (use bf16 or fp32 on CPU)")
+        if self.use_gpu:
+            self._validate_gpus()
+
+    def _validate_gpus(self) -> None:
+        gpus = self.gpus_per_worker
+        if gpus <= 0:
+            raise ConfigError("distributed.gpus_per_worker must be > 0 with distributed.use_gpu=true, "
+                              f"got {gpus:g}")
+        if gpus < 1 and self.workers > 1:
+            # Ray packs fractional GPU requests onto the same device, and NCCL refuses two ranks of
+            # one process group on one GPU ("Duplicate GPU detected") at the first collective.
+            raise ConfigError(f"distributed.gpus_per_worker is {gpus:g} with distributed.workers={self.workers}: "
+                              "two training workers would share one GPU, which NCCL refuses; give each worker "
+                              "a whole GPU (gpus_per_worker=1), or train with one worker")
+        if gpus > 1 and not float(gpus).is_integer():
+            raise ConfigError(f"distributed.gpus_per_worker must be a whole number above 1, got {gpus:g} "
+                              "(Ray assigns whole GPUs beyond one)")
 
 
 MIN_LEASE_TIMEOUT_S = 1.0  # checkpoint.lease_timeout_s: below this the heartbeat would be a busy loop

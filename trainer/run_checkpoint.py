@@ -126,23 +126,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """torch, numpy and python RNG states as plain data (loadable with weights_only=True)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """torch, numpy and python RNG states as plain data (loadable with weights_only=True), and the
+    CUDA generator of `device` (this rank's GPU; None or a CPU device: no CUDA state).
+
+    One CUDA generator, the rank's own: Ray gives each worker of a node the same
+    CUDA_VISIBLE_DEVICES (all the node's GPUs), so torch.cuda.get_rng_state_all() would save every
+    GPU of the node, and restoring that list under another per-node layout would fail on a missing
+    index or hand this rank another rank's generator."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
     return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
                                                        has_gauss, cached],
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "python": random.getstate(), "cuda": cuda}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore rng_state(); its CUDA generator goes to `device` (this rank's GPU)."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before 2026-12-04: every visible GPU's, ambiguous
+        if cuda:
+            log.warning("the checkpoint holds the CUDA RNG states of %d GPUs and not which one was this rank's; "
+                        "this rank's CUDA generator is not restored", len(cuda))
+        return
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +201,8 @@ def _save_checkpoint(engine: Any, vocab: Vocabulary, state: TrainState, metrics:
         engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=tag,
                                client_state={"train_state": asdict(state)}, save_latest=True)
         (local / DEEPSPEED_DIR / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), local / DEEPSPEED_DIR / RNG_DIR / f"rank_{rank:05d}.pt")
+        device = next(engine.module.parameters()).device
+        torch.save(rng_state(device), local / DEEPSPEED_DIR / RNG_DIR / f"rank_{rank:05d}.pt")
         train_state = None
         if rank == 0:
             export_inference(local / INFERENCE_DIR, engine.module, vocab,
@@ -283,7 +297,7 @@ def restore_checkpoint(engine: Any, checkpoint: Any, *, rank: int, world_size: i
                 raise ResumeError(f"{load_dir}/{tag}: DeepSpeed could not load the checkpoint")
         rng_file = root / RNG_DIR / f"rank_{rank:05d}.pt"
         if saved.world_size == world_size and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(torch.load(rng_file, weights_only=True), next(engine.module.parameters()).device)
         else:
             # Another worker count: there is no state for this rank to continue; derive one.
             seed_everything(seed + 1000 * saved.step + rank)

@@ -416,6 +416,21 @@ def test_folded_reasoning_layer_equals_the_plain_one(train: bool) -> None:
         assert spy.called == expected
 
 
+def test_folded_reasoning_layer_runs_under_cpu_autocast() -> None:
+    # bench/model_speed.py's autocast path at batch 8 (folded order: 8 x 36 regions > D 256) once
+    # stopped here: addmv is on no autocast list, and its operands came out float32 and bf16.
+    torch.manual_seed(0)
+    layer = RegionRelationReasoning(16).train()
+    layer.folded = True
+    v = torch.randn(4, 6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(v)
+    out.float().sum().backward()
+    reference = layer(v.detach())
+    assert v.grad is not None and torch.isfinite(v.grad).all()
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)  # bf16 products
+
+
 def test_caption_loss_gradients_equal_the_reference_full_unroll() -> None:
     torch.manual_seed(0)
     model = VSRN(VSRNConfig(**TINY, max_caption_len=12)).double().eval()

@@ -57,6 +57,7 @@ def test_overrides_apply_in_order_with_yaml_values() -> None:
     ("optim.global_batch_size=33", "optim.global_batch_size (33) must be divisible by distributed.workers (2)"),
     ("eval.test_protocols=[5k]", "eval.test_protocols: unknown protocol '5k'"),
     ("distributed.precision=fp16", "distributed.precision: fp16 needs a GPU"),
+    ("distributed.resource_wait_s=-1", "distributed.resource_wait_s must be >= 0"),
     ("optim=3", "--set 'optim=3': the key must be section.key"),
     ("optim.learning_rate", "expected section.key=value"),
     ("data.shuffle_buffer=64", "data.shuffle_buffer was renamed data.pool_images"),
@@ -65,6 +66,30 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(ROOT / "configs" / "tiny.yaml", [override])
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # Two NCCL ranks on one GPU fail at their first collective ("Duplicate GPU detected"): refused here.
+    (["distributed.workers=2", "distributed.gpus_per_worker=0.5"],
+     "distributed.gpus_per_worker is 0.5 with distributed.workers=2"),
+    (["distributed.workers=2", "distributed.gpus_per_worker=0"], "distributed.gpus_per_worker must be > 0"),
+    (["distributed.workers=1", "distributed.gpus_per_worker=1.5"], "distributed.gpus_per_worker must be a whole number"),
+])
+def test_gpu_shares_that_nccl_or_ray_cannot_run_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(ROOT / "configs" / "tiny.yaml", ["distributed.use_gpu=true", *overrides])
+    assert message in str(error.value)
+
+
+def test_gpu_shares_that_work_are_accepted() -> None:
+    # One worker may take half a GPU and leave the other half to the evaluation actor (gpu_check).
+    one = load_config(ROOT / "configs" / "tiny.yaml", ["distributed.use_gpu=true", "distributed.workers=1",
+                                                       "distributed.gpus_per_worker=0.5", "eval.gpus=0.5"])
+    assert one.distributed.gpus_per_worker == 0.5
+    two = load_config(ROOT / "configs" / "tiny.yaml", ["distributed.use_gpu=true", "distributed.gpus_per_worker=2"])
+    assert two.distributed.workers == 2
+    # Without use_gpu the GPU share is not used, whatever it says.
+    assert load_config(ROOT / "configs" / "tiny.yaml", ["distributed.gpus_per_worker=0.5"]).distributed.workers == 2
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:

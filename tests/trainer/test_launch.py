@@ -17,7 +17,7 @@ import pytest
 
 from train_run_helpers import tiny_run_config, tiny_run_overrides
 from trainer.config import load_config
-from trainer.launch import pyarrow_s3_filesystem, resolve_run
+from trainer.launch import pyarrow_s3_filesystem, resolve_run, run_bundles, unplaceable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,8 @@ def launch(*args: str, env: dict[str, str] | None = None, timeout: float = 600) 
     (["--set", "optim.lrr=1"], "unknown key(s): optim.lrr"),
     (["--set", "distributed.zero_stage=3"], "distributed.zero_stage must be 0, 1 or 2"),
     (["--config", "configs/missing.yaml"], "missing.yaml: cannot read"),
+    (["--set", "distributed.use_gpu=true", "--set", "distributed.workers=2", "--set", "distributed.gpus_per_worker=0.5"],
+     "distributed.gpus_per_worker is 0.5 with distributed.workers=2"),
 ])
 def test_configuration_errors_exit_2_naming_the_key_before_any_ray_work(
         args: list[str], message: str, tmp_path: Path) -> None:
@@ -139,6 +141,39 @@ def test_a_damaged_shard_read_by_a_worker_ends_the_run_without_restarts(ray_loca
     assert result.stderr.count(" parameters on 2 CPU worker(s)") == 1
     assert "RETRY" not in result.stderr, result.stderr[-3000:]
     assert not any(line.startswith("{") for line in result.stdout.splitlines())  # no summary JSON
+
+
+def test_bundles_are_placed_on_the_nodes_total_resources() -> None:
+    config = load_config(ROOT / "configs" / "coco.yaml", ["distributed.workers=2"])
+    bundles = run_bundles(config)
+    assert [name for name, _ in bundles] == ["training worker 0", "training worker 1", "evaluation actor"]
+    assert bundles[0][1] == {"CPU": 8.0, "GPU": 1.0} and bundles[-1][1] == {"CPU": 4.0, "GPU": 1.0}
+    gpu_node = {"CPU": 32.0, "GPU": 2.0, "memory": 1e11}
+    assert unplaceable(bundles, [gpu_node, gpu_node]) == []
+    # One node of 2 GPUs: the evaluator's GPU is missing (the largest bundles are placed first).
+    assert [name for name, _ in unplaceable(bundles, [gpu_node])] == ["evaluation actor"]
+    # CPU nodes only: nothing that asks for a GPU fits, however many CPUs there are.
+    assert len(unplaceable(bundles, [{"CPU": 64.0}] * 4)) == 3
+    # A bundle must fit on ONE node: two half-full nodes do not hold a whole worker.
+    assert len(unplaceable(bundles[:1], [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}])) == 1
+
+
+@pytest.mark.slow
+def test_a_run_asking_for_gpus_on_a_cluster_without_any_ends_naming_them(ray_local: Any, tmp_path: Path) -> None:
+    # The session's cluster has 2 CPUs and no GPU, and no autoscaler: before, the driver waited
+    # for Ray Train's placement group silently until it was killed.
+    started = time.monotonic()
+    result = launch(*[f"--set={o}" for o in tiny_run_overrides(tmp_path / "cache", tmp_path / "runs", "no-gpus")],
+                    "--set", "distributed.use_gpu=true", "--set", "distributed.resource_wait_s=5",
+                    env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("launch: the Ray cluster cannot place this run"), last
+    assert "missing {GPU: 2} (for training worker 0, training worker 1)" in last, last
+    assert "distributed.gpus_per_worker" in last and "distributed.resource_wait_s" in last, last
+    assert elapsed < 60, elapsed
+    assert not (tmp_path / "runs" / "no-gpus" / "config.yaml").exists()  # refused before the run was written
 
 
 LOOPBACK_PROBE = """

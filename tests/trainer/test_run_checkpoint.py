@@ -86,6 +86,23 @@ def test_rng_states_restore_torch_numpy_and_python() -> None:
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
+def test_rng_states_hold_one_cuda_generator_at_most_and_load_the_older_list(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A CPU rank saves no CUDA state; a GPU rank saves its own device's generator only (the GPU
+    # check's resume part runs that on CUDA), never every visible GPU's list, which restored under
+    # another per-node layout raised an index error or handed a rank another rank's generator.
+    saved = rng_state(torch.device("cpu"))
+    assert saved["cuda"] is None
+    torch.save(saved, tmp_path / "rank.pt")
+    set_rng_state(torch.load(tmp_path / "rank.pt", weights_only=True), torch.device("cpu"))
+    # Checkpoints written before held a list (empty on CPU); a non-empty one is ambiguous: skipped, said.
+    older = {**saved, "cuda": []}
+    set_rng_state(older, torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="trainer.run_checkpoint"):
+        set_rng_state({**saved, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}, torch.device("cpu"))
+    assert "CUDA RNG states of 2 GPUs" in caplog.text
+
+
 def test_inference_export_of_a_bf16_module_has_float32_weights(tmp_path: Path) -> None:
     vocab = build_vocab(["a dog on a mat", "a cat"], 1)
     config = VSRNConfig(img_dim=8, embed_size=16, word_dim=8, vocab_size=len(vocab), num_reasoning_layers=1,
