@@ -57,6 +57,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -77,6 +78,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the project's packages, installed or not (`python bench/gpu_check.py` from a checkout)
+    sys.path.insert(0, str(ROOT))
 DEFAULT_OUTPUT = ROOT / "gpu-check"
 EXIT_OK, EXIT_PART_FAILED, EXIT_NO_CUDA = 0, 1, 3
 STDERR_TAIL_LINES = 30
@@ -96,13 +99,15 @@ class Profile:
 
     name: str
     config: str  # launch.py --config, relative to the repository
-    # launch.py --set values common to the train and resume parts; the device's (use_gpu, 0.5 GPU for
-    # the worker and 0.5 for the evaluation actor), precision, epochs and paths are added by Check.
+    # launch.py --set values common to the trainer parts; the device's (use_gpu, 0.5 GPU for the
+    # worker and 0.5 for the evaluation actor), precision, epochs and paths are added by Check.
     overrides: tuple[str, ...]
     train_epochs: int
     resume_epochs: int
+    fp16_epochs: int  # the fp16 run: a new run of this many epochs, without the evaluation actor
     model_speed: tuple[tuple[int, int], ...]  # (batch, timed steps) per model_speed part
     model_speed_args: tuple[str, ...]
+    probe_args: tuple[str, ...]
     eval_speed_args: tuple[str, ...]
     budget_s: float
     shares: dict[str, float]
@@ -111,7 +116,9 @@ class Profile:
 def paper_profile() -> Profile:
     """The pinned check: paper-size model, 2560 synthetic training images (12800 pairs: 100 steps
     of 128 per epoch), 500 dev and 1000 test images (the 5K 1k-5fold protocol needs 5000: only
-    `all` is run), so generation, sharding, 400 steps and the evaluations fit in the budget."""
+    `all` is run), so that generation, sharding, 400 bf16 steps, 100 fp16 steps, the evaluations
+    and the benchmarks fit in 8 minutes. How the shares were sized: docs/benchmarks.md, "GPU
+    acceptance run"."""
     return Profile(
         name="paper",
         config="configs/coco.yaml",
@@ -123,15 +130,18 @@ def paper_profile() -> Profile:
             "distributed.workers=1", "distributed.cpus_per_worker=8", "distributed.zero_stage=0",
             "checkpoint.every_steps=0", "checkpoint.keep_last=2", "checkpoint.max_failures=0",
             "eval.enabled=true", "eval.test_protocols=[all]", "eval.dev_images=500", "eval.cpus=4",
-            "logging.interval_steps=50", "monitoring.enabled=true",
+            "eval.qualitative_queries=0", "logging.interval_steps=50", "monitoring.enabled=true",
         ),
         train_epochs=3,
         resume_epochs=4,
+        fp16_epochs=1,
         model_speed=((128, 30), (512, 20)),
         model_speed_args=("--warmup", "3"),
+        probe_args=("--batch-size", "64"),
         eval_speed_args=("--repeat", "5", "--loop-queries", "500"),
         budget_s=480.0,
-        shares={"model_speed_b128": 40, "model_speed_b512": 50, "eval_speed": 50, "train": 230, "resume": 110},
+        shares={"precision_probe": 25, "model_speed_b128": 40, "model_speed_b512": 45, "train": 170,
+                "resume": 75, "train_fp16": 70, "eval_speed": 55},
     )
 
 
@@ -149,19 +159,22 @@ def tiny_profile() -> Profile:
             "distributed.workers=1", "distributed.cpus_per_worker=1", "distributed.zero_stage=0",
             "checkpoint.every_steps=0", "checkpoint.keep_last=2", "checkpoint.max_failures=0",
             "eval.enabled=true", "eval.test_protocols=[all]", "eval.dev_images=32", "eval.cpus=0.5",
-            "logging.interval_steps=5", "monitoring.enabled=true",
+            "eval.qualitative_queries=0", "logging.interval_steps=5", "monitoring.enabled=true",
         ),
         train_epochs=2,
         resume_epochs=3,
+        fp16_epochs=1,
         model_speed=((4, 2), (8, 2)),
         model_speed_args=("--warmup", "1", "--small"),
+        probe_args=("--batch-size", "4", "--small"),
         eval_speed_args=("--images", "200", "--dim", "64", "--repeat", "1"),
-        budget_s=900.0,
-        shares={"model_speed_b128": 90, "model_speed_b512": 90, "eval_speed": 90, "train": 390, "resume": 240},
+        budget_s=1200.0,
+        shares={"precision_probe": 90, "model_speed_b128": 120, "model_speed_b512": 120, "train": 390,
+                "resume": 240, "train_fp16": 150, "eval_speed": 90},
     )
 
 
-PART_ORDER = ("model_speed_b128", "model_speed_b512", "eval_speed", "train", "resume")
+PART_ORDER = ("precision_probe", "model_speed_b128", "model_speed_b512", "train", "resume", "train_fp16", "eval_speed")
 PART_ALIASES = {"model_speed": ("model_speed_b128", "model_speed_b512")}
 
 
@@ -516,15 +529,42 @@ def warmup_steps(count: int) -> int:
     return min(20, max(1, count // 5))
 
 
-def throughput(records: list[dict[str, Any]], global_batch: int) -> dict[str, Any]:
-    """Medians of the per-step figures, excluding the first warmup_steps(len) records. The log's
-    samples_per_s is pairs / (step + data wait); compute_samples_per_s leaves the wait out."""
+def evaluation_windows(run_dir: Path) -> list[tuple[float, float]]:
+    """(start, end) unix times of every evaluation of the run (RUN_DIR/evaluations.jsonl:
+    evaluated_at minus elapsed_s, to evaluated_at): while one runs, the evaluation actor shares
+    the training GPU, so steps in these windows are not the trainer's own speed."""
+    from trainer.run_layout import read_evaluations
+
+    windows = []
+    for entry in read_evaluations(str(run_dir)):
+        try:
+            end = datetime.datetime.fromisoformat(str(entry["evaluated_at"]).replace("Z", "+00:00")).timestamp()
+            windows.append((end - float(entry["elapsed_s"]), end))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return windows
+
+
+def _overlaps_evaluation(record: dict[str, Any], windows: list[tuple[float, float]]) -> bool:
+    end = float(record["time"])
+    start = end - float(record["step_time_s"]) - float(record["data_wait_s"])
+    return any(start < w_end and end > w_start for w_start, w_end in windows)
+
+
+def throughput(records: list[dict[str, Any]], global_batch: int,
+               evaluations: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Medians of the per-step figures, excluding the first warmup_steps(len) records and the steps
+    that overlap an evaluation (`evaluations`: evaluation_windows). The log's samples_per_s is
+    pairs / (step + data wait); compute_samples_per_s leaves the wait out."""
     skip = warmup_steps(len(records))
-    steady = records[skip:]
+    windows = evaluations or []
+    steady = [r for r in records[skip:] if not _overlaps_evaluation(r, windows)]
+    during = len(records[skip:]) - len(steady)
     if not steady:
-        return {"steps_measured": 0}
+        return {"steps_measured": 0, "warmup_steps_excluded": skip, "steps_during_evaluations_excluded": during}
     step_time = statistics.median(float(r["step_time_s"]) for r in steady)
-    return {"warmup_steps_excluded": skip, "steps_measured": len(steady),
+    return {"warmup_steps_excluded": skip, "steps_during_evaluations_excluded": during,
+            "evaluations_seen": len(windows), "steps_measured": len(steady),
             "samples_per_s_median": statistics.median(float(r["samples_per_s"]) for r in steady),
             "step_time_s_median": step_time, "data_wait_s_median": statistics.median(float(r["data_wait_s"]) for r in steady),
             "compute_samples_per_s_median": global_batch / step_time if step_time > 0 else None,
@@ -592,6 +632,11 @@ class Check:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"  # the logs are complete up to a timeout
+        # The project's packages for every part and for the Ray workers of a local cluster (which
+        # inherit this environment), with or without `pip install -e .`: a host without a package
+        # registry runs the project from its checkout, its dependencies on PYTHONPATH too.
+        path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *[p for p in path if Path(p).resolve() != ROOT]])
         return env
 
     def part_timeout(self, name: str) -> float:
@@ -639,22 +684,44 @@ class Check:
 
     # ---- parts
 
+    def precision_probe(self, part: PartResult) -> None:
+        out = self.output / "precision_probe.json"
+        out.unlink(missing_ok=True)
+        command = [sys.executable, str(ROOT / "bench" / "precision_probe.py"), "--device", self.device,
+                   *self.profile.probe_args, "--precision", "bf16", "fp16", "--json", str(out)]
+        finished = self.execute(part, command)
+        if finished is None or (finished.returncode not in (0, 1)):
+            return
+        try:
+            payload = json.loads(out.read_text())
+        except (OSError, ValueError) as error:
+            part.fail(f"no figures in {out}: {error}")
+            return
+        part.figures.update({"json": str(out), **{k: payload.get(k) for k in ("device", "batch", "gpu", "cudnn", "cases")}})
+        failed = [f"{c['precision']} {c['case']}" for c in payload.get("cases", []) if c.get("status") != "ok"]
+        if failed:
+            part.fail(f"relative errors over the limits or non-finite values: {', '.join(failed)}")
+        elif self.device == "cuda" and not all((c.get("cudnn_rnn_calls") or 0) > 0 for c in payload["cases"]):
+            part.fail("a low-precision GRU did not run cuDNN's kernel (aten::_cudnn_rnn not called)")
+
     def model_speed(self, part: PartResult, batch: int, steps: int) -> None:
         out = self.output / f"model_speed_b{batch}.json"
         out.unlink(missing_ok=True)
         command = [sys.executable, str(ROOT / "bench" / "model_speed.py"), "--device", self.device,
                    "--batch-size", str(batch), "--steps", str(steps), *self.profile.model_speed_args,
-                   "--precision", self.args.precision, "--json", str(out)]
+                   "--precision", self.args.precision, "--path", "trainer", "autocast", "--json", str(out)]
         finished = self.execute(part, command)
         if finished is None or part.status != "ok":
             return
         try:
             payload = json.loads(out.read_text())
-            result = payload["results"][0]
-        except (OSError, ValueError, KeyError, IndexError) as error:
+            results = list(payload["results"])
+            if not results:
+                raise ValueError("no results")
+        except (OSError, ValueError, KeyError, TypeError) as error:
             part.fail(f"no figures in {out}: {error}")
             return
-        part.figures.update({"json": str(out), "machine": payload.get("machine"), **result})
+        part.figures.update({"json": str(out), "machine": payload.get("machine"), "batch": batch, "results": results})
 
     def eval_speed(self, part: PartResult) -> None:
         out = self.output / "eval_speed.json"
@@ -673,16 +740,18 @@ class Check:
                 "loop_queries", "loop_extrapolated", "speedup", "memory", "agreement", "metrics")
         part.figures.update({"json": str(out), **{k: payload.get(k) for k in keep}})
 
-    def launch_command(self, epochs: int) -> list[str]:
+    def launch_command(self, epochs: int, precision: str | None = None, run_name: str | None = None,
+                       extra: Sequence[str] = ()) -> list[str]:
+        precision = precision or self.args.precision
         dist = ["distributed.use_gpu=" + ("true" if self.device == "cuda" else "false"),
-                f"distributed.precision={self.args.precision}"]
+                f"distributed.precision={precision}"]
         if self.device == "cuda":
             dist += ["distributed.gpus_per_worker=0.5", "eval.gpus=0.5"]
         else:
             dist += ["eval.gpus=0"]
         overrides = [*self.profile.overrides, *dist, f"optim.epochs={epochs}",
                      f"data.cache_dir={self.output / 'cache'}", f"checkpoint.storage_path={self.runs}",
-                     f"checkpoint.run_name={self.run_name}"]
+                     f"checkpoint.run_name={run_name or self.run_name}", *extra]
         if self.metrics_port:
             overrides.append(f"monitoring.metrics_export_port={self.metrics_port}")
         command = [sys.executable, str(ROOT / "trainer" / "launch.py"), "--config", str(ROOT / self.profile.config)]
@@ -690,7 +759,7 @@ class Check:
             command += ["--set", value]
         return command
 
-    def common_launch_checks(self, part: PartResult, finished: Finished) -> dict[str, Any] | None:
+    def common_launch_checks(self, part: PartResult, finished: Finished, evaluated: bool = True) -> dict[str, Any] | None:
         summary = last_json_line(finished.stdout)
         if summary is None:
             part.fail("the launcher's last stdout line is not its JSON summary")
@@ -706,23 +775,25 @@ class Check:
         if expected not in finished.stderr:
             part.fail(f"the worker did not log training {expected}")
             return None
-        if not best.get("metrics"):
+        if evaluated and not best.get("metrics"):
             part.fail("no evaluated checkpoint in the launcher's summary (best is empty)")
             return None
         return summary
 
-    def launch_and_read(self, part: PartResult, epochs: int) -> tuple[Finished, dict[str, Any], list[dict[str, Any]],
-                                                                    list[int], dict[str, Any] | None, int] | None:
+    def launch_and_read(self, part: PartResult, epochs: int, precision: str | None = None,
+                        run_name: str | None = None, extra: Sequence[str] = (),
+                        evaluated: bool = True) -> tuple[Finished, dict[str, Any], list[dict[str, Any]], list[int],
+                                                         dict[str, Any] | None, int] | None:
         """Run the launcher for `epochs` and read back (the finished process, its summary, the step
         records, their steps, the latest checkpoint's train state, the global batch); None when the
         part failed (recorded in `part`)."""
-        finished = self.execute(part, self.launch_command(epochs), memory_from_ray=True)
+        finished = self.execute(part, self.launch_command(epochs, precision, run_name, extra), memory_from_ray=True)
         if finished is None or part.status != "ok":
             return None
-        summary = self.common_launch_checks(part, finished)
+        summary = self.common_launch_checks(part, finished, evaluated)
         if summary is None:
             return None
-        records = read_step_log(self.run_dir)
+        records = read_step_log(self.runs / (run_name or self.run_name))
         steps = [int(r["step"]) for r in records]
         return (finished, summary, records, steps, read_train_state(summary.get("latest_checkpoint")),
                 self._global_batch())
@@ -738,7 +809,7 @@ class Check:
         _, summary, records, steps, state, batch = launched
         part.figures.update({"run_dir": str(self.run_dir), "steps": len(steps), "global_batch_size": batch,
                              "latest_checkpoint": summary.get("latest_checkpoint"), "checkpoint_state": state,
-                             "throughput": throughput(records, batch),
+                             "throughput": throughput(records, batch, evaluation_windows(self.run_dir)),
                              "process_group_backend": "nccl (Ray Train's TorchTrainer default with use_gpu; "
                                                       "configured, not read back)" if self.device == "cuda" else "gloo"})
         if not steps or steps != list(range(1, len(steps) + 1)):
@@ -764,7 +835,7 @@ class Check:
         part.figures.update({"run_dir": str(self.run_dir), "resumed_from_step": saved,
                              "steps": len(steps), "new_steps": len(new), "global_batch_size": batch,
                              "latest_checkpoint": summary.get("latest_checkpoint"), "checkpoint_state": state,
-                             "throughput": throughput(new, batch)})
+                             "throughput": throughput(new, batch, evaluation_windows(self.run_dir))})
         before = [r for r in records if int(r["step"]) <= saved]
         if f"resuming at step {saved}:" not in finished.stderr:
             part.fail(f"the worker did not log 'resuming at step {saved}:'")
@@ -780,6 +851,38 @@ class Check:
             part.fail(f"the latest checkpoint's train_state.json ({state}) is not at the last logged step {steps[-1]}")
         elif not (state.get("epoch") == self.profile.resume_epochs - 1 and state.get("epoch_complete")):
             part.fail(f"the resumed run did not finish epoch {self.profile.resume_epochs - 1}: {state}")
+
+    def fp16_run(self) -> tuple[str, str]:
+        """(precision the fp16 part trains in, why): fp16 on CUDA; on a CPU, which DeepSpeed refuses
+        fp16 on, the check's own precision, so that the CPU simulation still runs the part."""
+        if self.device == "cuda":
+            return "fp16", "DeepSpeed fp16 with dynamic loss scaling"
+        precision = self.args.precision if self.args.precision != "fp16" else "fp32"
+        return precision, f"CPU simulation: fp16 needs a GPU (DeepSpeed refuses it on this CPU); ran in {precision}"
+
+    def train_fp16(self, part: PartResult) -> None:
+        """A new run in fp16 for fp16_epochs, without the evaluation actor: it starts, its dynamic
+        loss scale settles (steps with an overflow are skipped by DeepSpeed), its losses stay finite
+        and it writes a checkpoint of its last step."""
+        precision, note = self.fp16_run()
+        run_name = f"{self.run_name}-fp16"
+        part.figures.update({"precision": precision, "note": note, "run_dir": str(self.runs / run_name)})
+        launched = self.launch_and_read(part, self.profile.fp16_epochs, precision, run_name,
+                                        extra=("eval.enabled=false",), evaluated=False)
+        if launched is None:
+            return
+        _, summary, records, steps, state, batch = launched
+        losses = [float(r["loss"]) for r in records]
+        part.figures.update({"steps": len(steps), "global_batch_size": batch, "checkpoint_state": state,
+                             "latest_checkpoint": summary.get("latest_checkpoint"),
+                             "throughput": throughput(records, batch),
+                             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
+        if not steps or steps != list(range(1, len(steps) + 1)):
+            part.fail(f"train_log.jsonl does not hold steps 1..N once each (first {steps[:3]}, last {steps[-3:]})")
+        elif not all(math.isfinite(value) for value in losses):
+            part.fail("a logged loss is not finite")
+        elif state is None or state.get("step") != steps[-1]:
+            part.fail(f"the latest checkpoint's train_state.json ({state}) is not at the last logged step {steps[-1]}")
 
     def _global_batch(self) -> int:
         for value in self.profile.overrides:
@@ -806,8 +909,12 @@ class Check:
         for name in self.parts:
             part = self.results[name] = PartResult(name)
             try:
-                if name in speed_runs:
+                if name == "precision_probe":
+                    self.precision_probe(part)
+                elif name in speed_runs:
                     self.model_speed(part, *speed_runs[name])
+                elif name == "train_fp16":
+                    self.train_fp16(part)
                 elif name == "eval_speed":
                     self.eval_speed(part)
                 elif name == "train":
@@ -907,17 +1014,33 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += [f"# {name}\n{p['command_line']}" for name, p in parts.items() if p["command_line"]]
     lines += ["```", ""]
 
-    runs = [(n, parts[n]) for n in ("train", "resume") if n in parts and parts[n].get("figures")]
+    probe = (parts.get("precision_probe") or {}).get("figures") or {}
+    if probe.get("cases"):
+        lines += [f"Precision probe (`bench/precision_probe.py`, batch {probe.get('batch')}, {probe.get('device')}"
+                  + (f", cuDNN {probe.get('cudnn')}" if probe.get("cudnn") else "")
+                  + "): relative error against float32 weights, forward and backward:", "",
+                  "| precision | case | status | values (relative error) | gradient norms (relative error) | cuDNN RNN calls |",
+                  "|---|---|---|---|---|---|"]
+        for case in probe["cases"]:
+            values = ", ".join(f"{k} {v:.1e}" for k, v in (case.get("relative_error") or {}).items())
+            grads = ", ".join(f"{k} {v:.1e}" for k, v in (case.get("grad_norm_relative_error") or {}).items())
+            status = case.get("status", "") + (f": {'; '.join(case['failures'])}" if case.get("failures") else "")
+            lines.append(f"| {case.get('precision')} | {case.get('case')} | {status} | {values} | {grads} "
+                         f"| {_fmt(case.get('cudnn_rnn_calls'), 'd')} |")
+        lines.append("")
+
+    runs = [(n, parts[n]) for n in ("train", "resume", "train_fp16") if n in parts and parts[n].get("figures")]
     if runs:
         lines += [
             "Trainer (`trainer/launch.py`, 1 worker" + (" with 0.5 GPU and the evaluation actor on the other 0.5, NCCL"
                                                        if summary["device"] == "cuda" else " on CPU, gloo")
-            + f", {summary['precision']}; medians over the steps after warm-up):",
+            + f", {summary['precision']} (train_fp16: its own precision); medians over the steps after warm-up "
+              "that no evaluation overlapped):",
             "",
-            "| run | steps | samples/s (step + data wait) | step time | data wait | launcher wall_s / process wall | "
-            "best dev rsum | test rsum (all) | GPU memory used, max (nvidia-smi, whole device) | "
-            "worker max allocated (Ray metric) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| run | precision | steps | samples/s (step + data wait) | step time | data wait | steps excluded "
+            "(warm-up / during evaluations) | launcher wall_s / process wall | best dev rsum | test rsum (all) "
+            "| GPU memory used, max (nvidia-smi, whole device) | worker max allocated (Ray metric) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, p in runs:
             f = p["figures"]
@@ -927,27 +1050,34 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 steps = f"{f.get('resumed_from_step')} → {f.get('steps')}"
             smi = f.get("gpu_memory_nvidia_smi") or {}
             ray_m = f.get("ray_metrics") or {}
+            precision = f.get("precision") or summary["precision"]
             lines.append(
-                f"| {name} | {_fmt(steps, 'd')} | {_fmt(t.get('samples_per_s_median'), '.0f')} "
+                f"| {name} | {precision} | {_fmt(steps, 'd')} | {_fmt(t.get('samples_per_s_median'), '.0f')} "
                 f"| {_fmt(_ms(t.get('step_time_s_median')), '.1f', ' ms')} "
                 f"| {_fmt(_ms(t.get('data_wait_s_median')), '.1f', ' ms')} "
+                f"| {_fmt(t.get('warmup_steps_excluded'), 'd')} / {_fmt(t.get('steps_during_evaluations_excluded'), 'd')} "
                 f"| {_fmt(f.get('launch_wall_s'), '.0f', ' s')} / {_fmt(p.get('wall_s'), '.0f', ' s')} "
                 f"| {_fmt(f.get('best_dev_rsum'), '.1f')} | {_fmt(f.get('test_rsum_all'), '.1f')} "
                 f"| {_fmt(_gib(smi.get('used_max_mib_any_gpu'), 2**10), '.1f', ' GiB')} "
                 f"| {_fmt(ray_m.get('worker_max_allocated_gib'), '.1f', ' GiB')} |")
         lines.append("")
+        notes = [f"{n}: {p['figures']['note']}" for n, p in runs if p["figures"].get("note")]
+        if notes:
+            lines += [*notes, ""]
 
     speeds = [parts[n] for n in ("model_speed_b128", "model_speed_b512") if n in parts and parts[n].get("figures")]
     if speeds:
         model = ("the full VSRN" if summary["profile"] == "paper"
                  else "the `--small` VSRN (D 256) of the CPU simulation")
-        lines += [f"`bench/model_speed.py` (one optimizer step of {model}, no data loading):", "",
-                  "| batch | precision | ms/step | pairs/s | peak GPU memory (max allocated) |", "|---|---|---|---|---|"]
+        lines += [f"`bench/model_speed.py` (one optimizer step of {model}, no data loading; trainer: the worker's "
+                  "DeepSpeed engine, weights cast as it casts them; autocast: float32 weights under torch.autocast):",
+                  "", "| batch | path | precision | ms/step | pairs/s | peak GPU memory (max allocated) |",
+                  "|---|---|---|---|---|---|"]
         for p in speeds:
-            f = p["figures"]
-            lines.append(f"| {_fmt(f.get('batch'), 'd')} | {_fmt(f.get('precision'))} "
-                         f"| {_fmt(_ms(f.get('seconds_per_step')), '.1f')} | {_fmt(f.get('pairs_per_second'), '.0f')} "
-                         f"| {_fmt(f.get('peak_memory_gib'), '.1f', ' GiB')} |")
+            for r in p["figures"].get("results") or []:
+                lines.append(f"| {_fmt(r.get('batch'), 'd')} | {_fmt(r.get('path'))} | {_fmt(r.get('precision'))} "
+                             f"| {_fmt(_ms(r.get('seconds_per_step')), '.1f')} | {_fmt(r.get('pairs_per_second'), '.0f')} "
+                             f"| {_fmt(r.get('peak_memory_gib'), '.1f', ' GiB')} |")
         lines.append("")
 
     if "eval_speed" in parts and parts["eval_speed"].get("figures", {}).get("vectorized_s") is not None:
@@ -1001,13 +1131,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Details: the module docstring (bench/gpu_check.py) and docs/benchmarks.md.")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help=f"directory for the summary, logs, run and data (default: {DEFAULT_OUTPUT.relative_to(ROOT)}/)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="training and model_speed precision (default bf16; use fp32 with --allow-cpu)")
+    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), default="bf16",
+                        help="precision of the train/resume and model_speed parts (default bf16; fp32 or bf16 "
+                             "with --allow-cpu); the train_fp16 part always trains in fp16 on a GPU")
     parser.add_argument("--parts", default=",".join(PART_ORDER),
                         help="comma-separated parts to run, in the fixed order "
                              f"{', '.join(PART_ORDER)} (model_speed = both batches; resume needs train)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="total time budget in seconds, split between the parts (default: 480; 900 with --tiny)")
+                        help="total time budget in seconds, split between the parts (default: 480; 1200 with --tiny)")
     parser.add_argument("--run-name", default="", help="checkpoint.run_name, a new one (default: gpu-check-<timestamp>)")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="for testing the script on a machine without a GPU: run on the CPU when CUDA is not "
@@ -1043,6 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_CUDA
     if not available and not args.tiny:
         parser.error("--allow-cpu runs on the CPU only with --tiny (the paper-size check would take hours)")
+    if not available and args.precision == "fp16":
+        parser.error("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on this CPU); use fp32 or bf16")
     profile = tiny_profile() if args.tiny else paper_profile()
     return Check(args, profile, "cuda" if available else "cpu").run()
 
