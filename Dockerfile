@@ -19,7 +19,7 @@ FROM rayproject/ray:${RAY_VERSION}-py311-gpu
 # Declared again: an ARG before FROM is only visible in FROM lines.
 ARG RAY_VERSION
 # The torch build. Installed on its own, before the project, so that pip keeps it when it resolves
-# setup.py's `torch>=2.1,<2.14` (an installed torch that satisfies the range is never replaced) and
+# setup.py's `torch>=2.11,<2.14` (an installed torch that satisfies the range is never replaced) and
 # so that this multi-gigabyte layer is rebuilt only when these arguments change. The CUDA wheels
 # bring their own CUDA runtime (nvidia-* packages): pick the index of a CUDA version the nodes'
 # driver supports (cu126, cu128, ...), or https://download.pytorch.org/whl/cpu for a small CPU-only

@@ -1,7 +1,11 @@
 """Packaging for the VSRN distributed training system.
 
 The version ranges accept the CPU wheel of torch 2.13.0 that the development machines install
-first, so pip never replaces it with a multi-gigabyte CUDA build.
+first, so pip never replaces it with a multi-gigabyte CUDA build. torch's range is the one that
+was run: 2.11 (the GPU host's; Python 3.12 and 3.10), 2.12 and 2.13 (tests/model, the two-worker
+gathered loss through Ray and DeepSpeed, the main job; 2026-12-04). Below 2.11 nothing was run,
+and below 2.5 the code cannot work (fused Adam on CPU and torch.is_autocast_enabled("cpu") need
+2.4, torch.serialization.safe_globals 2.5).
 """
 from setuptools import setup
 
@@ -12,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=["model", "trainer", "data_shards", "monitoring", "cluster"],
     install_requires=[
-        "torch>=2.1,<2.14",
+        "torch>=2.11,<2.14",
         "numpy>=1.24",
         "deepspeed>=0.14",
         "webdataset>=0.2.86",

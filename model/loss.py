@@ -343,10 +343,11 @@ def gather_with_grad(tensor: Tensor, group: dist.ProcessGroup | None = None) -> 
 
     Op choice: ``torch.distributed.nn.functional.all_gather``, the public autograd-aware gather
     that every torch of setup.py's range has and open_clip uses. Its backward reduce-scatters (NCCL)
-    or emulates that with an all-to-all and a sum (gloo). torch 2.13 marks it deprecated in favour
-    of ``torch.distributed._functional_collectives``, a private module that is not in torch 2.11
-    (``all_gather_single_autograd`` appeared in 2.13): the project stays on the public call and
-    silences that one FutureWarning here (tests/test_public_apis.py keeps private torch modules out).
+    or emulates that with an all-to-all and a sum (gloo). torch 2.12 marks it deprecated in favour
+    of ``torch.distributed._functional_collectives``, a private module whose autograd gather
+    (``all_gather_single_autograd``) appeared only in 2.13 and is not in the GPU host's 2.11: the
+    project stays on the public call and silences that one FutureWarning here
+    (tests/test_public_apis.py keeps private torch modules out of the project).
 
     Args:
         tensor: ``(b, ...)`` tensor, same shape on every rank.
