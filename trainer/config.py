@@ -147,10 +147,20 @@ class CheckpointConfig:
     lease_timeout_s: float = 300.0
     # Take over a lease that another trainer still renews; that trainer stops at its next heartbeat.
     force_lease: bool = False
+    # A relaunch that finds the lease of a trainer which stopped heart-beating (a killed driver, a
+    # lost head pod) waits up to this long for it to go stale instead of exiting 2 at once; a
+    # holder whose heartbeat still moves is refused at once. The RayJob manifest sets it above
+    # lease_timeout_s, so that Kubernetes' retry resumes the run (docs/operations.md).
+    lease_wait_s: float = 0.0
+    # SIGTERM/SIGINT to the driver: the workers stop at the next step boundary and checkpoint that
+    # step; past this many seconds the driver exits without a checkpoint. Inside Kubernetes' default
+    # 30 s termination grace and `ray job stop`'s wait (RAY_JOB_STOP_WAIT_TIME_S, set to 30 by the
+    # manifests and cluster/runtime_env.yaml).
+    stop_grace_s: float = 25.0
 
     def validate(self) -> None:
-        _non_negative(self, "every_steps", "max_failures")
-        _positive(self, "keep_last")
+        _non_negative(self, "every_steps", "max_failures", "lease_wait_s")
+        _positive(self, "keep_last", "stop_grace_s")
         if not self.storage_path:
             raise ConfigError("checkpoint.storage_path must not be empty")
         if not self.lease_timeout_s >= MIN_LEASE_TIMEOUT_S:
