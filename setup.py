@@ -27,7 +27,7 @@ setup(
         "safetensors>=0.4",
         "nltk>=3.8",
         "matplotlib>=3.7",  # trainer/report.py: PNG plots of a run
-        # trainer/coco_annotations.py: the COCO 5K test ids and the ECCV Caption / CxC ground truths
+        # data_shards/coco_annotations.py: the COCO 5K test ids and the ECCV Caption / CxC ground truths
         # of the eccv and cxc protocols (MIT); pinned: the protocols' numbers depend on its data files
         "eccv-caption==0.1.0",
         "Pillow>=10.1",  # data_shards/synthetic.py draws the synthetic images (matplotlib needs it anyway)

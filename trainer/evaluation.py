@@ -19,7 +19,7 @@ averages the per-fold metrics (the COCO 1K result). An ensemble of models is eva
 averaging their similarity matrices before ranking.
 
 Two more protocols rank the COCO 5K test split against extra annotated positives (from the
-``eccv-caption`` package, trainer/coco_annotations.py), located by the COCO ids of the images and
+``eccv-caption`` package, data_shards/coco_annotations.py), located by the COCO ids of the images and
 captions (:class:`GalleryIds`; without ids the standard 5K order is assumed): ``"eccv"`` gives
 ECCV Caption's mAP@R, R-Precision and R@1 and ``"cxc"`` CrissCrossed Captions' R@1/5/10, in both
 directions and in percent, equal to the package's own functions on the same rankings (see
@@ -335,7 +335,7 @@ class GalleryIds:
     @classmethod
     def standard_coco_5k(cls) -> GalleryIds:
         """The COCO 5K test split in the standard order (the package's ``coco_test_ids.npy``)."""
-        from trainer.coco_annotations import (
+        from data_shards.coco_annotations import (
             AnnotationsUnavailableError,
             coco_5k_test_ids,
         )
@@ -1036,7 +1036,7 @@ class _CaptionQueryBestPositive(_BlockObserver):
 
 
 def _ground_truth(protocol: str) -> Any:
-    from trainer.coco_annotations import (
+    from data_shards.coco_annotations import (
         AnnotationsUnavailableError,
         cxc_ground_truth,
         eccv_ground_truth,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainer.coco_annotations import (
+from data_shards.coco_annotations import (
     coco_5k_test_ids,
     cxc_ground_truth,
     eccv_ground_truth,
