@@ -56,7 +56,7 @@ from trainer.evaluation import (
     GalleryIds,
     evaluate_embeddings,
     evaluate_embeddings_protocols,
-    format_table,
+    results_table,
     validate_protocol,
 )
 from trainer.inference import local_inference_dir
@@ -367,17 +367,6 @@ def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarra
     logger.info("%s: qualitative page (%d queries, %d figures) in %.1f s", checkpoint.display, queries,
                 len(page.figures), time.perf_counter() - started)
     return QUALITATIVE_FILE
-
-
-def results_table(payload: dict[str, Any]) -> str:
-    """The recall table of a metrics.json payload: the dev row, then one row per test protocol
-    (ECCV Caption and CxC, when evaluated, in tables of their own below it)."""
-    rows: dict[str, dict[str, Any]] = {}
-    if payload.get("dev") is not None:
-        rows[f"dev (all, {payload['data']['dev_images']} images)"] = payload["dev"]
-    for protocol, metrics in payload.get("test", {}).items():
-        rows[f"test {protocol}"] = metrics
-    return format_table(rows) if rows else "(no metrics)"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -171,8 +171,8 @@ class EvalConfig:
     gpus: float = 0.0
 
     def validate(self) -> None:
-        # The protocol names are trainer/evaluation.py's; imported here rather than at the top, so
-        # that importing this module does not import torch.
+        # The protocol names are trainer/evaluation/metrics.py's; imported here rather than at the
+        # top, so that importing this module does not import torch.
         from trainer.evaluation import PROTOCOLS
 
         for protocol in self.test_protocols:

@@ -118,10 +118,10 @@ PLOT_FILES = (LOSSES_PNG, THROUGHPUT_PNG, DIAGNOSTICS_PNG, RECALL_PNG)
 # The fields of a step-log record this report uses (trainer/worker.py `_Loop.record` writes them).
 STEP_FIELDS = ("step", "epoch", "loss", "loss_matching", "loss_caption", "lr", "samples_per_s",
                "data_wait_s", "step_time_s", "time")
-# The keys evaluate.py writes per protocol (trainer/evaluation.py), and the recalls plotted.
+# The keys evaluate.py writes per protocol (trainer/evaluation/metrics.py), and the recalls plotted.
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
                "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum")
-# The annotation protocols' blocks hold other keys (trainer/evaluation.py) and no rsum.
+# The annotation protocols' blocks hold other keys (trainer/evaluation/metrics.py) and no rsum.
 ANNOTATED_KEYS = {PROTOCOL_ECCV: ECCV_KEYS, PROTOCOL_CXC: CXC_KEYS}
 RECALL_KS = (1, 5, 10)
 FIGSIZE = (9.0, 6.0)
