@@ -515,7 +515,7 @@ def _memory_gib() -> float | None:
 
 
 def read_step_log(run_dir: Path) -> list[dict[str, Any]]:
-    from trainer.run_layout import TRAIN_LOG
+    from trainer.run.layout import TRAIN_LOG
 
     path = run_dir / TRAIN_LOG
     if not path.is_file():
@@ -580,7 +580,7 @@ def _quantile(values: list[float], q: float) -> float:
 def read_train_state(checkpoint: str | None) -> dict[str, Any] | None:
     if not checkpoint:
         return None
-    from trainer.run_layout import TRAIN_STATE_FILE  # the project is importable: bench/ runs from its root
+    from trainer.run.layout import TRAIN_STATE_FILE  # the project is importable: bench/ runs from its root
 
     path = Path(checkpoint) / TRAIN_STATE_FILE
     try:

@@ -19,7 +19,7 @@ A checkpoint that cannot be evaluated gets an ``eval_error.json`` instead
 :func:`evaluate_run` is ``evaluate.py --watch``: every complete checkpoint of a run without
 ``metrics.json`` or ``eval_error.json``, in step order.
 
-What the files are called and hold, and how they are read and written, is trainer/run_layout.py's
+What the files are called and hold, and how they are read and written, is trainer/run/'s
 (docs/run_layout.md); this module decides what to evaluate and in which order to record it.
 """
 
@@ -60,23 +60,20 @@ from trainer.evaluation import (
     validate_protocol,
 )
 from trainer.inference import local_inference_dir
-from trainer.run_layout import (
+from trainer.run.best import best_dev_rsum, update_best
+from trainer.run.checkpoints import list_checkpoints
+from trainer.run.history import record_evaluation
+from trainer.run.layout import (
     BEST_FILE,
     CONFIG_YAML,
     ERROR_FILE,
     EVALUATIONS_FILE,
     QUALITATIVE_FILE,
-    best_dev_rsum,
-    list_checkpoints,
-    read_train_state_fields,
-    record_evaluation,
-    record_failure,
-    record_result,
     run_dir_of,
-    state_int,
-    update_best,
     utc_now,
 )
+from trainer.run.records import record_failure, record_result
+from trainer.run.train_state import read_train_state_fields, state_int
 
 __all__ = [
     "METRICS_FORMAT_VERSION",
@@ -392,7 +389,7 @@ def record_evaluated(checkpoint: str, payload: dict[str, Any], run_dir: str | No
     caller records the failure). A failure after it is returned in ``problem`` instead: the
     evaluation itself is recorded. The history and best.json are tried independently, so that a
     damaged history does not stop model selection; the next evaluation repairs a missing line
-    (run_layout.record_evaluation).
+    (trainer/run/history.py, record_evaluation).
     """
     record_result(checkpoint, payload, storage_options)
     if run_dir is None:

@@ -141,7 +141,7 @@ class CheckpointConfig:
     # unless it is on a filesystem that every node mounts at the same path (NFS, EFS, Lustre...):
     # then say so here (trainer/run_checkpoint.py, require_shared_storage).
     shared_filesystem: bool = False
-    # The lease on RUN_DIR (trainer/run_lease.py): one trainer writes a run at a time. A lease
+    # The lease on RUN_DIR (trainer/run/lease.py): one trainer writes a run at a time. A lease
     # whose heartbeat is older than this is stale (its driver died) and a new trainer takes it
     # over; longer than any pause of the driver (a Ray worker restart does not pause it).
     lease_timeout_s: float = 300.0

@@ -35,7 +35,9 @@ from monitoring.recorders import EvaluationMetrics, RayBackend
 from trainer.checkpoint_eval import evaluate_and_record, evaluation_summary
 from trainer.config import EvalConfig
 from trainer.evaluation import set_tf32
-from trainer.run_layout import list_checkpoints, read_best, run_dir_of
+from trainer.run.best import read_best
+from trainer.run.checkpoints import list_checkpoints
+from trainer.run.layout import run_dir_of
 
 __all__ = ["ACTOR_MAX_RESTARTS", "EvaluationWorker", "make_evaluation_actor"]
 

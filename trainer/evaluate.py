@@ -87,7 +87,7 @@ from trainer.evaluation import (
     set_tf32,
     validate_protocol,
 )
-from trainer.run_layout import METRICS_FILE, run_dir_of
+from trainer.run.layout import METRICS_FILE, run_dir_of
 
 if TYPE_CHECKING:
     from trainer.config import EvalConfig
@@ -440,7 +440,8 @@ def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _Exp
         results_table,
     )
     from trainer.config import EvalConfig
-    from trainer.run_layout import best_dev_rsum, is_run_checkpoint
+    from trainer.run.best import best_dev_rsum
+    from trainer.run.checkpoints import is_run_checkpoint
 
     options = _storage_options(args)
     _full_precision(args.device)
@@ -500,7 +501,7 @@ def run_watch(args: argparse.Namespace, prog: str) -> int:
 def _evaluate_run(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
     from trainer.checkpoint_eval import evaluate_run, read_run_settings
     from trainer.config import EvalConfig
-    from trainer.run_lease import describe_holder
+    from trainer.run.lease import describe_holder
 
     options = _storage_options(args)
     _full_precision(args.device)

@@ -28,7 +28,7 @@ from model.checkpoint import (
 from model.interpret import RegionAttention, region_attention
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
-from trainer.run_layout import INFERENCE_DIR, TRAIN_STATE_FILE, run_dir_of
+from trainer.run.layout import INFERENCE_DIR, TRAIN_STATE_FILE, run_dir_of
 
 __all__ = ["LoadedCheckpoint", "feed_order", "load_checkpoint", "local_inference_dir", "records_attention"]
 

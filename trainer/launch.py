@@ -6,7 +6,7 @@ directory if missing and shards it, starts a local Ray, trains a small VSRN with
 best checkpoint's recall table.
 
 Steps: configuration (errors exit 2 naming the key, before any Ray work) -> the lease on RUN_DIR
-(trainer/run_lease.py: when another trainer holds the run, exit 2 with one line naming the holder
+(trainer/run/lease.py: when another trainer holds the run, exit 2 with one line naming the holder
 and the age of its heartbeat; renewed by a thread of this driver, released at the end, success or
 failure) -> data (trainer/data.py) -> Ray: the cluster of the job submission or RAY_ADDRESS, else
 a local one sized for the job -> RUN_DIR/config.yaml (the resolved configuration) -> a TorchTrainer
@@ -52,8 +52,10 @@ from trainer.config import (
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
-from trainer.run_layout import CONFIG_YAML, prune_checkpoints, read_best
-from trainer.run_lease import LeaseHeldError, LeaseLostError, RunLease
+from trainer.run.best import read_best
+from trainer.run.layout import CONFIG_YAML
+from trainer.run.lease import LeaseHeldError, LeaseLostError, RunLease
+from trainer.run.retention import prune_checkpoints
 
 log = logging.getLogger("trainer.launch")
 
@@ -311,7 +313,7 @@ class _AbortOnLostLease:
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run of `config` through Ray Train; returns the summary (see module doc).
 
-    Takes the lease on RUN_DIR first (trainer/run_lease.py; LeaseHeldError when another trainer
+    Takes the lease on RUN_DIR first (trainer/run/lease.py; LeaseHeldError when another trainer
     holds it) and releases it when the run ends, however it ends; LeaseLostError when another
     trainer took it over meanwhile. Uses the Ray instance of this process if there is one, else
     connects/starts one (and leaves it running: main() shuts it down).

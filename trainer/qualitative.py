@@ -8,7 +8,7 @@ a run answers the same queries, and a run's pages can be compared side by side):
 * text -> image: the first caption of each of these images, its top-3 images (✓ the caption's own
   image), each with its attention map;
 
-written beside metrics.json as `qualitative.md` and `qualitative/<key>.png` (trainer/run_layout.py
+written beside metrics.json as `qualitative.md` and `qualitative/<key>.png` (trainer/run/layout.py
 names them). Rankings come from the evaluator's embeddings (trainer/retrieval.py), attention
 maps from model/interpret.py, figures from trainer/attention_figure.py. The PNGs are written
 first and the page last, so a page that exists is complete.
@@ -31,7 +31,7 @@ from model.vsrn import VSRN
 from trainer.attention_figure import attention_png
 from trainer.inference import records_attention
 from trainer.retrieval import Gallery, RetrievalHit, search_by_image, search_by_text
-from trainer.run_layout import QUALITATIVE_DIR, QUALITATIVE_FILE
+from trainer.run.layout import QUALITATIVE_DIR, QUALITATIVE_FILE
 
 __all__ = ["QualitativePage", "build_page", "query_positions", "write_page"]
 

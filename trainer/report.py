@@ -26,7 +26,7 @@ data_shards/storage.py; S3 endpoint from ``--endpoint-url``, else ``AWS_ENDPOINT
 The inputs are ``train_log.jsonl`` (one JSON object per step, trainer/worker.py's ``StepLog``),
 ``evaluations.jsonl`` (the evaluation history, which keeps the checkpoints that pruning deleted),
 the ``checkpoint_*/metrics.json`` and ``eval_error.json`` files and ``best.json`` (written by
-trainer/checkpoint_eval.py), all named and read through trainer/run_layout.py. Every evaluated
+trainer/checkpoint_eval.py), all named and read through trainer/run/. Every evaluated
 checkpoint is plotted: those of the history and, for a run without one (written before it
 existed), those whose metrics.json is still there. A run with missing pieces (no step log yet, no
 evaluation yet, a checkpoint whose evaluation failed) gives the plots it can, and summary.md says
@@ -86,7 +86,10 @@ from trainer.diagnostics import (
     LOG_FIELDS,
     REMOTE_FIELD,
 )
-from trainer.run_layout import (
+from trainer.run.best import load_best
+from trainer.run.checkpoints import list_checkpoints
+from trainer.run.history import read_evaluations
+from trainer.run.layout import (
     BEST_FILE,
     CHECKPOINT_PREFIX,
     CONFIG_YAML,
@@ -96,9 +99,6 @@ from trainer.run_layout import (
     QUALITATIVE_DIR,
     QUALITATIVE_FILE,
     TRAIN_LOG,
-    list_checkpoints,
-    load_best,
-    read_evaluations,
     read_json,
     utc_now,
 )
@@ -250,7 +250,7 @@ def _read_text(location: Location, name: str) -> str | None:
 
 
 def _read_record(location: Location, name: str) -> dict[str, Any] | None:
-    """A JSON record of the run (run_layout's reader); None if absent; damage is a ReportInputError."""
+    """A JSON record of the run (trainer/run/layout.py's reader); None if absent; damage is a ReportInputError."""
     try:
         return read_json(location, name)
     except (ValueError, StorageError) as error:  # not a JSON object; not UTF-8
@@ -391,7 +391,7 @@ def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> 
         best_file = load_best(location.url, options)
         best_found = best_file is not None
     except (ValueError, StorageError) as error:
-        # The trainer itself treats an unreadable best.json as absent (run_layout.read_best).
+        # The trainer itself treats an unreadable best.json as absent (trainer/run/best.py, read_best).
         best_found = True
         logger.warning("%s", error)
         notes.append(f"{BEST_FILE} unreadable ({error}); the best checkpoint is the highest dev rsum found")

@@ -29,7 +29,7 @@ from model.vsrn import VSRN
 from trainer.checkpoint_eval import encode_split
 from trainer.evaluation import CAPTIONS_PER_IMAGE, full_float32_matmul
 from trainer.inference import LoadedCheckpoint
-from trainer.run_layout import GALLERY_DIR
+from trainer.run.layout import GALLERY_DIR
 
 __all__ = ["Gallery", "QueryError", "RetrievalHit", "encode_texts", "load_gallery", "rank_descending",
            "search_by_image", "search_by_text", "text_tokens"]

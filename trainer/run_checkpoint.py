@@ -35,7 +35,7 @@ epoch does (the reader's plan depends on the world size), which is logged.
 
 Pruning ("keep the last K and the best") is not Ray's: CheckpointConfig(num_to_keep) cannot know
 the best, whose metrics arrive later from the evaluation worker. The launcher calls
-`trainer.run_layout.prune_checkpoints(RUN_DIR, checkpoint.keep_last)` after each report and at
+`trainer.run.retention.prune_checkpoints(RUN_DIR, checkpoint.keep_last)` after each report and at
 the end; it only deletes evaluated checkpoints that are neither among the newest K nor the best.
 """
 
@@ -60,15 +60,9 @@ from model.checkpoint import save_inference_checkpoint
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
 from trainer.config import ConfigError, TrainConfig
-from trainer.run_layout import (
-    DEEPSPEED_DIR,
-    INFERENCE_DIR,
-    TRAIN_STATE_FILE,
-    TrainState,
-    TrainStateError,
-    best_dev_rsum,
-    checkpoint_dir_name,
-)
+from trainer.run.best import best_dev_rsum
+from trainer.run.layout import DEEPSPEED_DIR, INFERENCE_DIR, TRAIN_STATE_FILE, checkpoint_dir_name
+from trainer.run.train_state import TrainState, TrainStateError
 
 log = logging.getLogger(__name__)
 

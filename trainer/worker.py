@@ -89,7 +89,7 @@ from trainer.run_checkpoint import (
     save_checkpoint,
     seed_everything,
 )
-from trainer.run_layout import TRAIN_LOG
+from trainer.run.layout import TRAIN_LOG
 
 log = logging.getLogger("trainer.worker")
 

@@ -54,7 +54,9 @@ from trainer.checkpoint_eval import (
     record_evaluated,
 )
 from trainer.evaluation import evaluate_embeddings
-from trainer.run_layout import EVALUATIONS_FILE, list_checkpoints, read_evaluations
+from trainer.run.checkpoints import list_checkpoints
+from trainer.run.history import read_evaluations
+from trainer.run.layout import EVALUATIONS_FILE
 
 # --------------------------------------------------------------------------------------------------
 # Encoding

@@ -20,12 +20,7 @@ from trainer.inference import load_checkpoint
 from trainer.qualitative import query_positions
 from trainer.report import make_report
 from trainer.retrieval import load_gallery, search_by_image, search_by_text
-from trainer.run_layout import (
-    BEST_FILE,
-    METRICS_FILE,
-    QUALITATIVE_DIR,
-    QUALITATIVE_FILE,
-)
+from trainer.run.layout import BEST_FILE, METRICS_FILE, QUALITATIVE_DIR, QUALITATIVE_FILE
 
 
 def test_query_positions_are_evenly_spaced_and_fixed() -> None:

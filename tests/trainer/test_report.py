@@ -31,12 +31,9 @@ from trainer import report
 from trainer.checkpoint_eval import evaluate_run, record_evaluated, results_table
 from trainer.config import TrainConfig, config_to_yaml
 from trainer.evaluation import evaluate_embeddings, evaluate_embeddings_protocols
-from trainer.run_layout import (
-    EVALUATIONS_FILE,
-    TrainState,
-    checkpoint_dir_name,
-    prune_checkpoints,
-)
+from trainer.run.layout import EVALUATIONS_FILE, checkpoint_dir_name
+from trainer.run.retention import prune_checkpoints
+from trainer.run.train_state import TrainState
 from trainer.worker import Interval, StepLog, _Loop, hardest_negatives, learning_rate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -34,7 +34,7 @@ from trainer.retrieval import (
     search_by_image,
     search_by_text,
 )
-from trainer.run_layout import GALLERY_DIR
+from trainer.run.layout import GALLERY_DIR
 
 
 @pytest.fixture(scope="module")

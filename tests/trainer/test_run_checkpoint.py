@@ -36,7 +36,8 @@ from trainer.run_checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainer.run_layout import TrainState, checkpoint_dir_name
+from trainer.run.layout import checkpoint_dir_name
+from trainer.run.train_state import TrainState
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,18 +21,12 @@ from eval_run_helpers import (
 from trainer import report
 from trainer.checkpoint_eval import evaluate_run, record_evaluated
 from trainer.config import EvalConfig
-from trainer.run_layout import (
-    EVALUATIONS_FILE,
-    CheckpointEntry,
-    TrainState,
-    TrainStateError,
-    checkpoint_dir_name,
-    checkpoints_to_prune,
-    prune_checkpoints,
-    read_evaluations,
-    record_evaluation,
-    update_best,
-)
+from trainer.run.best import update_best
+from trainer.run.checkpoints import CheckpointEntry
+from trainer.run.history import read_evaluations, record_evaluation
+from trainer.run.layout import EVALUATIONS_FILE, checkpoint_dir_name
+from trainer.run.retention import checkpoints_to_prune, prune_checkpoints
+from trainer.run.train_state import TrainState, TrainStateError
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ from trainer.evaluation import embedding_ranks
 from trainer.inference import load_checkpoint, records_attention
 from trainer.report import make_report
 from trainer.retrieval import encode_texts, load_gallery, search_by_text
-from trainer.run_layout import (
-    BEST_FILE,
-    METRICS_FILE,
-    QUALITATIVE_DIR,
-    QUALITATIVE_FILE,
-)
+from trainer.run.layout import BEST_FILE, METRICS_FILE, QUALITATIVE_DIR, QUALITATIVE_FILE
 
 logger = logging.getLogger(__name__)
 
