@@ -72,11 +72,10 @@ from trainer.run.layout import (
     run_dir_of,
     utc_now,
 )
-from trainer.run.records import record_failure, record_result
+from trainer.run.records import NO_PAGE, EvaluationRecord, NoPage, record_failure, record_result
 from trainer.run.train_state import read_train_state_fields, state_int
 
 __all__ = [
-    "METRICS_FORMAT_VERSION",
     "EvaluationDataError",
     "Recorded",
     "RunSettings",
@@ -91,9 +90,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-METRICS_FORMAT_VERSION = 1
-
 
 class EvaluationDataError(ValueError):
     """The evaluation data cannot be ranked (an image without exactly five captions, no images ...)."""
@@ -287,30 +283,25 @@ def evaluate_checkpoint(
         return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images,
                             ids=ids, listing=listing)
 
-    payload: dict[str, Any] = {
-        "checkpoint": location.display,
-        "step": state_int(state, "step"),
-        "epoch": state_int(state, "epoch"),
-        "dev": None,
-        "dev_rsum": None,
-        "test": {},
-        "skipped": {},
-        "data": {"dev": dev, "dev_images": 0, "test": test, "test_images": 0},
-    }
+    step, epoch = state_int(state, "step"), state_int(state, "epoch")
+    data = {"dev": dev, "dev_images": 0, "test": test, "test_images": 0}
+    dev_metrics: dict[str, Any] | None = None
+    test_metrics: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    qualitative: str | None | NoPage = NO_PAGE
     if dev is not None:
         images, captions = encode(dev, eval_config.dev_images)
         if images.shape[0] < eval_config.dev_images:
             logger.info("%s has %d images, fewer than eval.dev_images = %d: the dev metrics use all of them",
                         dev, images.shape[0], eval_config.dev_images)
-        payload["dev"] = evaluate_embeddings([(images, captions)], PROTOCOL_ALL, device=device)
-        payload["dev_rsum"] = payload["dev"]["rsum"]
-        payload["data"]["dev_images"] = int(images.shape[0])
+        dev_metrics = evaluate_embeddings([(images, captions)], PROTOCOL_ALL, device=device)
+        data["dev_images"] = int(images.shape[0])
     if test is not None:
         found_ids: list[GalleryIds | None] = []
         listing: list[tuple[str, tuple[str, ...]]] = []
         images, captions = encode(test, None, found_ids, listing)
         test_ids = found_ids[0] if found_ids else None
-        payload["data"]["test_images"] = int(images.shape[0])
+        data["test_images"] = int(images.shape[0])
         runnable = []
         for protocol in dict.fromkeys(eval_config.test_protocols):
             reason = None
@@ -324,20 +315,20 @@ def evaluate_checkpoint(
                     reason = str(error)
             if reason is not None:
                 logger.warning("%s: protocol %s skipped: %s", location.display, protocol, reason)
-                payload["skipped"][protocol] = reason
+                skipped[protocol] = reason
                 continue
             runnable.append(protocol)
         # One call: all, eccv and cxc share the matrix products.
-        payload["test"].update(evaluate_embeddings_protocols([(images, captions)], runnable, device=device,
-                                                             ids=test_ids))
+        test_metrics = evaluate_embeddings_protocols([(images, captions)], runnable, device=device, ids=test_ids)
         if eval_config.qualitative_queries > 0:
-            payload["qualitative"] = _write_qualitative_page(
+            qualitative = _write_qualitative_page(
                 location, model, images, captions, listing, test, eval_config.qualitative_queries, options,
-                region_order, device, title=f"{location.display} (step {payload['step']}, epoch {payload['epoch']})")
-    payload["evaluated_at"] = utc_now()
-    payload["elapsed_s"] = round(time.perf_counter() - started, 3)
-    payload["format_version"] = METRICS_FORMAT_VERSION
-    return payload
+                region_order, device, title=f"{location.display} (step {step}, epoch {epoch})")
+    return EvaluationRecord(
+        checkpoint=location.display, step=step, epoch=epoch, dev=dev_metrics,
+        dev_rsum=None if dev_metrics is None else dev_metrics["rsum"], test=test_metrics, skipped=skipped, data=data,
+        qualitative=qualitative, evaluated_at=utc_now(), elapsed_s=round(time.perf_counter() - started, 3),
+    ).to_metrics_json()
 
 
 def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarray, captions: np.ndarray,
@@ -391,18 +382,19 @@ def record_evaluated(checkpoint: str, payload: dict[str, Any], run_dir: str | No
     damaged history does not stop model selection; the next evaluation repairs a missing line
     (trainer/run/history.py, record_evaluation).
     """
-    record_result(checkpoint, payload, storage_options)
+    record = EvaluationRecord.from_metrics_json(payload)
+    record_result(checkpoint, record, storage_options)
     if run_dir is None:
         return Recorded(is_best=False)
     problems = []
     try:
-        record_evaluation(run_dir, payload, storage_options)
+        record_evaluation(run_dir, record, storage_options)
     except Exception as error:  # noqa: BLE001 - e.g. a damaged line or the store is down; keep the rest
         logger.error("%s: cannot update %s: %s: %s", checkpoint, EVALUATIONS_FILE, type(error).__name__, error)
         problems.append(f"{EVALUATIONS_FILE} not updated: {type(error).__name__}: {error}")
     is_best = False
     try:
-        is_best = update_best(run_dir, payload, storage_options)
+        is_best = update_best(run_dir, record, storage_options)
     except Exception as error:  # noqa: BLE001 - metrics.json is written: the evaluation itself succeeded
         logger.error("%s: cannot update %s: %s: %s", checkpoint, BEST_FILE, type(error).__name__, error)
         problems.append(f"{BEST_FILE} not updated: {type(error).__name__}: {error}")

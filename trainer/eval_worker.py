@@ -35,7 +35,7 @@ from monitoring.recorders import EvaluationMetrics, RayBackend
 from trainer.checkpoint_eval import evaluate_and_record, evaluation_summary
 from trainer.config import EvalConfig
 from trainer.evaluation import set_tf32
-from trainer.run.best import read_best
+from trainer.run.best import best_summary
 from trainer.run.checkpoints import list_checkpoints
 from trainer.run.layout import run_dir_of
 
@@ -151,7 +151,7 @@ class EvaluationWorker:
         """The run's best.json payload (None before any checkpoint with a dev rsum)."""
         with self._lock:
             run_dir = self.run_dir or next((run_dir_of(r["path"]) for r in self._results), None)
-        return None if run_dir is None else read_best(run_dir, self.storage_options)
+        return None if run_dir is None else best_summary(run_dir, self.storage_options)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the background thread after the queued checkpoints."""

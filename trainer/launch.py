@@ -52,7 +52,7 @@ from trainer.config import (
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
-from trainer.run.best import read_best
+from trainer.run.best import best_summary
 from trainer.run.layout import CONFIG_YAML
 from trainer.run.lease import LeaseHeldError, LeaseLostError, RunLease
 from trainer.run.retention import prune_checkpoints
@@ -416,7 +416,7 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
         except ray.exceptions.RayActorError as error:  # lost more often than Ray restarts it
             log.warning("the evaluation worker is gone (%s); checkpoints without metrics.json are left to "
                         "`python trainer/evaluate.py --watch %s`", type(error).__name__, run_dir)
-            best = read_best(run_dir, storage_options)
+            best = best_summary(run_dir, storage_options)
         prune(run_dir, config.checkpoint.keep_last, storage_options)
         ray.kill(evaluator)
     return {"run_dir": run_dir, "best": best, "latest_checkpoint": latest, "run_name": config.checkpoint.run_name}

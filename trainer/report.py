@@ -48,10 +48,10 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if __name__ == "__main__" and __package__ in (None, ""):  # `python trainer/report.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,8 +75,7 @@ from data_shards.storage import (
     open_location,
     s3_storage_options,
 )
-from trainer.checkpoint_eval import results_table
-from trainer.evaluation import CXC_KEYS, ECCV_KEYS, PROTOCOL_CXC, PROTOCOL_ECCV
+from trainer.evaluation import CXC_KEYS, ECCV_KEYS, PROTOCOL_CXC, PROTOCOL_ECCV, results_table
 from trainer.diagnostics import (
     ACTIVE_FIELD,
     COLLAPSED_FIELD,
@@ -86,7 +85,7 @@ from trainer.diagnostics import (
     LOG_FIELDS,
     REMOTE_FIELD,
 )
-from trainer.run.best import load_best
+from trainer.run.best import best_checkpoint, load_best
 from trainer.run.checkpoints import list_checkpoints
 from trainer.run.history import read_evaluations
 from trainer.run.layout import (
@@ -102,8 +101,11 @@ from trainer.run.layout import (
     read_json,
     utc_now,
 )
+from trainer.run.records import EvaluationRecord, read_result
 
 logger = logging.getLogger("trainer.report")
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -184,17 +186,17 @@ class CheckpointInfo:
     name: str
     step: int | None
     epoch: int | None
-    metrics: dict[str, Any] | None = None  # metrics.json, or its evaluations.jsonl line
+    metrics: EvaluationRecord | None = None  # metrics.json, or its evaluations.jsonl line
     error: str | None = None  # from eval_error.json
     pruned: bool = False  # the directory is gone; the metrics come from evaluations.jsonl
 
     @property
     def dev_rsum(self) -> float | None:
-        value = None if self.metrics is None else self.metrics.get("dev_rsum")
+        value = None if self.metrics is None else self.metrics.dev_rsum
         return float(value) if _is_number(value) else None
 
     def test(self, protocol: str) -> dict[str, Any] | None:
-        return None if self.metrics is None else (self.metrics.get("test") or {}).get(protocol)
+        return None if self.metrics is None else (self.metrics.test or {}).get(protocol)
 
 
 @dataclass
@@ -208,7 +210,7 @@ class Run:
     steps: StepSeries | None
     checkpoints: list[CheckpointInfo]
     incomplete: list[str]  # checkpoint_* directories without train_state.json
-    best_file: dict[str, Any] | None  # best.json
+    best_file: EvaluationRecord | None  # best.json
     notes: list[str] = field(default_factory=list)  # what is missing, for summary.md
 
     def config_value(self, section: str, key: str) -> Any:
@@ -220,7 +222,7 @@ class Run:
         checkpoint's table only."""
         found: dict[str, None] = {}
         for checkpoint in self.checkpoints:
-            for protocol in ((checkpoint.metrics or {}).get("test") or {}):
+            for protocol in ((checkpoint.metrics.test if checkpoint.metrics else None) or {}):
                 if protocol not in ANNOTATED_KEYS:
                     found[protocol] = None
         return list(found)
@@ -249,10 +251,10 @@ def _read_text(location: Location, name: str) -> str | None:
         raise ReportInputError(str(error)) from None
 
 
-def _read_record(location: Location, name: str) -> dict[str, Any] | None:
-    """A JSON record of the run (trainer/run/layout.py's reader); None if absent; damage is a ReportInputError."""
+def _read_record(read: Callable[[], T]) -> T:
+    """A record of the run read by trainer/run/ (None if absent); damage is a ReportInputError."""
     try:
-        return read_json(location, name)
+        return read()
     except (ValueError, StorageError) as error:  # not a JSON object; not UTF-8
         raise ReportInputError(str(error)) from None
 
@@ -311,14 +313,13 @@ def read_step_log(run: Location) -> StepSeries | None:
         collapsed=np.array([bool(r.get(COLLAPSED_FIELD, False)) for r in records], dtype=bool))
 
 
-def _validate_metrics(payload: dict[str, Any], where: str) -> None:
-    """The parts of a metrics.json payload the report reads (docs/run_layout.md)."""
-    dev = payload.get("dev")
-    if dev is not None:
-        _check_metric_block(dev, f"{where}: dev")
-    if payload.get("dev_rsum") is not None and not _is_number(payload["dev_rsum"]):
-        raise ReportInputError(f"{where}: dev_rsum is {payload['dev_rsum']!r}, not a number")
-    test = payload.get("test", {})
+def _validate_metrics(record: EvaluationRecord, where: str) -> None:
+    """The parts of an evaluation record the report reads (docs/run_layout.md)."""
+    if record.dev is not None:
+        _check_metric_block(record.dev, f"{where}: dev")
+    if record.dev_rsum is not None and not _is_number(record.dev_rsum):
+        raise ReportInputError(f"{where}: dev_rsum is {record.dev_rsum!r}, not a number")
+    test = record.test
     if not isinstance(test, dict):
         raise ReportInputError(f"{where}: 'test' is {type(test).__name__}, expected an object of protocols")
     for protocol, block in test.items():
@@ -372,12 +373,12 @@ def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> 
         info = CheckpointInfo(name=entry.name, step=entry.step, epoch=entry.epoch)
         checkpoint = location.child(entry.name)
         if entry.evaluated:
-            info.metrics = _read_record(checkpoint, METRICS_FILE)  # None: pruned between listing and reading
+            info.metrics = _read_record(lambda: read_result(checkpoint))  # None: pruned between listing and reading
             if info.metrics is not None:
                 _validate_metrics(info.metrics, checkpoint.child_url(METRICS_FILE))
         elif entry.failed:
             try:
-                info.error = str((_read_record(checkpoint, ERROR_FILE) or {}).get("error")
+                info.error = str((_read_record(lambda: read_json(checkpoint, ERROR_FILE)) or {}).get("error")
                                  or "no error message recorded")
             except ReportInputError as error:  # the failure record itself is damaged: still a failure
                 info.error = f"{ERROR_FILE} unreadable: {error}"
@@ -386,7 +387,7 @@ def read_run(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> 
     incomplete = [name for name in _checkpoint_directories(location) if name not in complete]
     checkpoints = _with_history(location, checkpoints, options, notes)
 
-    best_file: dict[str, Any] | None = None
+    best_file: EvaluationRecord | None = None
     try:
         best_file = load_best(location.url, options)
         best_found = best_file is not None
@@ -415,12 +416,12 @@ def _with_history(location: Location, checkpoints: list[CheckpointInfo], options
         raise ReportInputError(str(error)) from None
     by_name = {c.name: c for c in checkpoints}
     for line in history:
-        where = f"{location.child_url(EVALUATIONS_FILE)} ({line['checkpoint']})"
+        where = f"{location.child_url(EVALUATIONS_FILE)} ({line.checkpoint})"
         _validate_metrics(line, where)
-        entry = by_name.get(str(line["checkpoint"]))
+        entry = by_name.get(line.checkpoint)
         if entry is None:
-            entry = by_name[str(line["checkpoint"])] = CheckpointInfo(
-                name=str(line["checkpoint"]), step=line.get("step"), epoch=line.get("epoch"), pruned=True)
+            entry = by_name[line.checkpoint] = CheckpointInfo(name=line.checkpoint, step=line.step, epoch=line.epoch,
+                                                             pruned=True)
         if entry.metrics is None:
             entry.metrics = line
     if not history and any(c.metrics is not None for c in checkpoints):
@@ -428,38 +429,33 @@ def _with_history(location: Location, checkpoints: list[CheckpointInfo], options
     return sorted(by_name.values(), key=lambda c: (c.step if c.step is not None else -1, c.name))
 
 
-def find_best(run: Run) -> tuple[CheckpointInfo | None, dict[str, Any] | None, str]:
-    """The best checkpoint: (its entry if still in the run, a metrics.json-like payload for its
-    recall table, where the choice came from). best.json decides, as for the trainer; without a
-    usable one, the highest dev rsum among the metrics files (what prune_checkpoints also keeps)."""
+def find_best(run: Run) -> tuple[CheckpointInfo | None, EvaluationRecord | None, str]:
+    """The best checkpoint, chosen by trainer/run/best.py's ``best_checkpoint`` as pruning chooses
+    it: (its entry if still in the run, the evaluation for its recall table, where the choice came
+    from). best.json decides; without a usable one, the highest dev rsum among the metrics."""
     by_name = {c.name: c for c in run.checkpoints}
+    evaluated = {c.name: c.metrics for c in run.evaluated() if c.metrics is not None}
     fallback = f"highest dev rsum (no {BEST_FILE})"
-    if run.best_file is not None and run.best_file.get("checkpoint"):
-        name = str(run.best_file["checkpoint"]).rstrip("/").rsplit("/", 1)[-1]
-        entry = by_name.get(name)
-        if entry is not None and entry.metrics is not None:
-            return entry, entry.metrics, BEST_FILE
+    if run.best_file is not None and run.best_file.checkpoint:
+        name, record = best_checkpoint(run.best_file, evaluated)  # type: ignore[misc]
+        if record is not run.best_file:
+            return by_name[name], record, BEST_FILE
         # best.json outlives its checkpoint's metrics.json only if someone deleted files by hand;
-        # its own copy of the metrics still gives the table (dev, dev_images, metrics = test blocks).
-        payload = {"checkpoint": run.best_file["checkpoint"], "step": run.best_file.get("step"),
-                   "epoch": run.best_file.get("epoch"), "dev": run.best_file.get("dev"),
-                   "dev_rsum": run.best_file.get("dev_rsum"),
-                   "data": {"dev_images": run.best_file.get("dev_images")},
-                   "test": run.best_file.get("metrics") or {}}
+        # its own copy of the metrics still gives the table (dev, dev_images, the test blocks).
         try:
-            _validate_metrics(payload, BEST_FILE)
+            _validate_metrics(record, BEST_FILE)
         except ReportInputError as error:  # unusable like an unreadable best.json: fall back
             logger.warning("%s", error)
             run.notes.append(f"{BEST_FILE} unusable ({error}); the best checkpoint is the highest dev rsum found")
             fallback = f"highest dev rsum ({BEST_FILE} unusable)"
         else:
+            entry = by_name.get(name)
             missing = "directory" if entry is None else METRICS_FILE
-            return entry, payload, f"{BEST_FILE} (the checkpoint's {missing} is gone)"
-    candidates = [c for c in run.evaluated() if c.dev_rsum is not None]
-    if not candidates:
+            return entry, record, f"{BEST_FILE} (the checkpoint's {missing} is gone)"
+    top = best_checkpoint(None, evaluated)
+    if top is None:
         return None, None, ""
-    best = max(candidates, key=lambda c: (c.dev_rsum, -(c.step or 0)))  # ties: the earlier, as rsum > best
-    return best, best.metrics, fallback
+    return by_name[top[0]], top[1], fallback
 
 
 # --------------------------------------------------------------------------------------------------
@@ -774,15 +770,14 @@ def copy_qualitative_page(run: Run, best: CheckpointInfo | None, output: Path,
     return checkpoint.child_url(QUALITATIVE_FILE)
 
 
-def _best_section(best: CheckpointInfo | None, payload: dict[str, Any] | None, source: str,
+def _best_section(best: CheckpointInfo | None, record: EvaluationRecord | None, source: str,
                   qualitative: str | None = None) -> list[str]:
-    if payload is None:
+    if record is None:
         return ["No checkpoint with a dev rsum yet: no best checkpoint."]
-    name = str(payload.get("checkpoint", best.name if best else "?")).rstrip("/").rsplit("/", 1)[-1]
-    lines = [(f"`{name}` (step {payload.get('step')}, epoch {payload.get('epoch')}): dev rsum "
-              f"**{_fmt(payload.get('dev_rsum'))}** (chosen by: {source})"), "",
-             "```text", results_table(payload), "```"]
-    for protocol, reason in (payload.get("skipped") or {}).items():
+    lines = [(f"`{record.name}` (step {record.step}, epoch {record.epoch}): dev rsum "
+              f"**{_fmt(record.dev_rsum)}** (chosen by: {source})"), "",
+             "```text", results_table(record.to_metrics_json()), "```"]
+    for protocol, reason in (record.skipped or {}).items():
         lines.append(f"- test protocol `{protocol}` skipped: {reason}")
     if qualitative is not None:
         lines += ["", f"Qualitative results (top-3 retrievals and attention maps of fixed test queries): "
@@ -821,7 +816,7 @@ def _checkpoints_section(run: Run, best: CheckpointInfo | None) -> list[str]:
     return lines
 
 
-def write_summary(run: Run, best: CheckpointInfo | None, best_payload: dict[str, Any] | None, best_source: str,
+def write_summary(run: Run, best: CheckpointInfo | None, best_payload: EvaluationRecord | None, best_source: str,
                   plots: Mapping[str, Path | None], path: Path, qualitative: str | None = None) -> Path:
     titles = {LOSSES_PNG: "Losses and learning rate", THROUGHPUT_PNG: "Throughput and data wait",
               DIAGNOSTICS_PNG: "Hard-negative diagnostics", RECALL_PNG: "Recall and rsum by checkpoint"}

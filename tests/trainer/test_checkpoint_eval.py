@@ -149,12 +149,12 @@ def test_evaluate_run_writes_metrics_and_best(data: EvalData, models: list[VSRN]
 
     # The run's history: one line per evaluated checkpoint, with the metrics.json numbers.
     history = read_evaluations(str(run))
-    assert [(h["checkpoint"], h["step"], h["epoch"]) for h in history] == [
+    assert [(h.checkpoint, h.step, h.epoch) for h in history] == [
         ("checkpoint_000001", 10, 0), ("checkpoint_000002", 20, 1)]
     for line in history:
-        metrics = read_json(run / line["checkpoint"] / "metrics.json")
-        assert line["dev_rsum"] == metrics["dev_rsum"] and line["test"] == metrics["test"]
-        assert line["evaluated_at"] == metrics["evaluated_at"] and line["elapsed_s"] == metrics["elapsed_s"]
+        metrics = read_json(run / line.checkpoint / "metrics.json")
+        assert line.dev_rsum == metrics["dev_rsum"] and line.test == metrics["test"]
+        assert line.evaluated_at == metrics["evaluated_at"] and line.elapsed_s == metrics["elapsed_s"]
 
     # A second pass finds nothing to do and leaves every file as it was.
     before_history = (run / EVALUATIONS_FILE).read_bytes()
@@ -255,7 +255,7 @@ def test_s3_run_directory(data: EvalData, models: list[VSRN], tmp_path: Path, s3
     assert "model.safetensors" in json.loads(run.read_text("checkpoint_000002/eval_error.json"))["error"]
     assert evaluate_run(run_url, dev=f"s3://{s3_bucket}/shards/dev", storage_options=options) == []
     history = read_evaluations(run_url, options)  # the failed checkpoint has no line
-    assert [(h["checkpoint"], h["dev_rsum"]) for h in history] == [("checkpoint_000001", metrics["dev_rsum"])]
+    assert [(h.checkpoint, h.dev_rsum) for h in history] == [("checkpoint_000001", metrics["dev_rsum"])]
 
 
 def test_a_checkpoint_both_evaluators_record_is_one_line(data: EvalData, models: list[VSRN], tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """evaluations.jsonl: the run's evaluation history, one line per evaluated checkpoint, never pruned
-(:func:`record_evaluation`, :func:`read_evaluations`).
+(:func:`record_evaluation`, :func:`read_evaluations`); each line is an :class:`EvaluationRecord`
+(records.py) in its history shape.
 """
 
 from __future__ import annotations
@@ -9,29 +10,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from trainer.run.layout import (
-    CHECKPOINT_PREFIX,
-    EVALUATIONS_FILE,
-    METRICS_FILE,
-    checkpoint_name,
-    location_of,
-    read_json,
-    utc_now,
-)
+from trainer.run.layout import CHECKPOINT_PREFIX, EVALUATIONS_FILE, location_of
+from trainer.run.records import EvaluationRecord, read_result
 
-__all__ = ["evaluation_line", "read_evaluations", "record_evaluation"]
-
-def evaluation_line(payload: dict[str, Any]) -> dict[str, Any]:
-    """The evaluations.jsonl line of a metrics.json payload."""
-    return {"checkpoint": checkpoint_name(str(payload["checkpoint"])), "step": payload.get("step"),
-            "epoch": payload.get("epoch"), "dev_rsum": payload.get("dev_rsum"), "dev": payload.get("dev"),
-            "test": payload.get("test", {}), "skipped": payload.get("skipped", {}),
-            "data": payload.get("data", {}), "evaluated_at": payload.get("evaluated_at") or utc_now(),
-            "elapsed_s": payload.get("elapsed_s")}
+__all__ = ["read_evaluations", "record_evaluation"]
 
 
-def read_evaluations(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The run's evaluation history, one entry per evaluated checkpoint in the order recorded;
+def read_evaluations(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> list[EvaluationRecord]:
+    """The run's evaluation history, one record per evaluated checkpoint in the order recorded (its
+    ``checkpoint`` is the checkpoint's directory name);
     [] when there is none. A line that is not a JSON object raises ValueError naming the file and
     line (the history is written whole and atomically, so a bad line is damage, not a race)."""
     location = location_of(run_dir, storage_options)
@@ -50,12 +37,13 @@ def read_evaluations(run_dir: str, storage_options: Mapping[str, Any] | None = N
         if not isinstance(entry, dict) or "checkpoint" not in entry:
             raise ValueError(f"{location.child_url(EVALUATIONS_FILE)}: line {number}: expected a JSON object with "
                              "a \"checkpoint\"")
-        entries.append(entry)
+        entries.append(EvaluationRecord.from_history_line(entry))
     return entries
 
 
-def record_evaluation(run_dir: str, payload: dict[str, Any], storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Add the checkpoint of ``payload`` (a metrics.json payload) to RUN_DIR/evaluations.jsonl,
+def record_evaluation(run_dir: str, record: EvaluationRecord,
+                      storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Add the checkpoint of ``record`` to RUN_DIR/evaluations.jsonl,
     once per checkpoint name: a second evaluator (``evaluate.py --watch`` beside the training's
     actor) that evaluates it again leaves the first line. Returns whether a line was added.
 
@@ -76,21 +64,21 @@ def record_evaluation(run_dir: str, payload: dict[str, Any], storage_options: Ma
     location = location_of(run_dir, storage_options)
     with location.locked(EVALUATIONS_FILE):
         entries = read_evaluations(run_dir, storage_options)
-        names = {str(entry["checkpoint"]) for entry in entries}
-        own = checkpoint_name(str(payload["checkpoint"]))
+        names = {entry.name for entry in entries}
+        own = record.name
         added = []
         for name in location.subdirectories():
             if name.startswith(CHECKPOINT_PREFIX) and name not in names and name != own:
                 with contextlib.suppress(ValueError, UnicodeDecodeError, OSError):
-                    metrics = read_json(location.child(name), METRICS_FILE)
-                    if metrics is not None and metrics.get("checkpoint"):
-                        added.append(evaluation_line(metrics))
+                    metrics = read_result(location.child(name))
+                    if metrics is not None and metrics.checkpoint:
+                        added.append(metrics)
                         names.add(name)
         new = own not in names
         if new:
-            added.append(evaluation_line(payload))
+            added.append(record)
         if added:
-            added.sort(key=lambda e: (e["step"] if isinstance(e.get("step"), int) else -1, e["checkpoint"]))
-            lines = [json.dumps(entry, allow_nan=False) for entry in entries + added]
+            added.sort(key=lambda e: (e.step if isinstance(e.step, int) else -1, e.name))
+            lines = [json.dumps(entry.to_history_line(), allow_nan=False) for entry in entries + added]
             location.write_bytes_atomic(EVALUATIONS_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
     return new

@@ -10,13 +10,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from trainer.run.best import read_best
+from trainer.run.best import best_checkpoint, read_best
 from trainer.run.checkpoints import CheckpointEntry, list_checkpoints
-from trainer.run.layout import METRICS_FILE, checkpoint_name, location_of, read_json
+from trainer.run.layout import location_of
+from trainer.run.records import EvaluationRecord, read_result
 
 __all__ = ["checkpoints_to_prune", "prune_checkpoints"]
 
 logger = logging.getLogger(__name__)
+
 
 def checkpoints_to_prune(entries: Sequence[CheckpointEntry], keep_last: int, best_name: str | None,
                          top_dev_name: str | None) -> list[CheckpointEntry]:
@@ -40,17 +42,17 @@ def prune_checkpoints(run_dir: str, keep_last: int, storage_options: Mapping[str
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     run = location_of(run_dir, storage_options)
     entries = list_checkpoints(run_dir, storage_options)
-    best = read_best(run_dir, storage_options)
-    best_name = checkpoint_name(str(best["checkpoint"])) if best is not None and best.get("checkpoint") else None
-    top: tuple[float, str] | None = None
+    evaluated: dict[str, EvaluationRecord] = {}
     for entry in entries:
         if entry.evaluated:
             with contextlib.suppress(ValueError, UnicodeDecodeError, OSError):
-                rsum = (read_json(run.child(entry.name), METRICS_FILE) or {}).get("dev_rsum")
-                if isinstance(rsum, (int, float)) and (top is None or rsum > top[0]):
-                    top = (float(rsum), entry.name)
+                record = read_result(run.child(entry.name))
+                if record is not None:
+                    evaluated[entry.name] = record
+    # The best as best.json has it, and as the metrics have it (best.json may lag behind them).
+    best, top = best_checkpoint(read_best(run_dir, storage_options), evaluated), best_checkpoint(None, evaluated)
     deleted = []
-    for entry in checkpoints_to_prune(entries, keep_last, best_name, top[1] if top else None):
+    for entry in checkpoints_to_prune(entries, keep_last, best[0] if best else None, top[0] if top else None):
         logger.info("pruning %s (step %s)", entry.url, entry.step)
         run.remove_tree(entry.name)
         deleted.append(entry.url)
