@@ -82,7 +82,6 @@ from trainer.failures import FATAL_ERRORS, fatal_training_error
 from trainer.run_checkpoint import (
     TrainState,
     needs_universal,
-    read_best_rsum,
     read_train_state,
     require_shared_storage,
     restore_checkpoint,
@@ -554,7 +553,6 @@ class _Loop:
 
     def checkpoint(self, state: TrainState) -> None:
         if self.rank == 0:
-            state.best_rsum = read_best_rsum(self.run_dir, self.storage_options)
             if self.step_log is not None:
                 self.step_log.sync()
         # Metrics go to Ray with the checkpoints only: the controller collects one report per worker

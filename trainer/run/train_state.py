@@ -34,7 +34,6 @@ class TrainState:
     epoch_complete: bool  # `epoch` is finished: continue with epoch + 1, batch 0
     world_size: int
     global_batch_size: int
-    best_rsum: float | None = None  # best dev rsum the evaluation worker had reported, if any
     format_version: int = TRAIN_STATE_FORMAT_VERSION
 
     def next_position(self) -> tuple[int, int]:
@@ -54,6 +53,7 @@ class TrainState:
             raise TrainStateError(f"{where}: unsupported train state (format_version "
                                   f"{payload.get('format_version') if isinstance(payload, dict) else None!r}, "
                                   f"this code reads {TRAIN_STATE_FORMAT_VERSION})")
+        # Fields this code does not know are ignored: older files carry a "best_rsum" nothing read.
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in payload.items() if k in known})
 
