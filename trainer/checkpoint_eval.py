@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from data_shards.reader import EvalReader, ReaderConfig, load_split
 from data_shards.storage import Location, open_location
@@ -45,7 +44,7 @@ from model.checkpoint import (
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
 from monitoring.recorders import EvaluationMetrics
-from trainer.config import ConfigError, EvalConfig, TrainConfig, config_from_dict
+from trainer.config import EvalConfig
 from trainer.evaluation import (
     ANNOTATED_PROTOCOLS,
     CAPTIONS_PER_IMAGE,
@@ -62,6 +61,7 @@ from trainer.evaluation import (
 from trainer.inference import local_inference_dir
 from trainer.run.best import best_dev_rsum, update_best
 from trainer.run.checkpoints import list_checkpoints
+from trainer.run.config_yaml import read_run_settings
 from trainer.run.history import record_evaluation
 from trainer.run.layout import (
     BEST_FILE,
@@ -78,13 +78,11 @@ from trainer.run.train_state import read_train_state_fields, state_int
 __all__ = [
     "EvaluationDataError",
     "Recorded",
-    "RunSettings",
     "encode_split",
     "evaluate_and_record",
     "evaluate_checkpoint",
     "evaluate_run",
     "evaluation_summary",
-    "read_run_settings",
     "record_evaluated",
     "results_table",
 ]
@@ -404,42 +402,6 @@ def record_evaluated(checkpoint: str, payload: dict[str, Any], run_dir: str | No
 # --------------------------------------------------------------------------------------------------
 # A run: every checkpoint not yet evaluated
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RunSettings:
-    """What the evaluator needs from a run's config.yaml (or from the command line)."""
-
-    dev: str | None
-    test: str | None
-    eval: EvalConfig
-    region_order: str = "stored"
-    s3_endpoint_url: str = ""
-
-
-def read_run_settings(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> RunSettings | None:
-    """Dev/test shards and eval settings from ``RUN_DIR/config.yaml``; None if the file is absent.
-
-    Raises ConfigError naming the file when it is not a valid trainer/config.py configuration.
-    """
-    location = open_location(run_dir, storage_options)
-    try:
-        text = location.read_text(CONFIG_YAML)
-    except FileNotFoundError:
-        return None
-    where = location.child_url(CONFIG_YAML)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{where}: invalid YAML ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the configuration must be a mapping of sections")
-    try:
-        config: TrainConfig = config_from_dict(data)
-    except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None
-    return RunSettings(dev=config.data.dev or None, test=config.data.test or None, eval=config.eval,
-                       region_order=config.data.region_order, s3_endpoint_url=config.data.s3_endpoint_url)
 
 
 def evaluation_summary(checkpoint: str, step: int | None, epoch: int | None, *, status: str,

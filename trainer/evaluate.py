@@ -84,6 +84,7 @@ from trainer.evaluation import (
     evaluate_embeddings_protocols,
     evaluate_similarities_protocols,
     format_table,
+    results_table,
     set_tf32,
     validate_protocol,
 )
@@ -433,15 +434,11 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
 
 
 def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
-    from trainer.checkpoint_eval import (
-        evaluate_checkpoint,
-        read_run_settings,
-        record_evaluated,
-        results_table,
-    )
+    from trainer.checkpoint_eval import evaluate_checkpoint, record_evaluated
     from trainer.config import EvalConfig
     from trainer.run.best import best_dev_rsum
     from trainer.run.checkpoints import is_run_checkpoint
+    from trainer.run.config_yaml import read_run_settings
 
     options = _storage_options(args)
     _full_precision(args.device)
@@ -499,8 +496,9 @@ def run_watch(args: argparse.Namespace, prog: str) -> int:
 
 
 def _evaluate_run(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
-    from trainer.checkpoint_eval import evaluate_run, read_run_settings
+    from trainer.checkpoint_eval import evaluate_run
     from trainer.config import EvalConfig
+    from trainer.run.config_yaml import read_run_settings
     from trainer.run.lease import describe_holder
 
     options = _storage_options(args)

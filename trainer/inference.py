@@ -28,6 +28,7 @@ from model.checkpoint import (
 from model.interpret import RegionAttention, region_attention
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
+from trainer.run.config_yaml import read_run_settings
 from trainer.run.layout import INFERENCE_DIR, TRAIN_STATE_FILE, run_dir_of
 
 __all__ = ["LoadedCheckpoint", "feed_order", "load_checkpoint", "local_inference_dir", "records_attention"]
@@ -119,8 +120,6 @@ def storage_options_of(endpoint_url: str | None) -> dict[str, Any] | None:
 def run_region_order(loaded: LoadedCheckpoint, storage_options: Mapping[str, Any] | None) -> str:
     """The reader's region order of the run a checkpoint belongs to (data.region_order in its
     config.yaml), "stored" for a checkpoint outside a run."""
-    from trainer.checkpoint_eval import read_run_settings  # it imports this module
-
     if not loaded.is_run_checkpoint:
         return "stored"
     settings = read_run_settings(run_dir_of(loaded.location.url), storage_options)

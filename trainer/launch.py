@@ -41,19 +41,18 @@ from urllib.parse import urlparse
 if __name__ == "__main__" and __package__ in (None, ""):  # `python trainer/launch.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_shards.storage import is_s3_url, open_location
+from data_shards.storage import is_s3_url
 from trainer.config import (
     ConfigError,
     TrainConfig,
     config_to_dict,
-    config_to_yaml,
     load_config,
 )
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
 from trainer.run.best import best_summary
-from trainer.run.layout import CONFIG_YAML
+from trainer.run.config_yaml import write_run_config
 from trainer.run.lease import LeaseHeldError, LeaseLostError, RunLease
 from trainer.run.retention import prune_checkpoints
 
@@ -247,12 +246,6 @@ def wait_for_resources(config: TrainConfig, poll_s: float = 1.0) -> None:
     finally:
         if requested:
             request_resources(bundles=[])
-
-
-def write_run_config(config: TrainConfig, run_dir: str) -> None:
-    location = open_location(run_dir, storage_options_for(config.data) if is_s3_url(run_dir) else None)
-    location.makedirs()
-    location.write_bytes_atomic(CONFIG_YAML, config_to_yaml(config).encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------------
