@@ -515,12 +515,11 @@ def _memory_gib() -> float | None:
 
 
 def read_step_log(run_dir: Path) -> list[dict[str, Any]]:
-    from trainer.run.layout import TRAIN_LOG
+    """The run's train_log.jsonl lines as written ([] before the first step)."""
+    from data_shards.storage import open_location
+    from trainer.run.step_log import read_step_lines
 
-    path = run_dir / TRAIN_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_step_lines(open_location(str(run_dir))) or []
 
 
 def warmup_steps(count: int) -> int:

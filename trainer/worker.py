@@ -77,7 +77,7 @@ from model.vsrn import VSRN, VSRNConfig, VSRNOutput
 from monitoring.recorders import RayBackend, TrainingMetrics
 from trainer import allocator
 from trainer.config import OptimConfig, TrainConfig, config_from_dict
-from trainer.diagnostics import COLLAPSED_FIELD, CollapseDetector, HardNegativeInterval, HardNegativeSummary
+from trainer.diagnostics import CollapseDetector, HardNegativeInterval, HardNegativeSummary
 from trainer.failures import FATAL_ERRORS, fatal_training_error
 from trainer.run_checkpoint import (
     TrainState,
@@ -89,6 +89,7 @@ from trainer.run_checkpoint import (
     seed_everything,
 )
 from trainer.run.layout import TRAIN_LOG
+from trainer.run.step_log import COLLAPSED_FIELD
 
 log = logging.getLogger("trainer.worker")
 
