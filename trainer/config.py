@@ -165,7 +165,8 @@ class EvalConfig:
     dev_images: int = 1000  # the reference validates on the first 1000 dev images
     batch_size: int = 256
     # Test images whose top-3 retrievals and attention maps each checkpoint's qualitative.md shows
-    # (trainer/qualitative.py; evenly spaced over the test split, the same for every checkpoint); 0: off.
+    # (trainer/inference/qualitative.py; evenly spaced over the test split, the same for every
+    # checkpoint); 0: off.
     qualitative_queries: int = 8
     cpus: float = 1.0
     gpus: float = 0.0

@@ -31,7 +31,7 @@ similarity matrices are averaged before ranking):
   batch size), so that its dev rsum compares with the run's other checkpoints.
 * ``--watch RUN_DIR``: evaluate every complete checkpoint of the run without metrics.json or
   eval_error.json (``--retry-failed``: also those with eval_error.json), in step order, record
-  the results as the evaluation worker does (trainer/checkpoint_eval.py), then exit: a CronJob runs
+  the results as the evaluation worker does (trainer/evaluator/checkpoint_eval.py), then exit: a CronJob runs
   this. Shards, protocols and the dev subset come from ``RUN_DIR/config.yaml`` unless given.
 
 S3 endpoint: ``--endpoint-url``, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (credentials
@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-# trainer.checkpoint_eval (the --checkpoint/--watch modes: shard reader, model) is imported where
+# trainer.evaluator (the --checkpoint/--watch modes: shard reader, model) is imported where
 # it is used, so the --embeddings/--sims modes start as fast as before.
 from model.atomic import atomic_write
 from trainer.evaluation import (
@@ -434,7 +434,7 @@ def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
 
 
 def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
-    from trainer.checkpoint_eval import evaluate_checkpoint, record_evaluated
+    from trainer.evaluator.checkpoint_eval import evaluate_checkpoint, record_evaluated
     from trainer.config import EvalConfig
     from trainer.run.best import best_dev_rsum
     from trainer.run.checkpoints import is_run_checkpoint
@@ -496,7 +496,7 @@ def run_watch(args: argparse.Namespace, prog: str) -> int:
 
 
 def _evaluate_run(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
-    from trainer.checkpoint_eval import evaluate_run
+    from trainer.evaluator.checkpoint_eval import evaluate_run
     from trainer.config import EvalConfig
     from trainer.run.config_yaml import read_run_settings
     from trainer.run.lease import describe_holder

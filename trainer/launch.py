@@ -356,7 +356,7 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
     worker_env = {"env_vars": allocator.env_vars(ray.get_runtime_context().runtime_env.get("env_vars") or {})}
     evaluator = None
     if config.eval.enabled:
-        from trainer.eval_worker import make_evaluation_actor
+        from trainer.evaluator.actor import make_evaluation_actor
 
         evaluator = make_evaluation_actor(config.eval, dev=data.dev, test=data.test, run_dir=run_dir,
                                           storage_options=storage_options, region_order=config.data.region_order,

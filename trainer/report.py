@@ -20,7 +20,7 @@ data_shards/storage.py; S3 endpoint from ``--endpoint-url``, else ``AWS_ENDPOINT
   whether the collapse detector tripped, the best checkpoint's recall table (the
   layout the evaluation worker logs), every checkpoint with its rsum, and links to the plots;
 * ``qualitative.md`` and ``qualitative/*.png``: the best checkpoint's qualitative page (top-3
-  retrievals and attention maps of fixed test queries, trainer/qualitative.py), copied from the
+  retrievals and attention maps of fixed test queries, trainer/inference/qualitative.py), copied from the
   checkpoint and linked from summary.md, when it has one.
 
 The inputs are ``train_log.jsonl`` (one JSON object per step, trainer/worker.py's ``StepLog``),

@@ -45,14 +45,9 @@ from data_shards.format import (
 from data_shards.reader import ReaderConfig
 from data_shards.storage import open_location
 from model.vsrn import VSRN
-from trainer import checkpoint_eval
-from trainer.checkpoint_eval import (
-    EvaluationDataError,
-    encode_split,
-    evaluate_checkpoint,
-    evaluate_run,
-    record_evaluated,
-)
+from trainer.evaluator import checkpoint_eval
+from trainer.evaluator.checkpoint_eval import evaluate_checkpoint, evaluate_run, record_evaluated
+from trainer.inference.encoding import EvaluationDataError, encode_split
 from trainer.evaluation import evaluate_embeddings
 from trainer.run.checkpoints import list_checkpoints
 from trainer.run.history import read_evaluations

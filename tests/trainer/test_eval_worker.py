@@ -26,7 +26,7 @@ from eval_run_helpers import (
 )
 
 from model.vsrn import VSRN
-from trainer.eval_worker import EvaluationWorker, make_evaluation_actor
+from trainer.evaluator.actor import EvaluationWorker, make_evaluation_actor
 
 # --------------------------------------------------------------------------------------------------
 # The worker: in-process and as a Ray actor

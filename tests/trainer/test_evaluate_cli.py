@@ -27,7 +27,7 @@ from eval_run_helpers import (
     write_run_config,
 )
 
-from trainer.checkpoint_eval import evaluate_checkpoint
+from trainer.evaluator.checkpoint_eval import evaluate_checkpoint
 from trainer.config import EvalConfig
 from trainer.evaluate import main, write_json_atomic
 from trainer.evaluation import evaluate_embeddings, evaluate_similarities

@@ -15,11 +15,11 @@ from eval_run_helpers import (
     write_run_config,
 )
 
-from trainer.checkpoint_eval import evaluate_checkpoint, evaluate_run
-from trainer.inference import load_checkpoint
-from trainer.qualitative import query_positions
+from trainer.evaluator.checkpoint_eval import evaluate_checkpoint, evaluate_run
+from trainer.inference.checkpoint import load_checkpoint
+from trainer.inference.qualitative import query_positions
 from trainer.report import make_report
-from trainer.retrieval import load_gallery, search_by_image, search_by_text
+from trainer.inference.retrieval import load_gallery, search_by_image, search_by_text
 from trainer.run.layout import BEST_FILE, METRICS_FILE, QUALITATIVE_DIR, QUALITATIVE_FILE
 
 

@@ -29,7 +29,8 @@ from eval_run_helpers import EvalData, build_eval_data, make_model, write_checkp
 from data_shards.storage import open_location
 from trainer import report
 from trainer.reporting import plots
-from trainer.checkpoint_eval import evaluate_run, record_evaluated, results_table
+from trainer.evaluation import results_table
+from trainer.evaluator.checkpoint_eval import evaluate_run, record_evaluated
 from trainer.config import TrainConfig, config_to_yaml
 from trainer.evaluation import evaluate_embeddings, evaluate_embeddings_protocols
 from trainer.run.layout import EVALUATIONS_FILE, checkpoint_dir_name

@@ -24,10 +24,10 @@ from eval_run_helpers import (
 )
 
 from model.vsrn import VSRN
-from trainer import retrieval
+from trainer.inference import retrieval
 from trainer.evaluation import embedding_ranks
-from trainer.inference import load_checkpoint
-from trainer.retrieval import (
+from trainer.inference.checkpoint import load_checkpoint
+from trainer.inference.retrieval import (
     QueryError,
     encode_texts,
     load_gallery,

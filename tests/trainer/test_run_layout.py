@@ -20,7 +20,7 @@ from eval_run_helpers import (
 )
 
 from trainer import report
-from trainer.checkpoint_eval import evaluate_run, record_evaluated
+from trainer.evaluator.checkpoint_eval import evaluate_run, record_evaluated
 from trainer.config import EvalConfig
 from trainer.run.best import best_checkpoint, update_best
 from trainer.run.checkpoints import CheckpointEntry

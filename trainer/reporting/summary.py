@@ -131,9 +131,10 @@ def _diagnostics_lines(steps: StepSeries) -> list[str]:
 
 def copy_qualitative_page(run: Run, best: CheckpointInfo | None, output: Path,
                           storage_options: Mapping[str, Any] | None) -> str | None:
-    """Copy the best checkpoint's qualitative page (qualitative.md and its PNGs, trainer/qualitative.py)
-    into ``output``, so the report links it with the same relative paths; returns where it came
-    from, or None when the checkpoint has none (evaluated without eval.qualitative_queries, pruned)."""
+    """Copy the best checkpoint's qualitative page (qualitative.md and its PNGs,
+    trainer/inference/qualitative.py) into ``output``, so the report links it with the same relative
+    paths; returns where it came from, or None when the checkpoint has none (evaluated without
+    eval.qualitative_queries, pruned)."""
     stale = output / QUALITATIVE_DIR
     if stale.is_dir():
         shutil.rmtree(stale)  # an earlier report's figures: never show another checkpoint's

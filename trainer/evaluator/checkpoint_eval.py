@@ -1,8 +1,8 @@
-"""Evaluating one checkpoint and recording the outcome: what the evaluation actor
-(trainer/eval_worker.py) and ``python trainer/evaluate.py --checkpoint/--watch`` share.
+"""Evaluating one checkpoint and recording the outcome: what the evaluation actor (actor.py) and
+``python trainer/evaluate.py --checkpoint/--watch`` share.
 
 For a checkpoint directory (local or ``s3://``) this module encodes the dev and test shards with the
-checkpoint's inference model (:func:`encode_split`), computes
+checkpoint's inference model (trainer/inference/encoding.py), computes
 
 * the dev metrics (protocol ``all`` on the first ``eval.dev_images`` dev images) whose ``rsum``
   selects the best model, as the reference's validation does, and
@@ -11,13 +11,15 @@ checkpoint's inference model (:func:`encode_split`), computes
   order; Flickr30K: ``all``; a protocol that cannot run on the split, such as ``1k-5fold``
   below 5000 images, is skipped and the skip recorded),
 
-as the ``metrics.json`` payload (:func:`evaluate_checkpoint`), and records it
-(:func:`record_evaluated`): ``metrics.json`` beside the checkpoint, the checkpoint's line in
-``RUN_DIR/evaluations.jsonl`` and ``RUN_DIR/best.json`` when its dev rsum beats the recorded best.
-A checkpoint that cannot be evaluated gets an ``eval_error.json`` instead
-(:func:`evaluate_and_record`, which never raises for one bad checkpoint).
-:func:`evaluate_run` is ``evaluate.py --watch``: every complete checkpoint of a run without
-``metrics.json`` or ``eval_error.json``, in step order.
+and writes the qualitative page (trainer/inference/qualitative.py), as the ``metrics.json``
+payload (:func:`evaluate_checkpoint`), and records it (:func:`record_evaluated`): ``metrics.json``
+beside the checkpoint, the checkpoint's line in ``RUN_DIR/evaluations.jsonl`` and
+``RUN_DIR/best.json`` when its dev rsum beats the recorded best, all three from one
+:class:`trainer.run.records.EvaluationRecord`. A checkpoint that cannot be evaluated gets an
+``eval_error.json`` instead (:func:`evaluate_and_record`, which never raises for one bad
+checkpoint). :func:`evaluate_run` is ``evaluate.py --watch``: every complete checkpoint of a run
+without ``metrics.json`` or ``eval_error.json``, in step order, with the settings of the run's
+config.yaml.
 
 What the files are called and hold, and how they are read and written, is trainer/run/'s
 (docs/run_layout.md); this module decides what to evaluate and in which order to record it.
@@ -29,25 +31,21 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_shards.reader import EvalReader, ReaderConfig, load_split
+from data_shards.lookup import SplitIndex
+from data_shards.reader import ReaderConfig, load_split
 from data_shards.storage import Location, open_location
-from model.checkpoint import (
-    load_inference_checkpoint,
-)
-from model.vocab import Vocabulary
+from model.checkpoint import load_inference_checkpoint
 from model.vsrn import VSRN
 from monitoring.recorders import EvaluationMetrics
 from trainer.config import EvalConfig
 from trainer.evaluation import (
     ANNOTATED_PROTOCOLS,
-    CAPTIONS_PER_IMAGE,
     FOLD_PROTOCOL_MIN_IMAGES,
     PROTOCOL_1K_5FOLD,
     PROTOCOL_ALL,
@@ -58,7 +56,10 @@ from trainer.evaluation import (
     results_table,
     validate_protocol,
 )
-from trainer.inference import local_inference_dir
+from trainer.inference.checkpoint import local_inference_dir
+from trainer.inference.encoding import encode_split
+from trainer.inference.qualitative import build_page, query_positions, write_page
+from trainer.inference.retrieval import Gallery
 from trainer.run.best import best_dev_rsum, update_best
 from trainer.run.checkpoints import list_checkpoints
 from trainer.run.config_yaml import read_run_settings
@@ -76,155 +77,15 @@ from trainer.run.records import NO_PAGE, EvaluationRecord, NoPage, record_failur
 from trainer.run.train_state import read_train_state_fields, state_int
 
 __all__ = [
-    "EvaluationDataError",
     "Recorded",
-    "encode_split",
     "evaluate_and_record",
     "evaluate_checkpoint",
     "evaluate_run",
     "evaluation_summary",
     "record_evaluated",
-    "results_table",
 ]
 
 logger = logging.getLogger(__name__)
-
-class EvaluationDataError(ValueError):
-    """The evaluation data cannot be ranked (an image without exactly five captions, no images ...)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoding a split
-# --------------------------------------------------------------------------------------------------
-
-
-def _prefix_shards(reader: EvalReader, max_images: int) -> list[str]:
-    """Names of the first shards of the selection that hold at least ``max_images`` images, so a
-    dev subset reads only the shards it needs (manifest order is source order)."""
-    names, total = [], 0
-    for shard in reader.spec.shards:
-        names.append(shard.name)
-        total += shard.samples
-        if total >= max_images:
-            break
-    return names
-
-
-@torch.inference_mode()
-def encode_split(
-    model: VSRN,
-    vocab: Vocabulary,
-    reader_config: ReaderConfig,
-    batch_size: int,
-    device: str | torch.device,
-    max_images: int | None = None,
-    *,
-    ids: list[GalleryIds | None] | None = None,
-    listing: list[tuple[str, tuple[str, ...]]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embed the images and captions of a sharded split in source order.
-
-    Args:
-        model: the VSRN to encode with (put in eval mode here).
-        vocab: its vocabulary; ``vocab.encode`` tokenizes the captions.
-        reader_config: where the split is and how to read it; its ``batch_size`` is replaced by
-            ``batch_size`` (images per forward pass, with their captions).
-        batch_size: images per forward pass.
-        device: where the model runs.
-        max_images: encode only the first ``max_images`` images (and their captions).
-        ids: if given, a list to which the encoded rows' source ids are appended, as
-            :class:`trainer.evaluation.GalleryIds` from the shards' ``source_id`` (and
-            ``caption_ids``), or None when the shards carry none (what ``eccv`` / ``cxc`` rank by).
-        listing: if given, a list to which ``(key, its five captions)`` of every encoded image is
-            appended, in row order (what retrieval shows; data_shards.lookup.SplitIndex).
-
-    Returns:
-        ``images`` (N, D) and ``captions`` (5N, D), float32: image i owns captions 5i..5i+4, the
-        layout :func:`trainer.evaluation.evaluate_embeddings` ranks.
-
-    Raises:
-        EvaluationDataError: an image has other than five captions (ranking pairs caption j with
-            image j // 5), or there is nothing to encode.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be >= 1, got {max_images}")
-    config = dataclasses.replace(reader_config, batch_size=batch_size)
-    reader = EvalReader(config, vocab.encode)
-    if max_images is not None and max_images < reader.images:
-        reader = EvalReader(dataclasses.replace(config, shards=_prefix_shards(reader, max_images)), vocab.encode)
-    wanted = reader.images if max_images is None else min(max_images, reader.images)
-    model.eval()
-    device = torch.device(device)
-    dim = model.config.embed_size
-    images = np.empty((wanted, dim), dtype=np.float32)
-    captions = np.empty((CAPTIONS_PER_IMAGE * wanted, dim), dtype=np.float32)
-    done = 0
-    source_ids: list[str | None] = []
-    caption_source_ids: list[str | None] = []
-    started = time.perf_counter()
-    batches = iter(reader)
-    try:
-        for batch in batches:
-            take = min(len(batch.keys), wanted - done)
-            counts = Counter(batch.caption_image_ids.tolist())
-            for row, image_id in enumerate(batch.image_ids[:take].tolist()):
-                # Ranking pairs caption j with image j // 5: every image needs exactly five.
-                if counts[image_id] != CAPTIONS_PER_IMAGE:
-                    raise EvaluationDataError(
-                        f"{reader.spec.location}: image {batch.keys[row]} (index {image_id}) has {counts[image_id]} "
-                        f"captions; recall ranking needs exactly {CAPTIONS_PER_IMAGE} per image")
-            regions = batch.regions[:take].to(device=device, dtype=torch.float32)
-            boxes = batch.boxes[:take].to(device) if batch.boxes is not None else None
-            images[done:done + take] = model.encode_images(regions, boxes).float().cpu().numpy()
-            caption_count = CAPTIONS_PER_IMAGE * take
-            tokens = batch.tokens[:caption_count].to(device)
-            lengths = batch.lengths[:caption_count]
-            # Trim the padding to the longest caption kept (the text encoder packs by length anyway).
-            tokens = tokens[:, : int(lengths.max())]
-            start = CAPTIONS_PER_IMAGE * done
-            captions[start:start + caption_count] = model.encode_captions(tokens, lengths).float().cpu().numpy()
-            if listing is not None:
-                listing += [(key, tuple(batch.captions[CAPTIONS_PER_IMAGE * row:CAPTIONS_PER_IMAGE * (row + 1)]))
-                            for row, key in enumerate(batch.keys[:take])]
-            if ids is not None:
-                source_ids += batch.source_ids[:take] or [None] * take
-                caption_source_ids += batch.caption_source_ids[:caption_count] or [None] * caption_count
-            done += take
-            if done >= wanted:
-                break
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # stops the loader's workers when a prefix was enough
-    if done == 0:
-        raise EvaluationDataError(f"{reader.spec.location}: no images to evaluate")
-    if done < wanted:  # bad_data="skip" dropped some samples
-        logger.warning("%s: read %d of the %d images the manifest lists", reader.spec.location, done, wanted)
-        images, captions = images[:done], captions[:CAPTIONS_PER_IMAGE * done]
-    logger.info("encoded %d images and %d captions of %s in %.1f s", done, CAPTIONS_PER_IMAGE * done,
-                reader.spec.location, time.perf_counter() - started)
-    if ids is not None:
-        ids.append(_gallery_ids(source_ids[:done], caption_source_ids[:CAPTIONS_PER_IMAGE * done], reader.spec.location))
-    return images, captions
-
-
-def _gallery_ids(image_ids: list[str | None], caption_ids: list[str | None], where: str) -> GalleryIds | None:
-    """The source ids of the encoded rows: None if the shards carry none, an error if only some do."""
-    if all(i is None for i in image_ids):
-        return None
-    if any(i is None for i in image_ids):
-        missing = sum(i is None for i in image_ids)
-        raise EvaluationDataError(f"{where}: {missing} of {len(image_ids)} images have no source_id; the ids "
-                                  "that eccv / cxc rank by must be given for all or none")
-    # Without caption ids each image's captions are its five of the standard COCO 5K order.
-    captions = caption_ids if all(c is not None for c in caption_ids) else None
-    try:
-        return GalleryIds.from_arrays(np.asarray(image_ids), None if captions is None else np.asarray(captions),
-                                      where=str(where))
-    except EvaluationInputError as error:
-        raise EvaluationDataError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +107,7 @@ def evaluate_checkpoint(
     """Evaluate one checkpoint; returns the ``metrics.json`` payload.
 
     Nothing is written but the qualitative page (``eval_config.qualitative_queries`` > 0 and test
-    shards given: trainer/qualitative.py, beside the checkpoint; the payload's ``"qualitative"``
+    shards given: trainer/inference/qualitative.py, beside the checkpoint; the payload's ``"qualitative"``
     names it, or is None when it could not be written).
 
     Args:
@@ -335,11 +196,6 @@ def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarra
                             title: str) -> str | None:
     """The checkpoint's qualitative page from the test embeddings just computed (and the keys and
     captions of their encoding); a failure is logged and returns None (the metrics matter more)."""
-    # Imported here: trainer/qualitative.py builds on this module (encode_split, via retrieval).
-    from data_shards.lookup import SplitIndex
-    from trainer.qualitative import build_page, query_positions, write_page
-    from trainer.retrieval import Gallery
-
     started = time.perf_counter()
     try:
         index = SplitIndex.from_listing(test, listing)

@@ -3,7 +3,7 @@
 Training never waits for evaluation. The trainer hands each new checkpoint directory to an
 :class:`EvaluationWorker` (a Ray actor with its own CPUs/GPUs, see :func:`make_evaluation_actor`),
 whose ``submit`` only queues the path; a background thread in the actor evaluates the queued
-checkpoints one at a time with trainer/checkpoint_eval.py's :func:`evaluate_and_record` (dev and
+checkpoints one at a time with checkpoint_eval.py's :func:`evaluate_and_record` (dev and
 test metrics, recorded as ``metrics.json``, the ``evaluations.jsonl`` line and ``best.json``, or
 ``eval_error.json``; the recall table is logged), the same code ``python trainer/evaluate.py
 --watch RUN_DIR`` runs as a scheduled job. This module holds only the actor: its queue, its
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from monitoring.recorders import EvaluationMetrics, RayBackend
-from trainer.checkpoint_eval import evaluate_and_record, evaluation_summary
+from trainer.evaluator.checkpoint_eval import evaluate_and_record, evaluation_summary
 from trainer.config import EvalConfig
 from trainer.evaluation import set_tf32
 from trainer.run.best import best_summary
