@@ -3,7 +3,7 @@
 The gallery's embeddings are the evaluator's: `trainer.inference.encoding.encode_split` encodes the
 split in source order (image i owns captions 5i .. 5i+4), and a query's scores are rows or columns
 of the same product `images @ captions.T` in full float32, so a result here and a rank there
-cannot disagree (tests/trainer/test_retrieval.py checks it against the evaluator's ranks).
+cannot disagree (tests/trainer/inference/test_retrieval.py checks it against the evaluator's ranks).
 Results are ordered by descending score; equal scores keep gallery order.
 
 A gallery is cached beside a run checkpoint (`RUN_DIR/checkpoint_<step>/gallery/`, named by the

@@ -1,4 +1,4 @@
-"""Tests for trainer/eval_worker.py: the evaluation actor, in-process and through Ray: its queue
+"""Tests for trainer/evaluator/actor.py: the evaluation actor, in-process and through Ray: its queue
 never holds up the caller, it evaluates in the background, and a restarted actor catches up on
 what its predecessor left.
 

@@ -1,5 +1,5 @@
-"""The annotated protocols ``eccv`` and ``cxc`` (trainer/evaluation.py) against the eccv-caption
-package's own metric functions, on the real COCO 5K layout (5,000 images x 25,000 captions) with
+"""The annotated protocols ``eccv`` and ``cxc`` (trainer/evaluation/annotated.py) against the
+eccv-caption package's own metric functions, on the real COCO 5K layout (5,000 images x 25,000 captions) with
 small integer-valued embeddings: every product is exact in float32, so the reference rankings
 built here in numpy see the very scores the blocked evaluation sees, and the many exact ties test
 the tie rule (a positive before every non-positive with the same score)."""

@@ -1,6 +1,6 @@
-"""Tests for trainer/checkpoint_eval.py: encoding sharded splits, metrics.json / best.json /
-eval_error.json / evaluations.jsonl as recorded after an evaluation, the --watch logic
-(evaluate_run) and S3 run directories.
+"""Tests for trainer/evaluator/checkpoint_eval.py and trainer/inference/encoding.py: encoding
+sharded splits, metrics.json / best.json / eval_error.json / evaluations.jsonl as recorded after
+an evaluation, the --watch logic (evaluate_run) and S3 run directories.
 
 Inputs are real: tiny precomputed splits converted into float32 shards, tiny VSRN checkpoints in
 the run layout (tests/eval_run_helpers.py). Expected metrics come from trainer.evaluation run on

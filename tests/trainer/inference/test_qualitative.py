@@ -1,4 +1,4 @@
-"""Tests of trainer/qualitative.py: the qualitative page the evaluation writes beside metrics.json,
+"""Tests of trainer/inference/qualitative.py: the qualitative page the evaluation writes beside metrics.json,
 and its link in the run report."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""trainer/run_layout.py: best.json bookkeeping, pruning and the retention policy, the evaluation
-history (it survives pruning, is written once per checkpoint, loses no line to two local writers,
-and names damage by file and line), the train state's format."""
+"""trainer/run/: the one evaluation record and its three files (records.py), best.json bookkeeping
+and the choice of the best checkpoint (best.py), pruning and the retention policy (retention.py),
+the evaluation history (history.py: it survives pruning, is written once per checkpoint, loses no
+line to two local writers, and names damage by file and line), the train state's format."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of trainer/retrieval.py and the retrieve.py CLI: retrieval agrees with the evaluator.
+"""Tests of trainer/inference/retrieval.py and the retrieve.py CLI: retrieval agrees with the evaluator.
 
 Real inputs: tiny sharded splits and tiny VSRN checkpoints in the run layout (eval_run_helpers).
 "Agrees" means: the ranking of every query equals a brute-force ranking of the evaluator's own

@@ -1,4 +1,4 @@
-"""One writer per run (trainer/run_lease.py): the lease on RUN_DIR, against a local directory and
+"""One writer per run (trainer/run/lease.py): the lease on RUN_DIR, against a local directory and
 the local moto S3 server, then through real `python trainer/launch.py` processes.
 
 Without Ray (seconds): refusal naming the holder, stale takeover after the timeout, force, a
@@ -48,7 +48,7 @@ from trainer.run.lease import (
     read_lease,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str,
