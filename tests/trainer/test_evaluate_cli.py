@@ -266,7 +266,7 @@ def test_write_json_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# --checkpoint and --watch: model checkpoints on sharded splits (trainer/checkpoint_eval.py)
+# --checkpoint and --watch: model checkpoints on sharded splits (trainer/evaluator/checkpoint_eval.py)
 # ------------------------------------------------------------------------------------------------
 
 RUN_DEV_IMAGES = 20
