@@ -42,12 +42,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # `python trainer/laun
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_shards.storage import is_s3_url
-from trainer.config import (
-    ConfigError,
-    TrainConfig,
-    config_to_dict,
-    load_config,
-)
+from trainer.config import ConfigError, TrainConfig, config_to_dict, load_config
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
