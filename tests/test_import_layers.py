@@ -231,7 +231,8 @@ def test_the_check_finds_circles_back_arrows_and_imports_hidden_in_functions() -
         "trainer.inference.retrieval": "def f():\n    from trainer.evaluator.checkpoint_eval import x\n",
     })
     problems = check(circle)
-    assert any(p.startswith("circle of trainer.evaluator.checkpoint_eval, trainer.inference.retrieval") for p in problems)
+    circle_of = "circle of trainer.evaluator.checkpoint_eval, trainer.inference.retrieval"
+    assert any(p.startswith(circle_of) for p in problems)
     assert any("trainer/inference/retrieval.py:2: trainer.inference.retrieval (inference) imports "
                "trainer.evaluator.checkpoint_eval (evaluator)" in p for p in problems)
     back = _synthetic({

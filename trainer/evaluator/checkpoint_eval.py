@@ -107,8 +107,8 @@ def evaluate_checkpoint(
     """Evaluate one checkpoint; returns the ``metrics.json`` payload.
 
     Nothing is written but the qualitative page (``eval_config.qualitative_queries`` > 0 and test
-    shards given: trainer/inference/qualitative.py, beside the checkpoint; the payload's ``"qualitative"``
-    names it, or is None when it could not be written).
+    shards given: trainer/inference/qualitative.py, beside the checkpoint; the payload's
+    ``"qualitative"`` names it, or is None when it could not be written).
 
     Args:
         checkpoint: a run checkpoint directory (local or ``s3://``) holding ``inference/`` and
