@@ -14,7 +14,10 @@ setup(
     version="0.1.0",
     description="Distributed, large-scale training and evaluation of VSRN (ICCV 2019) image-text matching",
     python_requires=">=3.10",
-    packages=["model", "trainer", "data_shards", "monitoring", "cluster"],
+    # Every package, subpackages included (tests/test_dockerfile.py checks that none is missing):
+    # a wheel holds only those listed.
+    packages=["model", "trainer", "trainer.evaluation", "trainer.evaluator", "trainer.inference",
+              "trainer.reporting", "trainer.run", "data_shards", "monitoring", "cluster"],
     install_requires=[
         "torch>=2.11,<2.14",
         "numpy>=1.24",
