@@ -532,14 +532,14 @@ def evaluation_windows(run_dir: Path) -> list[tuple[float, float]]:
     """(start, end) unix times of every evaluation of the run (RUN_DIR/evaluations.jsonl:
     evaluated_at minus elapsed_s, to evaluated_at): while one runs, the evaluation actor shares
     the training GPU, so steps in these windows are not the trainer's own speed."""
-    from trainer.run_layout import read_evaluations
+    from trainer.run.history import read_evaluations
 
     windows = []
     for entry in read_evaluations(str(run_dir)):
         try:
-            end = datetime.datetime.fromisoformat(str(entry["evaluated_at"]).replace("Z", "+00:00")).timestamp()
-            windows.append((end - float(entry["elapsed_s"]), end))
-        except (KeyError, TypeError, ValueError):
+            end = datetime.datetime.fromisoformat(str(entry.evaluated_at).replace("Z", "+00:00")).timestamp()
+            windows.append((end - float(entry.elapsed_s), end))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
             continue
     return windows
 
