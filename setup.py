@@ -14,7 +14,10 @@ setup(
     version="0.1.0",
     description="Distributed, large-scale training and evaluation of VSRN (ICCV 2019) image-text matching",
     python_requires=">=3.10",
-    packages=["model", "trainer", "data_shards", "monitoring", "cluster"],
+    # Every package, subpackages included (tests/test_dockerfile.py checks that none is missing):
+    # a wheel holds only those listed.
+    packages=["model", "trainer", "trainer.evaluation", "trainer.evaluator", "trainer.inference",
+              "trainer.reporting", "trainer.run", "data_shards", "monitoring", "cluster"],
     install_requires=[
         "torch>=2.11,<2.14",
         "numpy>=1.24",
@@ -27,7 +30,7 @@ setup(
         "safetensors>=0.4",
         "nltk>=3.8",
         "matplotlib>=3.7",  # trainer/report.py: PNG plots of a run
-        # trainer/coco_annotations.py: the COCO 5K test ids and the ECCV Caption / CxC ground truths
+        # data_shards/coco_annotations.py: the COCO 5K test ids and the ECCV Caption / CxC ground truths
         # of the eccv and cxc protocols (MIT); pinned: the protocols' numbers depend on its data files
         "eccv-caption==0.1.0",
         "Pillow>=10.1",  # data_shards/synthetic.py draws the synthetic images (matplotlib needs it anyway)

@@ -1,4 +1,4 @@
-"""Benchmark: vectorized recall evaluation (trainer/evaluation.py) vs the reference's loop.
+"""Benchmark: vectorized recall evaluation (trainer/evaluation/) vs the reference's loop.
 
 Times the ``all`` protocol on N images x 5N captions (default 5000 x 25000, D = 2048: COCO 5K
 with VSRN's embedding size) of random l2-normalized float32 embeddings, twice:
@@ -14,8 +14,8 @@ It checks that both give the same ranks and metrics and reports both times, thei
 peak memory of the vectorized path.
 
 ``--protocol all eccv cxc`` also times those protocols evaluated together (one pass of matrix
-products shared by all three, trainer/evaluation.py) against ``all`` alone, alternating the two
-in the same run, and reports the ratio (goal: at most 1.5x). The ids are the COCO 5K test
+products shared by all three, trainer/evaluation/scorer.py) against ``all`` alone, alternating the
+two in the same run, and reports the ratio (goal: at most 1.5x). The ids are the COCO 5K test
 split's standard order (the random embeddings mean nothing to the annotations: only the time
 counts). The loop takes minutes on a few cores; ``--loop-queries K``
 times it on the first K images (i2t) and their 5K captions (t2i) only and extrapolates linearly

@@ -515,12 +515,11 @@ def _memory_gib() -> float | None:
 
 
 def read_step_log(run_dir: Path) -> list[dict[str, Any]]:
-    from trainer.run_layout import TRAIN_LOG
+    """The run's train_log.jsonl lines as written ([] before the first step)."""
+    from data_shards.storage import open_location
+    from trainer.run.step_log import read_step_lines
 
-    path = run_dir / TRAIN_LOG
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_step_lines(open_location(str(run_dir))) or []
 
 
 def warmup_steps(count: int) -> int:
@@ -533,14 +532,14 @@ def evaluation_windows(run_dir: Path) -> list[tuple[float, float]]:
     """(start, end) unix times of every evaluation of the run (RUN_DIR/evaluations.jsonl:
     evaluated_at minus elapsed_s, to evaluated_at): while one runs, the evaluation actor shares
     the training GPU, so steps in these windows are not the trainer's own speed."""
-    from trainer.run_layout import read_evaluations
+    from trainer.run.history import read_evaluations
 
     windows = []
     for entry in read_evaluations(str(run_dir)):
         try:
-            end = datetime.datetime.fromisoformat(str(entry["evaluated_at"]).replace("Z", "+00:00")).timestamp()
-            windows.append((end - float(entry["elapsed_s"]), end))
-        except (KeyError, TypeError, ValueError):
+            end = datetime.datetime.fromisoformat(str(entry.evaluated_at).replace("Z", "+00:00")).timestamp()
+            windows.append((end - float(entry.elapsed_s), end))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
             continue
     return windows
 
@@ -580,7 +579,7 @@ def _quantile(values: list[float], q: float) -> float:
 def read_train_state(checkpoint: str | None) -> dict[str, Any] | None:
     if not checkpoint:
         return None
-    from trainer.run_layout import TRAIN_STATE_FILE  # the project is importable: bench/ runs from its root
+    from trainer.run.layout import TRAIN_STATE_FILE  # the project is importable: bench/ runs from its root
 
     path = Path(checkpoint) / TRAIN_STATE_FILE
     try:

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from data_shards.coco_annotations import COCO_5K_IMAGES, AnnotationsUnavailableError, coco_5k_test_ids
 from data_shards.format import (
     EXPECTED_CAPTIONS,
     FEATURE_DTYPES,
@@ -252,7 +253,7 @@ def plan_precomp(precomp_dir: str, split: str, shard_size: int, dtype: str, coco
 
     ``coco_ids``: the split is the COCO 5K test split in the standard order (SCAN's ``testall``);
     each image's COCO id (``source_id``) and its captions' annotation ids (``caption_ids``) are
-    written into the shards, from the eccv-caption package (trainer/coco_annotations.py)."""
+    written into the shards, from the eccv-caption package (data_shards/coco_annotations.py)."""
     ims_path = os.path.join(precomp_dir, f"{split}_ims.npy")
     caps_path = os.path.join(precomp_dir, f"{split}_caps.txt")
     if not os.path.isdir(precomp_dir):
@@ -305,15 +306,8 @@ def plan_precomp(precomp_dir: str, split: str, shard_size: int, dtype: str, coco
 
 
 def _coco_5k_ids(images: int, ims_path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The COCO ids of the 5K test split in the standard order, as the shards store them."""
-    # The ids come with the evaluation's annotations (the eccv-caption package), imported only
-    # for --coco-ids.
-    from trainer.coco_annotations import (
-        COCO_5K_IMAGES,
-        AnnotationsUnavailableError,
-        coco_5k_test_ids,
-    )
-
+    """The COCO ids of the 5K test split in the standard order, as the shards store them (from the
+    evaluation's annotations, the eccv-caption package, which is imported only when they are asked for)."""
     if images != COCO_5K_IMAGES:
         raise ConversionError(f"--coco-ids: {ims_path} has {images} images; the ids are those of the COCO 5K test "
                               f"split in the standard order ({COCO_5K_IMAGES} images, {5 * COCO_5K_IMAGES} captions, "

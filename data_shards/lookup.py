@@ -1,7 +1,7 @@
 """Looking things up in a split by sample key: what the interpretation and retrieval tools need.
 
 * :class:`SplitIndex`: the images' keys and captions in source order (as an encoding of the split
-  lists them, trainer/checkpoint_eval.encode_split), and the position of a key.
+  lists them, trainer/inference/encoding.py), and the position of a key.
 * :func:`read_records`: the full records (features, boxes, size, captions) of a few keys, reading
   shards in manifest order and stopping once every key is found.
 * :func:`manifest_digest`: what identifies a split's content (caches key on it).

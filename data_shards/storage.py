@@ -7,7 +7,7 @@ atomically, remove a file or a tree.
 
 Why it lives in data_shards/: shards are what it was made for, and data_shards/ is the lowest
 layer that does I/O (it imports nothing of model/ or trainer/), so the trainer can use the same
-protocol for run directories (trainer/run_layout.py) without data_shards/ knowing of runs.
+protocol for run directories (trainer/run/) without data_shards/ knowing of runs.
 
 S3 configuration, explicit values first, then the environment:
 
@@ -29,10 +29,10 @@ Writers that publish several files (the converter) write their index (`manifest.
 Read-modify-write (`Location.locked`): locally, cooperating writers of one file take an `flock` on
 a hidden lock file beside it, so two processes appending to the same file never lose each other's
 update. S3 has no locks: nothing is held there, and the later of two racing uploads wins; callers
-say why that is acceptable for their file (trainer/run_layout.py, the evaluation history).
+say why that is acceptable for their file (trainer/run/history.py, the evaluation history).
 
 Conditional writes (`read_bytes_versioned`, `write_bytes_if`, `remove_if`): compare-and-swap on one
-small file, for records that only one writer may own (trainer/run_lease.py). Locally the check and
+small file, for records that only one writer may own (trainer/run/lease.py). Locally the check and
 the write happen under that same `flock`, so racing writers are serialized, and the version is the
 content's sha256. On S3 they are single conditional requests: PutObject with `If-None-Match: *`
 (create only if absent) or `If-Match: <ETag>` (replace only if unchanged), DeleteObject with
@@ -273,7 +273,7 @@ class Entry:
 @dataclass
 class Location:
     """A directory or S3 prefix holding files, addressed by name: the one storage protocol of the
-    project. Shards (data_shards/) and run directories (trainer/run_layout.py) go through it, so no
+    project. Shards (data_shards/) and run directories (trainer/run/) go through it, so no
     caller branches on local versus S3 or touches `fs`."""
 
     url: str  # "s3://bucket/prefix", or the local path as given, without a trailing slash

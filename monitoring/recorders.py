@@ -322,7 +322,7 @@ class EvaluationMetrics:
 
     def record_evaluation(self, payload: Mapping[str, Any], best_rsum: float | None, seconds: float) -> None:
         """A successful evaluation: ``payload`` is the metrics.json payload
-        (trainer/checkpoint_eval.py), ``best_rsum`` the run's best dev rsum after it."""
+        (trainer/evaluator/checkpoint_eval.py), ``best_rsum`` the run's best dev rsum after it."""
         if payload.get("dev"):
             self._recalls("dev", "all", payload["dev"])
         for protocol, result in (payload.get("test") or {}).items():

@@ -1,7 +1,8 @@
 """Real inputs for the evaluation-worker tests: tiny sharded splits, tiny VSRN checkpoints, runs.
 
-Shared by tests/trainer/test_checkpoint_eval.py, test_eval_worker.py, test_evaluate_cli.py,
-test_run_layout.py and test_report.py (tests/ is on sys.path, see tests/conftest.py). Everything is small enough for a 2-core machine: splits of a few
+Shared by tests/trainer/evaluator/ (test_checkpoint_eval.py, test_actor.py),
+test_evaluate_cli.py, run/test_records.py and test_report.py (tests/ is on sys.path, see
+tests/conftest.py). Everything is small enough for a 2-core machine: splits of a few
 dozen images with 4 regions of 8 features, models with 16-dimensional embeddings.
 
 Splits are written in the precomputed layout and converted with the project's converter
@@ -137,7 +138,7 @@ def ranked_models(data: EvalData) -> list[VSRN]:
 
 
 def eval_config(**changes: Any) -> EvalConfig:
-    # No qualitative pages unless a test asks (tests/trainer/test_qualitative.py): they cost figures.
+    # No qualitative pages unless a test asks (tests/trainer/inference/test_qualitative.py): they cost figures.
     base = {"test_protocols": ["1k-5fold", "all"], "dev_images": DEV_IMAGES, "batch_size": 16,
             "qualitative_queries": 0}
     return EvalConfig(**{**base, **changes})

@@ -30,13 +30,9 @@ from data_shards.lookup import UnknownKeyError, read_records
 from model.checkpoint import CheckpointError
 from model.vocab import Vocabulary
 from model.vsrn import END_ID, PAD_ID, VSRN
-from trainer.inference import (
-    add_checkpoint_arguments,
-    feed_order,
-    load_checkpoint,
-    run_region_order,
-    storage_options_of,
-)
+from trainer.inference.arguments import add_checkpoint_arguments, run_region_order, storage_options_of
+from trainer.inference.attention import feed_order
+from trainer.inference.checkpoint import load_checkpoint
 
 logger = logging.getLogger("trainer.caption")
 

@@ -141,7 +141,7 @@ class CheckpointConfig:
     # unless it is on a filesystem that every node mounts at the same path (NFS, EFS, Lustre...):
     # then say so here (trainer/run_checkpoint.py, require_shared_storage).
     shared_filesystem: bool = False
-    # The lease on RUN_DIR (trainer/run_lease.py): one trainer writes a run at a time. A lease
+    # The lease on RUN_DIR (trainer/run/lease.py): one trainer writes a run at a time. A lease
     # whose heartbeat is older than this is stale (its driver died) and a new trainer takes it
     # over; longer than any pause of the driver (a Ray worker restart does not pause it).
     lease_timeout_s: float = 300.0
@@ -175,14 +175,15 @@ class EvalConfig:
     dev_images: int = 1000  # the reference validates on the first 1000 dev images
     batch_size: int = 256
     # Test images whose top-3 retrievals and attention maps each checkpoint's qualitative.md shows
-    # (trainer/qualitative.py; evenly spaced over the test split, the same for every checkpoint); 0: off.
+    # (trainer/inference/qualitative.py; evenly spaced over the test split, the same for every
+    # checkpoint); 0: off.
     qualitative_queries: int = 8
     cpus: float = 1.0
     gpus: float = 0.0
 
     def validate(self) -> None:
-        # The protocol names are trainer/evaluation.py's; imported here rather than at the top, so
-        # that importing this module does not import torch.
+        # The protocol names are trainer/evaluation/metrics.py's; imported here rather than at the
+        # top, so that importing this module does not import torch.
         from trainer.evaluation import PROTOCOLS
 
         for protocol in self.test_protocols:

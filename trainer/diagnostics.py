@@ -23,8 +23,8 @@ per-step :class:`model.loss.HardNegativeStats` into one summary per logging inte
   2 * margin * (number of negative pairs), a level that a healthy warm-up can cross on its way down,
   and the warm-up is the usual cure, not the problem. After a restart the streak starts again.
 
-The step-log keys and the progress-line wording live here; trainer/worker.py writes them and
-trainer/report.py reads them.
+The progress-line wording lives here; the step-log keys in trainer/run/step_log.py, with the step
+log's reader (trainer/worker.py writes them, trainer/report.py reads them).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from model.loss import HardNegativeStats
+from trainer.run.step_log import ACTIVE_FIELD, DIRECTIONS, GAP_MEAN_FIELD, GAP_P10_FIELD, REMOTE_FIELD
 
 __all__ = [
     "COLLAPSE_TOLERANCE",
     "DIRECTIONS",
-    "LOG_FIELDS",
     "CollapseDetector",
     "CollapseUpdate",
     "HardNegativeInterval",
@@ -53,21 +53,11 @@ __all__ = [
 
 log = logging.getLogger("trainer.diagnostics")
 
-DIRECTIONS = ("i2t", "t2i")
 COLLAPSE_TOLERANCE = 0.01  # "within 1 % of 2 * B * margin"
 GAP_QUANTILE = 0.1
 # torch.quantile refuses inputs above 2**24 elements; an interval holding more gaps than that
 # (e.g. 1000 steps of a 16K global batch) is thinned evenly before the quantile, not the mean.
 _MAX_QUANTILE_INPUT = 2**24
-
-# train_log.jsonl keys, written on the step that closes a logging interval (absent on other steps).
-GAP_MEAN_FIELD = "gap_{direction}_mean"
-GAP_P10_FIELD = "gap_{direction}_p10"
-ACTIVE_FIELD = "active_hinge_ratio"
-REMOTE_FIELD = "remote_hardest_ratio"
-COLLAPSED_FIELD = "collapsed"
-GAP_FIELDS = tuple(field.format(direction=d) for d in DIRECTIONS for field in (GAP_MEAN_FIELD, GAP_P10_FIELD))
-LOG_FIELDS = (*GAP_FIELDS, ACTIVE_FIELD, REMOTE_FIELD)  # numbers; COLLAPSED_FIELD is a bool
 
 
 @dataclass(frozen=True)

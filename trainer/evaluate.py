@@ -31,7 +31,7 @@ similarity matrices are averaged before ranking):
   batch size), so that its dev rsum compares with the run's other checkpoints.
 * ``--watch RUN_DIR``: evaluate every complete checkpoint of the run without metrics.json or
   eval_error.json (``--retry-failed``: also those with eval_error.json), in step order, record
-  the results as the evaluation worker does (trainer/checkpoint_eval.py), then exit: a CronJob runs
+  the results as the evaluation worker does (trainer/evaluator/checkpoint_eval.py), then exit: a CronJob runs
   this. Shards, protocols and the dev subset come from ``RUN_DIR/config.yaml`` unless given.
 
 S3 endpoint: ``--endpoint-url``, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (credentials
@@ -69,13 +69,14 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-# trainer.checkpoint_eval (the --checkpoint/--watch modes: shard reader, model) is imported where
+# trainer.evaluator (the --checkpoint/--watch modes: shard reader, model) is imported where
 # it is used, so the --embeddings/--sims modes start as fast as before.
 from model.atomic import atomic_write
+from trainer.config import EvalConfig
 from trainer.evaluation import (
     PROTOCOLS,
     RECALL_PROTOCOLS,
@@ -84,13 +85,15 @@ from trainer.evaluation import (
     evaluate_embeddings_protocols,
     evaluate_similarities_protocols,
     format_table,
+    results_table,
     set_tf32,
     validate_protocol,
 )
-from trainer.run_layout import METRICS_FILE, run_dir_of
-
-if TYPE_CHECKING:
-    from trainer.config import EvalConfig
+from trainer.run.best import best_dev_rsum
+from trainer.run.checkpoints import is_run_checkpoint
+from trainer.run.config_yaml import read_run_settings
+from trainer.run.layout import METRICS_FILE, run_dir_of
+from trainer.run.lease import describe_holder
 
 logger = logging.getLogger("trainer.evaluate")
 
@@ -385,7 +388,8 @@ def _full_precision(device: str) -> None:
 
 class _ExportedMetrics:
     """The vsrn_eval_* series of this process (prometheus-client), served and/or pushed as the
-    options say; every method is a no-op without --metrics-port and --pushgateway."""
+    options say; every method is a no-op without --metrics-port and --pushgateway. A context
+    manager: leaving it closes the series (:meth:`close`), however the evaluation ended."""
 
     def __init__(self, args: argparse.Namespace, run_dir: str) -> None:
         from monitoring.recorders import EvaluationMetrics, PrometheusBackend
@@ -413,6 +417,12 @@ class _ExportedMetrics:
         if self.recorder is not None:
             self.recorder.record_failure(time.perf_counter() - self.started)
 
+    def __enter__(self) -> _ExportedMetrics:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.backend is None:
             return
@@ -425,22 +435,12 @@ class _ExportedMetrics:
 
 def run_checkpoint(args: argparse.Namespace, prog: str) -> int:
     """``--checkpoint``: evaluate one checkpoint, print the table, write metrics.json."""
-    exported = _ExportedMetrics(args, run_dir_of(args.checkpoint))
-    try:
+    with _ExportedMetrics(args, run_dir_of(args.checkpoint)) as exported:
         return _evaluate_one_checkpoint(args, prog, exported)
-    finally:
-        exported.close()
 
 
 def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
-    from trainer.checkpoint_eval import (
-        evaluate_checkpoint,
-        read_run_settings,
-        record_evaluated,
-        results_table,
-    )
-    from trainer.config import EvalConfig
-    from trainer.run_layout import best_dev_rsum, is_run_checkpoint
+    from trainer.evaluator.checkpoint_eval import evaluate_checkpoint, record_evaluated
 
     options = _storage_options(args)
     _full_precision(args.device)
@@ -490,17 +490,12 @@ def _evaluate_one_checkpoint(args: argparse.Namespace, prog: str, exported: _Exp
 
 def run_watch(args: argparse.Namespace, prog: str) -> int:
     """``--watch``: evaluate the run's checkpoints not yet evaluated; 3 if any of them failed."""
-    exported = _ExportedMetrics(args, args.watch)
-    try:
+    with _ExportedMetrics(args, args.watch) as exported:
         return _evaluate_run(args, prog, exported)
-    finally:
-        exported.close()
 
 
 def _evaluate_run(args: argparse.Namespace, prog: str, exported: _ExportedMetrics) -> int:
-    from trainer.checkpoint_eval import evaluate_run, read_run_settings
-    from trainer.config import EvalConfig
-    from trainer.run_lease import describe_holder
+    from trainer.evaluator.checkpoint_eval import evaluate_run
 
     options = _storage_options(args)
     _full_precision(args.device)

@@ -40,14 +40,10 @@ from data_shards.lookup import UnknownKeyError, read_records
 from model.atomic import atomic_write
 from model.checkpoint import CheckpointError
 from model.interpret import PAPER_LAMBDA, RegionAttention
-from trainer.attention_figure import attention_png, load_picture
-from trainer.inference import (
-    add_checkpoint_arguments,
-    load_checkpoint,
-    records_attention,
-    run_region_order,
-    storage_options_of,
-)
+from trainer.inference.figures import attention_png, load_picture
+from trainer.inference.arguments import add_checkpoint_arguments, run_region_order, storage_options_of
+from trainer.inference.attention import records_attention
+from trainer.inference.checkpoint import load_checkpoint
 
 logger = logging.getLogger("trainer.explain")
 

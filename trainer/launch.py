@@ -6,7 +6,7 @@ directory if missing and shards it, starts a local Ray, trains a small VSRN with
 best checkpoint's recall table.
 
 Steps: configuration (errors exit 2 naming the key, before any Ray work) -> the lease on RUN_DIR
-(trainer/run_lease.py: when another trainer holds the run, exit 2 with one line naming the holder
+(trainer/run/lease.py: when another trainer holds the run, exit 2 with one line naming the holder
 and the age of its heartbeat; renewed by a thread of this driver, released at the end, success or
 failure) -> data (trainer/data.py) -> Ray: the cluster of the job submission or RAY_ADDRESS, else
 a local one sized for the job -> RUN_DIR/config.yaml (the resolved configuration) -> a TorchTrainer
@@ -41,19 +41,15 @@ from urllib.parse import urlparse
 if __name__ == "__main__" and __package__ in (None, ""):  # `python trainer/launch.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_shards.storage import is_s3_url, open_location
-from trainer.config import (
-    ConfigError,
-    TrainConfig,
-    config_to_dict,
-    config_to_yaml,
-    load_config,
-)
+from data_shards.storage import is_s3_url
+from trainer.config import ConfigError, TrainConfig, config_to_dict, load_config
 from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.failures import failure_summary, stop_on_fatal_error_callback
 from trainer.run_checkpoint import require_shared_storage
-from trainer.run_layout import CONFIG_YAML, prune_checkpoints, read_best
-from trainer.run_lease import LeaseHeldError, LeaseLostError, RunLease
+from trainer.run.best import best_summary
+from trainer.run.config_yaml import write_run_config
+from trainer.run.lease import LeaseHeldError, LeaseLostError, RunLease
+from trainer.run.retention import prune_checkpoints
 
 log = logging.getLogger("trainer.launch")
 
@@ -247,12 +243,6 @@ def wait_for_resources(config: TrainConfig, poll_s: float = 1.0) -> None:
             request_resources(bundles=[])
 
 
-def write_run_config(config: TrainConfig, run_dir: str) -> None:
-    location = open_location(run_dir, storage_options_for(config.data) if is_s3_url(run_dir) else None)
-    location.makedirs()
-    location.write_bytes_atomic(CONFIG_YAML, config_to_yaml(config).encode("utf-8"))
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoints -> evaluation worker
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +301,7 @@ class _AbortOnLostLease:
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run of `config` through Ray Train; returns the summary (see module doc).
 
-    Takes the lease on RUN_DIR first (trainer/run_lease.py; LeaseHeldError when another trainer
+    Takes the lease on RUN_DIR first (trainer/run/lease.py; LeaseHeldError when another trainer
     holds it) and releases it when the run ends, however it ends; LeaseLostError when another
     trainer took it over meanwhile. Uses the Ray instance of this process if there is one, else
     connects/starts one (and leaves it running: main() shuts it down).
@@ -361,7 +351,7 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
     worker_env = {"env_vars": allocator.env_vars(ray.get_runtime_context().runtime_env.get("env_vars") or {})}
     evaluator = None
     if config.eval.enabled:
-        from trainer.eval_worker import make_evaluation_actor
+        from trainer.evaluator.actor import make_evaluation_actor
 
         evaluator = make_evaluation_actor(config.eval, dev=data.dev, test=data.test, run_dir=run_dir,
                                           storage_options=storage_options, region_order=config.data.region_order,
@@ -414,7 +404,7 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
         except ray.exceptions.RayActorError as error:  # lost more often than Ray restarts it
             log.warning("the evaluation worker is gone (%s); checkpoints without metrics.json are left to "
                         "`python trainer/evaluate.py --watch %s`", type(error).__name__, run_dir)
-            best = read_best(run_dir, storage_options)
+            best = best_summary(run_dir, storage_options)
         prune(run_dir, config.checkpoint.keep_last, storage_options)
         ray.kill(evaluator)
     return {"run_dir": run_dir, "best": best, "latest_checkpoint": latest, "run_name": config.checkpoint.run_name}

@@ -8,7 +8,7 @@ Usage (from the repository root)::
 
 One model load and one gallery encoding per call, whatever the number of queries: the gallery is
 the split's images (text queries) or captions (image queries), embedded as the evaluator embeds
-them and scored the way it scores (trainer/retrieval.py), and cached beside a run checkpoint
+them and scored the way it scores (trainer/inference/retrieval.py), and cached beside a run checkpoint
 (``checkpoint_<step>/gallery/``; ``--no-cache`` to skip). Text is tokenized exactly as training
 tokenizes captions, with the checkpoint's vocabulary; words it does not know are reported on
 stderr (they are read as ``<unk>``).
@@ -35,14 +35,10 @@ from typing import Any
 from data_shards.format import ShardFormatError
 from data_shards.lookup import UnknownKeyError
 from model.checkpoint import CheckpointError
-from trainer.checkpoint_eval import EvaluationDataError
-from trainer.inference import (
-    add_checkpoint_arguments,
-    load_checkpoint,
-    run_region_order,
-    storage_options_of,
-)
-from trainer.retrieval import (
+from trainer.inference.encoding import EvaluationDataError
+from trainer.inference.arguments import add_checkpoint_arguments, run_region_order, storage_options_of
+from trainer.inference.checkpoint import load_checkpoint
+from trainer.inference.retrieval import (
     Gallery,
     QueryError,
     RetrievalHit,

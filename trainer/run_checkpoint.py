@@ -9,7 +9,7 @@ Layout (docs/run_layout.md), one directory per report, `RUN_DIR/checkpoint_<step
     inference/            rank 0: model/checkpoint.py format (float32 weights, config, vocab),
                           what evaluate.py, encode.py and the evaluation worker read
     train_state.json      rank 0, written LAST: epoch, step, data position, world size, global
-                          batch, best dev rsum so far
+                          batch
 
 How a checkpoint lands: every rank writes its part into a local temporary directory and calls
 `ray.train.report(checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=...)`; Ray
@@ -35,7 +35,7 @@ epoch does (the reader's plan depends on the world size), which is logged.
 
 Pruning ("keep the last K and the best") is not Ray's: CheckpointConfig(num_to_keep) cannot know
 the best, whose metrics arrive later from the evaluation worker. The launcher calls
-`trainer.run_layout.prune_checkpoints(RUN_DIR, checkpoint.keep_last)` after each report and at
+`trainer.run.retention.prune_checkpoints(RUN_DIR, checkpoint.keep_last)` after each report and at
 the end; it only deletes evaluated checkpoints that are neither among the newest K nor the best.
 """
 
@@ -60,15 +60,8 @@ from model.checkpoint import save_inference_checkpoint
 from model.vocab import Vocabulary
 from model.vsrn import VSRN
 from trainer.config import ConfigError, TrainConfig
-from trainer.run_layout import (
-    DEEPSPEED_DIR,
-    INFERENCE_DIR,
-    TRAIN_STATE_FILE,
-    TrainState,
-    TrainStateError,
-    best_dev_rsum,
-    checkpoint_dir_name,
-)
+from trainer.run.layout import DEEPSPEED_DIR, INFERENCE_DIR, TRAIN_STATE_FILE, checkpoint_dir_name
+from trainer.run.train_state import TrainState, TrainStateError
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +154,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 # --------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------
-
-
-def read_best_rsum(run_dir: str, storage_options: dict[str, Any] | None) -> float | None:
-    """The dev rsum in RUN_DIR/best.json (written by the evaluation worker), if there is one."""
-    return best_dev_rsum(run_dir, storage_options)
 
 
 def export_inference(directory: Path, module: torch.nn.Module, vocab: Vocabulary, extra: dict[str, Any]) -> None:

@@ -77,19 +77,19 @@ from model.vsrn import VSRN, VSRNConfig, VSRNOutput
 from monitoring.recorders import RayBackend, TrainingMetrics
 from trainer import allocator
 from trainer.config import OptimConfig, TrainConfig, config_from_dict
-from trainer.diagnostics import COLLAPSED_FIELD, CollapseDetector, HardNegativeInterval, HardNegativeSummary
+from trainer.diagnostics import CollapseDetector, HardNegativeInterval, HardNegativeSummary
 from trainer.failures import FATAL_ERRORS, fatal_training_error
 from trainer.run_checkpoint import (
     TrainState,
     needs_universal,
-    read_best_rsum,
     read_train_state,
     require_shared_storage,
     restore_checkpoint,
     save_checkpoint,
     seed_everything,
 )
-from trainer.run_layout import TRAIN_LOG
+from trainer.run.layout import TRAIN_LOG
+from trainer.run.step_log import COLLAPSED_FIELD
 
 log = logging.getLogger("trainer.worker")
 
@@ -554,7 +554,6 @@ class _Loop:
 
     def checkpoint(self, state: TrainState) -> None:
         if self.rank == 0:
-            state.best_rsum = read_best_rsum(self.run_dir, self.storage_options)
             if self.step_log is not None:
                 self.step_log.sync()
         # Metrics go to Ray with the checkpoints only: the controller collects one report per worker

@@ -177,7 +177,7 @@ def test_node_types_head_without_gpus_workers_with_gpus(cluster: dict[str, Any])
 
 def _bundles_of(config_path: Path) -> list[dict[str, float]]:
     """Resource bundles a run of this config asks for: one per training worker, and the
-    evaluation actor (trainer/launch.py, trainer/eval_worker.make_evaluation_actor)."""
+    evaluation actor (trainer/launch.py, trainer/evaluator/actor.make_evaluation_actor)."""
     config = load_config(config_path)
     worker = {"CPU": config.distributed.cpus_per_worker,
               "GPU": config.distributed.gpus_per_worker if config.distributed.use_gpu else 0.0}

@@ -387,7 +387,7 @@ def test_precomp_boxes_and_sizes_are_written_into_the_shards(tmp_path: Path, mak
 
 def test_coco_ids_are_written_for_the_5k_test_split(tmp_path: Path, make_precomp: Any, read_output: Any,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from trainer.coco_annotations import coco_5k_test_ids
+    from data_shards.coco_annotations import coco_5k_test_ids
 
     make_precomp(tmp_path / "precomp", "testall", 5000, regions=1, dim=2)
     out = tmp_path / "out"

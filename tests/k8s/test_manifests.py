@@ -935,7 +935,7 @@ def worker_bundles(config: Any) -> list[dict[str, float]]:
 
 
 def evaluator_bundle(config: Any) -> dict[str, float] | None:
-    """What the evaluation actor asks for (trainer/eval_worker.py make_evaluation_actor:
+    """What the evaluation actor asks for (trainer/evaluator/actor.py make_evaluation_actor:
     num_cpus=eval.cpus, num_gpus=eval.gpus), None when launch.py starts none."""
     return {"CPU": config.eval.cpus, "GPU": config.eval.gpus} if config.eval.enabled else None
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitoring import metrics as m
 from monitoring.recorders import EvaluationMetrics, PrometheusBackend, TrainingMetrics
 
-PAYLOAD: dict[str, Any] = {  # a metrics.json payload (trainer/checkpoint_eval.py), numbers in percent
+PAYLOAD: dict[str, Any] = {  # a metrics.json payload (trainer/evaluator/), numbers in percent
     "checkpoint": "/runs/r/checkpoint_000000030", "step": 30, "epoch": 0, "dev_rsum": 240.0,
     "dev": {"i2t_r1": 40.0, "i2t_r5": 50.0, "i2t_r10": 60.0, "t2i_r1": 20.0, "t2i_r5": 30.0, "t2i_r10": 40.0,
             "rsum": 240.0},

@@ -1,9 +1,9 @@
 """Fixtures shared by the trainer tests.
 
-* ``data`` and ``models`` (evaluation tests: test_checkpoint_eval.py, test_eval_worker.py,
-  test_retrieval.py, test_explain.py ...): module-scoped, each test module builds its tiny splits
-  and models once (a few seconds); a module that defines a fixture of the same name (or a
-  parameter, as test_evaluation.py's ``models``) uses its own.
+* ``data`` and ``models`` (evaluation tests: evaluator/test_checkpoint_eval.py,
+  evaluator/test_actor.py, inference/test_retrieval.py, test_explain.py ...): module-scoped, each
+  test module builds its tiny splits and models once (a few seconds); a module that defines a
+  fixture of the same name (or a parameter, as evaluation/test_recall.py's ``models``) uses its own.
 * ``pictures``: a synthetic split with boxes and drawn images (explain, qualitative tests).
 * ``cli``: a CLI's ``main`` called in this process (faster than a subprocess per call).
 * ``embedded_default_run`` (session): the embedded default trained once through the launcher.

@@ -31,7 +31,8 @@ from model.vsrn import VSRNOutput
 from monitoring.recorders import PrometheusBackend, TrainingMetrics
 from train_run_helpers import tiny_run_config
 from trainer.config import TrainConfig, load_config
-from trainer.diagnostics import LOG_FIELDS, CollapseDetector, collapse_level
+from trainer.diagnostics import CollapseDetector, collapse_level
+from trainer.run.step_log import LOG_FIELDS
 from trainer.worker import StepLog, _Loop
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ from eval_run_helpers import (
     write_run_config,
 )
 
-from trainer.checkpoint_eval import evaluate_checkpoint
+from trainer.evaluator.checkpoint_eval import evaluate_checkpoint
 from trainer.config import EvalConfig
 from trainer.evaluate import main, write_json_atomic
 from trainer.evaluation import evaluate_embeddings, evaluate_similarities
@@ -266,7 +266,7 @@ def test_write_json_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# --checkpoint and --watch: model checkpoints on sharded splits (trainer/checkpoint_eval.py)
+# --checkpoint and --watch: model checkpoints on sharded splits (trainer/evaluator/checkpoint_eval.py)
 # ------------------------------------------------------------------------------------------------
 
 RUN_DEV_IMAGES = 20
@@ -450,7 +450,7 @@ def test_watch_an_s3_run_with_the_environment(eval_data: EvalData, tmp_path: Pat
 
 def test_embeddings_eccv_and_cxc_with_ids(files: dict[str, Path], tmp_path: Path) -> None:
     """The pinned keys on stdout and in the file; ids in the archive place rows in any order."""
-    from trainer.coco_annotations import coco_5k_test_ids
+    from data_shards.coco_annotations import coco_5k_test_ids
     from trainer.evaluation import CXC_KEYS, ECCV_KEYS, evaluate_embeddings_protocols
 
     images, captions = load_npz(files["a"])

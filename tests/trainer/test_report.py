@@ -28,15 +28,14 @@ from eval_run_helpers import EvalData, build_eval_data, make_model, write_checkp
 
 from data_shards.storage import open_location
 from trainer import report
-from trainer.checkpoint_eval import evaluate_run, record_evaluated, results_table
+from trainer.reporting import plots
+from trainer.evaluation import results_table
+from trainer.evaluator.checkpoint_eval import evaluate_run, record_evaluated
 from trainer.config import TrainConfig, config_to_yaml
 from trainer.evaluation import evaluate_embeddings, evaluate_embeddings_protocols
-from trainer.run_layout import (
-    EVALUATIONS_FILE,
-    TrainState,
-    checkpoint_dir_name,
-    prune_checkpoints,
-)
+from trainer.run.layout import EVALUATIONS_FILE, checkpoint_dir_name
+from trainer.run.retention import prune_checkpoints
+from trainer.run.train_state import TrainState
 from trainer.worker import Interval, StepLog, _Loop, hardest_negatives, learning_rate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,7 +185,7 @@ def test_cli_reports_a_complete_run(full_run: Path, tmp_path: Path) -> None:
     written = [output / name for name in ("losses.png", "throughput.png", "recall.png", "qualitative.md", "summary.md")]
     assert result.stdout.split() == [str(path) for path in written]  # the CLI prints the files, nothing else
 
-    width, height = (round(v * 100) for v in report.FIGSIZE)  # dpi 100 by default
+    width, height = (round(v * 100) for v in plots.FIGSIZE)  # dpi 100 by default
     assert_png(written[0], width, height)
     assert_png(written[1], width, height)
     assert_png(written[2], width, round(2.6 * 2 * 100))  # one test protocol with metrics ("all") + rsum
@@ -262,7 +261,7 @@ def test_every_test_protocol_gets_a_recall_panel_and_a_column(tmp_path: Path) ->
         record_evaluated(str(directory), payload, str(run_dir))
     output = tmp_path / "report"
     assert report.main([str(run_dir), "--output", str(output)]) == 0
-    width = round(report.FIGSIZE[0] * 100)
+    width = round(plots.FIGSIZE[0] * 100)
     assert_png(output / "recall.png", width, round(2.6 * 3 * 100))  # 1k-5fold, all, rsum
     summary = (output / "summary.md").read_text()
     assert json.loads((run_dir / "best.json").read_text())["step"] == 10
@@ -396,7 +395,7 @@ def test_cli_reads_a_run_on_s3(full_run: Path, tmp_path: Path, s3_env: Any, s3_b
     assert f"Run directory: `{run_url}`" in summary
     assert "- steps logged: 30 (steps 1-30)" in summary
     assert "on s3:// the step log is uploaded at each checkpoint" in summary
-    assert_png(output / "recall.png", round(report.FIGSIZE[0] * 100), round(2.6 * 2 * 100))
+    assert_png(output / "recall.png", round(plots.FIGSIZE[0] * 100), round(2.6 * 2 * 100))
 
 
 def test_unreadable_best_json_falls_back_to_the_highest_dev_rsum(full_run: Path, tmp_path: Path) -> None:
@@ -417,7 +416,7 @@ def test_unreadable_best_json_falls_back_to_the_highest_dev_rsum(full_run: Path,
 def recall_plot_lines(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[float]]:
     """Make report.main record the recall plot's lines: {label: x values (checkpoint steps)}."""
     lines: dict[str, list[float]] = {}
-    save = report._save
+    save = plots._save
 
     def recording_save(figure: Any, path: Path, dpi: int) -> Path:
         if path.name == "recall.png":
@@ -426,7 +425,7 @@ def recall_plot_lines(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[float]]
                     lines[str(line.get_label())] = [float(x) for x in line.get_xdata()]
         return save(figure, path, dpi)
 
-    monkeypatch.setattr(report, "_save", recording_save)
+    monkeypatch.setattr(plots, "_save", recording_save)
     return lines
 
 

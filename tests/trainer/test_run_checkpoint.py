@@ -36,7 +36,8 @@ from trainer.run_checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainer.run_layout import TrainState, checkpoint_dir_name
+from trainer.run.layout import checkpoint_dir_name
+from trainer.run.train_state import TrainState
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,9 +47,12 @@ from trainer.run_layout import TrainState, checkpoint_dir_name
 
 def test_train_state_round_trip_and_next_position() -> None:
     state = TrainState(epoch=3, step=120, batch_in_epoch=7, epoch_complete=False, world_size=2,
-                       global_batch_size=128, best_rsum=412.5)
+                       global_batch_size=128)
     again = TrainState.from_json(state.to_json(), "x")
     assert again == state and again.next_position() == (3, 7)
+    # Files written before best_rsum went (nothing read it) still resume.
+    older = json.dumps({**json.loads(state.to_json()), "best_rsum": 412.5})
+    assert TrainState.from_json(older, "x") == state
     done = TrainState(epoch=3, step=130, batch_in_epoch=17, epoch_complete=True, world_size=2, global_batch_size=128)
     assert done.next_position() == (4, 0)
     assert checkpoint_dir_name(130) == "checkpoint_000000130"  # names sort by step
@@ -169,7 +173,7 @@ def test_two_worker_training_through_ray_and_deepspeed(runs: dict[str, Any]) -> 
     checkpoint = run_dir / checkpoint_dir_name(30)
     state = json.loads((checkpoint / "train_state.json").read_text())
     assert state == {"epoch": 0, "step": 30, "batch_in_epoch": 30, "epoch_complete": True, "world_size": 2,
-                     "global_batch_size": 16, "best_rsum": None, "format_version": 1}
+                     "global_batch_size": 16, "format_version": 1}
     deepspeed = checkpoint / "deepspeed"
     assert (deepspeed / "latest").read_text().strip() == "global_step30"
     assert {p.name for p in (deepspeed / "global_step30").iterdir()} >= {

@@ -31,15 +31,11 @@ from model.vsrn import VSRN
 from trainer.config import load_config
 from trainer.data import SYNTHETIC_SEEDS, SYNTHETIC_WORLD_SEED
 from trainer.evaluation import embedding_ranks
-from trainer.inference import load_checkpoint, records_attention
+from trainer.inference.attention import records_attention
+from trainer.inference.checkpoint import load_checkpoint
 from trainer.report import make_report
-from trainer.retrieval import encode_texts, load_gallery, search_by_text
-from trainer.run_layout import (
-    BEST_FILE,
-    METRICS_FILE,
-    QUALITATIVE_DIR,
-    QUALITATIVE_FILE,
-)
+from trainer.inference.retrieval import encode_texts, load_gallery, search_by_text
+from trainer.run.layout import BEST_FILE, METRICS_FILE, QUALITATIVE_DIR, QUALITATIVE_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from model.checkpoint import load_inference_checkpoint
 from train_run_helpers import ROOT, STEPS_PER_EPOCH, logged_losses, tiny_run_config
 from trainer.config import load_config
-from trainer.run_layout import checkpoint_dir_name
+from trainer.run.layout import checkpoint_dir_name
 
 
 @pytest.fixture(scope="module")

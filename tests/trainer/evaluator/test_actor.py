@@ -1,4 +1,4 @@
-"""Tests for trainer/eval_worker.py: the evaluation actor, in-process and through Ray: its queue
+"""Tests for trainer/evaluator/actor.py: the evaluation actor, in-process and through Ray: its queue
 never holds up the caller, it evaluates in the background, and a restarted actor catches up on
 what its predecessor left.
 
@@ -26,7 +26,7 @@ from eval_run_helpers import (
 )
 
 from model.vsrn import VSRN
-from trainer.eval_worker import EvaluationWorker, make_evaluation_actor
+from trainer.evaluator.actor import EvaluationWorker, make_evaluation_actor
 
 # --------------------------------------------------------------------------------------------------
 # The worker: in-process and as a Ray actor

@@ -1,8 +1,8 @@
-"""Evaluating one checkpoint and recording the outcome: what the evaluation actor
-(trainer/eval_worker.py) and ``python trainer/evaluate.py --checkpoint/--watch`` share.
+"""Evaluating one checkpoint and recording the outcome: what the evaluation actor (actor.py) and
+``python trainer/evaluate.py --checkpoint/--watch`` share.
 
 For a checkpoint directory (local or ``s3://``) this module encodes the dev and test shards with the
-checkpoint's inference model (:func:`encode_split`), computes
+checkpoint's inference model (trainer/inference/encoding.py), computes
 
 * the dev metrics (protocol ``all`` on the first ``eval.dev_images`` dev images) whose ``rsum``
   selects the best model, as the reference's validation does, and
@@ -11,15 +11,17 @@ checkpoint's inference model (:func:`encode_split`), computes
   order; Flickr30K: ``all``; a protocol that cannot run on the split, such as ``1k-5fold``
   below 5000 images, is skipped and the skip recorded),
 
-as the ``metrics.json`` payload (:func:`evaluate_checkpoint`), and records it
-(:func:`record_evaluated`): ``metrics.json`` beside the checkpoint, the checkpoint's line in
-``RUN_DIR/evaluations.jsonl`` and ``RUN_DIR/best.json`` when its dev rsum beats the recorded best.
-A checkpoint that cannot be evaluated gets an ``eval_error.json`` instead
-(:func:`evaluate_and_record`, which never raises for one bad checkpoint).
-:func:`evaluate_run` is ``evaluate.py --watch``: every complete checkpoint of a run without
-``metrics.json`` or ``eval_error.json``, in step order.
+and writes the qualitative page (trainer/inference/qualitative.py), as the ``metrics.json``
+payload (:func:`evaluate_checkpoint`), and records it (:func:`record_evaluated`): ``metrics.json``
+beside the checkpoint, the checkpoint's line in ``RUN_DIR/evaluations.jsonl`` and
+``RUN_DIR/best.json`` when its dev rsum beats the recorded best, all three from one
+:class:`trainer.run.records.EvaluationRecord`. A checkpoint that cannot be evaluated gets an
+``eval_error.json`` instead (:func:`evaluate_and_record`, which never raises for one bad
+checkpoint). :func:`evaluate_run` is ``evaluate.py --watch``: every complete checkpoint of a run
+without ``metrics.json`` or ``eval_error.json``, in step order, with the settings of the run's
+config.yaml.
 
-What the files are called and hold, and how they are read and written, is trainer/run_layout.py's
+What the files are called and hold, and how they are read and written, is trainer/run/'s
 (docs/run_layout.md); this module decides what to evaluate and in which order to record it.
 """
 
@@ -29,26 +31,21 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from data_shards.reader import EvalReader, ReaderConfig, load_split
+from data_shards.lookup import SplitIndex
+from data_shards.reader import ReaderConfig, load_split
 from data_shards.storage import Location, open_location
-from model.checkpoint import (
-    load_inference_checkpoint,
-)
-from model.vocab import Vocabulary
+from model.checkpoint import load_inference_checkpoint
 from model.vsrn import VSRN
 from monitoring.recorders import EvaluationMetrics
-from trainer.config import ConfigError, EvalConfig, TrainConfig, config_from_dict
+from trainer.config import EvalConfig
 from trainer.evaluation import (
     ANNOTATED_PROTOCOLS,
-    CAPTIONS_PER_IMAGE,
     FOLD_PROTOCOL_MIN_IMAGES,
     PROTOCOL_1K_5FOLD,
     PROTOCOL_ALL,
@@ -56,184 +53,39 @@ from trainer.evaluation import (
     GalleryIds,
     evaluate_embeddings,
     evaluate_embeddings_protocols,
-    format_table,
+    results_table,
     validate_protocol,
 )
-from trainer.inference import local_inference_dir
-from trainer.run_layout import (
+from trainer.inference.checkpoint import local_inference_dir
+from trainer.inference.encoding import encode_split
+from trainer.inference.qualitative import build_page, query_positions, write_page
+from trainer.inference.retrieval import Gallery
+from trainer.run.best import best_dev_rsum, update_best
+from trainer.run.checkpoints import list_checkpoints
+from trainer.run.config_yaml import read_run_settings
+from trainer.run.history import record_evaluation
+from trainer.run.layout import (
     BEST_FILE,
     CONFIG_YAML,
     ERROR_FILE,
     EVALUATIONS_FILE,
     QUALITATIVE_FILE,
-    best_dev_rsum,
-    list_checkpoints,
-    read_train_state_fields,
-    record_evaluation,
-    record_failure,
-    record_result,
     run_dir_of,
-    state_int,
-    update_best,
     utc_now,
 )
+from trainer.run.records import NO_PAGE, EvaluationRecord, NoPage, record_failure, record_result
+from trainer.run.train_state import read_train_state_fields, state_int
 
 __all__ = [
-    "METRICS_FORMAT_VERSION",
-    "EvaluationDataError",
     "Recorded",
-    "RunSettings",
-    "encode_split",
     "evaluate_and_record",
     "evaluate_checkpoint",
     "evaluate_run",
     "evaluation_summary",
-    "read_run_settings",
     "record_evaluated",
-    "results_table",
 ]
 
 logger = logging.getLogger(__name__)
-
-METRICS_FORMAT_VERSION = 1
-
-
-class EvaluationDataError(ValueError):
-    """The evaluation data cannot be ranked (an image without exactly five captions, no images ...)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Encoding a split
-# --------------------------------------------------------------------------------------------------
-
-
-def _prefix_shards(reader: EvalReader, max_images: int) -> list[str]:
-    """Names of the first shards of the selection that hold at least ``max_images`` images, so a
-    dev subset reads only the shards it needs (manifest order is source order)."""
-    names, total = [], 0
-    for shard in reader.spec.shards:
-        names.append(shard.name)
-        total += shard.samples
-        if total >= max_images:
-            break
-    return names
-
-
-@torch.inference_mode()
-def encode_split(
-    model: VSRN,
-    vocab: Vocabulary,
-    reader_config: ReaderConfig,
-    batch_size: int,
-    device: str | torch.device,
-    max_images: int | None = None,
-    *,
-    ids: list[GalleryIds | None] | None = None,
-    listing: list[tuple[str, tuple[str, ...]]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Embed the images and captions of a sharded split in source order.
-
-    Args:
-        model: the VSRN to encode with (put in eval mode here).
-        vocab: its vocabulary; ``vocab.encode`` tokenizes the captions.
-        reader_config: where the split is and how to read it; its ``batch_size`` is replaced by
-            ``batch_size`` (images per forward pass, with their captions).
-        batch_size: images per forward pass.
-        device: where the model runs.
-        max_images: encode only the first ``max_images`` images (and their captions).
-        ids: if given, a list to which the encoded rows' source ids are appended, as
-            :class:`trainer.evaluation.GalleryIds` from the shards' ``source_id`` (and
-            ``caption_ids``), or None when the shards carry none (what ``eccv`` / ``cxc`` rank by).
-        listing: if given, a list to which ``(key, its five captions)`` of every encoded image is
-            appended, in row order (what retrieval shows; data_shards.lookup.SplitIndex).
-
-    Returns:
-        ``images`` (N, D) and ``captions`` (5N, D), float32: image i owns captions 5i..5i+4, the
-        layout :func:`trainer.evaluation.evaluate_embeddings` ranks.
-
-    Raises:
-        EvaluationDataError: an image has other than five captions (ranking pairs caption j with
-            image j // 5), or there is nothing to encode.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images must be >= 1, got {max_images}")
-    config = dataclasses.replace(reader_config, batch_size=batch_size)
-    reader = EvalReader(config, vocab.encode)
-    if max_images is not None and max_images < reader.images:
-        reader = EvalReader(dataclasses.replace(config, shards=_prefix_shards(reader, max_images)), vocab.encode)
-    wanted = reader.images if max_images is None else min(max_images, reader.images)
-    model.eval()
-    device = torch.device(device)
-    dim = model.config.embed_size
-    images = np.empty((wanted, dim), dtype=np.float32)
-    captions = np.empty((CAPTIONS_PER_IMAGE * wanted, dim), dtype=np.float32)
-    done = 0
-    source_ids: list[str | None] = []
-    caption_source_ids: list[str | None] = []
-    started = time.perf_counter()
-    batches = iter(reader)
-    try:
-        for batch in batches:
-            take = min(len(batch.keys), wanted - done)
-            counts = Counter(batch.caption_image_ids.tolist())
-            for row, image_id in enumerate(batch.image_ids[:take].tolist()):
-                # Ranking pairs caption j with image j // 5: every image needs exactly five.
-                if counts[image_id] != CAPTIONS_PER_IMAGE:
-                    raise EvaluationDataError(
-                        f"{reader.spec.location}: image {batch.keys[row]} (index {image_id}) has {counts[image_id]} "
-                        f"captions; recall ranking needs exactly {CAPTIONS_PER_IMAGE} per image")
-            regions = batch.regions[:take].to(device=device, dtype=torch.float32)
-            boxes = batch.boxes[:take].to(device) if batch.boxes is not None else None
-            images[done:done + take] = model.encode_images(regions, boxes).float().cpu().numpy()
-            caption_count = CAPTIONS_PER_IMAGE * take
-            tokens = batch.tokens[:caption_count].to(device)
-            lengths = batch.lengths[:caption_count]
-            # Trim the padding to the longest caption kept (the text encoder packs by length anyway).
-            tokens = tokens[:, : int(lengths.max())]
-            start = CAPTIONS_PER_IMAGE * done
-            captions[start:start + caption_count] = model.encode_captions(tokens, lengths).float().cpu().numpy()
-            if listing is not None:
-                listing += [(key, tuple(batch.captions[CAPTIONS_PER_IMAGE * row:CAPTIONS_PER_IMAGE * (row + 1)]))
-                            for row, key in enumerate(batch.keys[:take])]
-            if ids is not None:
-                source_ids += batch.source_ids[:take] or [None] * take
-                caption_source_ids += batch.caption_source_ids[:caption_count] or [None] * caption_count
-            done += take
-            if done >= wanted:
-                break
-    finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()  # stops the loader's workers when a prefix was enough
-    if done == 0:
-        raise EvaluationDataError(f"{reader.spec.location}: no images to evaluate")
-    if done < wanted:  # bad_data="skip" dropped some samples
-        logger.warning("%s: read %d of the %d images the manifest lists", reader.spec.location, done, wanted)
-        images, captions = images[:done], captions[:CAPTIONS_PER_IMAGE * done]
-    logger.info("encoded %d images and %d captions of %s in %.1f s", done, CAPTIONS_PER_IMAGE * done,
-                reader.spec.location, time.perf_counter() - started)
-    if ids is not None:
-        ids.append(_gallery_ids(source_ids[:done], caption_source_ids[:CAPTIONS_PER_IMAGE * done], reader.spec.location))
-    return images, captions
-
-
-def _gallery_ids(image_ids: list[str | None], caption_ids: list[str | None], where: str) -> GalleryIds | None:
-    """The source ids of the encoded rows: None if the shards carry none, an error if only some do."""
-    if all(i is None for i in image_ids):
-        return None
-    if any(i is None for i in image_ids):
-        missing = sum(i is None for i in image_ids)
-        raise EvaluationDataError(f"{where}: {missing} of {len(image_ids)} images have no source_id; the ids "
-                                  "that eccv / cxc rank by must be given for all or none")
-    # Without caption ids each image's captions are its five of the standard COCO 5K order.
-    captions = caption_ids if all(c is not None for c in caption_ids) else None
-    try:
-        return GalleryIds.from_arrays(np.asarray(image_ids), None if captions is None else np.asarray(captions),
-                                      where=str(where))
-    except EvaluationInputError as error:
-        raise EvaluationDataError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,8 +107,8 @@ def evaluate_checkpoint(
     """Evaluate one checkpoint; returns the ``metrics.json`` payload.
 
     Nothing is written but the qualitative page (``eval_config.qualitative_queries`` > 0 and test
-    shards given: trainer/qualitative.py, beside the checkpoint; the payload's ``"qualitative"``
-    names it, or is None when it could not be written).
+    shards given: trainer/inference/qualitative.py, beside the checkpoint; the payload's
+    ``"qualitative"`` names it, or is None when it could not be written).
 
     Args:
         checkpoint: a run checkpoint directory (local or ``s3://``) holding ``inference/`` and
@@ -290,30 +142,25 @@ def evaluate_checkpoint(
         return encode_split(model, vocab, reader_config, eval_config.batch_size, device, max_images=max_images,
                             ids=ids, listing=listing)
 
-    payload: dict[str, Any] = {
-        "checkpoint": location.display,
-        "step": state_int(state, "step"),
-        "epoch": state_int(state, "epoch"),
-        "dev": None,
-        "dev_rsum": None,
-        "test": {},
-        "skipped": {},
-        "data": {"dev": dev, "dev_images": 0, "test": test, "test_images": 0},
-    }
+    step, epoch = state_int(state, "step"), state_int(state, "epoch")
+    data = {"dev": dev, "dev_images": 0, "test": test, "test_images": 0}
+    dev_metrics: dict[str, Any] | None = None
+    test_metrics: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    qualitative: str | None | NoPage = NO_PAGE
     if dev is not None:
         images, captions = encode(dev, eval_config.dev_images)
         if images.shape[0] < eval_config.dev_images:
             logger.info("%s has %d images, fewer than eval.dev_images = %d: the dev metrics use all of them",
                         dev, images.shape[0], eval_config.dev_images)
-        payload["dev"] = evaluate_embeddings([(images, captions)], PROTOCOL_ALL, device=device)
-        payload["dev_rsum"] = payload["dev"]["rsum"]
-        payload["data"]["dev_images"] = int(images.shape[0])
+        dev_metrics = evaluate_embeddings([(images, captions)], PROTOCOL_ALL, device=device)
+        data["dev_images"] = int(images.shape[0])
     if test is not None:
         found_ids: list[GalleryIds | None] = []
         listing: list[tuple[str, tuple[str, ...]]] = []
         images, captions = encode(test, None, found_ids, listing)
         test_ids = found_ids[0] if found_ids else None
-        payload["data"]["test_images"] = int(images.shape[0])
+        data["test_images"] = int(images.shape[0])
         runnable = []
         for protocol in dict.fromkeys(eval_config.test_protocols):
             reason = None
@@ -327,20 +174,20 @@ def evaluate_checkpoint(
                     reason = str(error)
             if reason is not None:
                 logger.warning("%s: protocol %s skipped: %s", location.display, protocol, reason)
-                payload["skipped"][protocol] = reason
+                skipped[protocol] = reason
                 continue
             runnable.append(protocol)
         # One call: all, eccv and cxc share the matrix products.
-        payload["test"].update(evaluate_embeddings_protocols([(images, captions)], runnable, device=device,
-                                                             ids=test_ids))
+        test_metrics = evaluate_embeddings_protocols([(images, captions)], runnable, device=device, ids=test_ids)
         if eval_config.qualitative_queries > 0:
-            payload["qualitative"] = _write_qualitative_page(
+            qualitative = _write_qualitative_page(
                 location, model, images, captions, listing, test, eval_config.qualitative_queries, options,
-                region_order, device, title=f"{location.display} (step {payload['step']}, epoch {payload['epoch']})")
-    payload["evaluated_at"] = utc_now()
-    payload["elapsed_s"] = round(time.perf_counter() - started, 3)
-    payload["format_version"] = METRICS_FORMAT_VERSION
-    return payload
+                region_order, device, title=f"{location.display} (step {step}, epoch {epoch})")
+    return EvaluationRecord(
+        checkpoint=location.display, step=step, epoch=epoch, dev=dev_metrics,
+        dev_rsum=None if dev_metrics is None else dev_metrics["rsum"], test=test_metrics, skipped=skipped, data=data,
+        qualitative=qualitative, evaluated_at=utc_now(), elapsed_s=round(time.perf_counter() - started, 3),
+    ).to_metrics_json()
 
 
 def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarray, captions: np.ndarray,
@@ -349,11 +196,6 @@ def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarra
                             title: str) -> str | None:
     """The checkpoint's qualitative page from the test embeddings just computed (and the keys and
     captions of their encoding); a failure is logged and returns None (the metrics matter more)."""
-    # Imported here: trainer/qualitative.py builds on this module (encode_split, via retrieval).
-    from data_shards.lookup import SplitIndex
-    from trainer.qualitative import build_page, query_positions, write_page
-    from trainer.retrieval import Gallery
-
     started = time.perf_counter()
     try:
         index = SplitIndex.from_listing(test, listing)
@@ -367,17 +209,6 @@ def _write_qualitative_page(checkpoint: Location, model: VSRN, images: np.ndarra
     logger.info("%s: qualitative page (%d queries, %d figures) in %.1f s", checkpoint.display, queries,
                 len(page.figures), time.perf_counter() - started)
     return QUALITATIVE_FILE
-
-
-def results_table(payload: dict[str, Any]) -> str:
-    """The recall table of a metrics.json payload: the dev row, then one row per test protocol
-    (ECCV Caption and CxC, when evaluated, in tables of their own below it)."""
-    rows: dict[str, dict[str, Any]] = {}
-    if payload.get("dev") is not None:
-        rows[f"dev (all, {payload['data']['dev_images']} images)"] = payload["dev"]
-    for protocol, metrics in payload.get("test", {}).items():
-        rows[f"test {protocol}"] = metrics
-    return format_table(rows) if rows else "(no metrics)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,20 +234,21 @@ def record_evaluated(checkpoint: str, payload: dict[str, Any], run_dir: str | No
     caller records the failure). A failure after it is returned in ``problem`` instead: the
     evaluation itself is recorded. The history and best.json are tried independently, so that a
     damaged history does not stop model selection; the next evaluation repairs a missing line
-    (run_layout.record_evaluation).
+    (trainer/run/history.py, record_evaluation).
     """
-    record_result(checkpoint, payload, storage_options)
+    record = EvaluationRecord.from_metrics_json(payload)
+    record_result(checkpoint, record, storage_options)
     if run_dir is None:
         return Recorded(is_best=False)
     problems = []
     try:
-        record_evaluation(run_dir, payload, storage_options)
+        record_evaluation(run_dir, record, storage_options)
     except Exception as error:  # noqa: BLE001 - e.g. a damaged line or the store is down; keep the rest
         logger.error("%s: cannot update %s: %s: %s", checkpoint, EVALUATIONS_FILE, type(error).__name__, error)
         problems.append(f"{EVALUATIONS_FILE} not updated: {type(error).__name__}: {error}")
     is_best = False
     try:
-        is_best = update_best(run_dir, payload, storage_options)
+        is_best = update_best(run_dir, record, storage_options)
     except Exception as error:  # noqa: BLE001 - metrics.json is written: the evaluation itself succeeded
         logger.error("%s: cannot update %s: %s: %s", checkpoint, BEST_FILE, type(error).__name__, error)
         problems.append(f"{BEST_FILE} not updated: {type(error).__name__}: {error}")
@@ -426,42 +258,6 @@ def record_evaluated(checkpoint: str, payload: dict[str, Any], run_dir: str | No
 # --------------------------------------------------------------------------------------------------
 # A run: every checkpoint not yet evaluated
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RunSettings:
-    """What the evaluator needs from a run's config.yaml (or from the command line)."""
-
-    dev: str | None
-    test: str | None
-    eval: EvalConfig
-    region_order: str = "stored"
-    s3_endpoint_url: str = ""
-
-
-def read_run_settings(run_dir: str, storage_options: Mapping[str, Any] | None = None) -> RunSettings | None:
-    """Dev/test shards and eval settings from ``RUN_DIR/config.yaml``; None if the file is absent.
-
-    Raises ConfigError naming the file when it is not a valid trainer/config.py configuration.
-    """
-    location = open_location(run_dir, storage_options)
-    try:
-        text = location.read_text(CONFIG_YAML)
-    except FileNotFoundError:
-        return None
-    where = location.child_url(CONFIG_YAML)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{where}: invalid YAML ({error})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the configuration must be a mapping of sections")
-    try:
-        config: TrainConfig = config_from_dict(data)
-    except ConfigError as error:
-        raise ConfigError(f"{where}: {error}") from None
-    return RunSettings(dev=config.data.dev or None, test=config.data.test or None, eval=config.eval,
-                       region_order=config.data.region_order, s3_endpoint_url=config.data.s3_endpoint_url)
 
 
 def evaluation_summary(checkpoint: str, step: int | None, epoch: int | None, *, status: str,

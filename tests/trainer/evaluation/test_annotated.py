@@ -1,5 +1,5 @@
-"""The annotated protocols ``eccv`` and ``cxc`` (trainer/evaluation.py) against the eccv-caption
-package's own metric functions, on the real COCO 5K layout (5,000 images x 25,000 captions) with
+"""The annotated protocols ``eccv`` and ``cxc`` (trainer/evaluation/annotated.py) against the
+eccv-caption package's own metric functions, on the real COCO 5K layout (5,000 images x 25,000 captions) with
 small integer-valued embeddings: every product is exact in float32, so the reference rankings
 built here in numpy see the very scores the blocked evaluation sees, and the many exact ties test
 the tie rule (a positive before every non-positive with the same score)."""
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trainer.coco_annotations import (
+from data_shards.coco_annotations import (
     coco_5k_test_ids,
     cxc_ground_truth,
     eccv_ground_truth,
@@ -251,7 +251,9 @@ def test_checkpoint_evaluation_on_coco_id_shards(tmp_path: Any, coco_ids: tuple[
     from data_shards.convert import main as convert_main
     from data_shards.reader import ReaderConfig
     from model.vocab import build_vocab
-    from trainer.checkpoint_eval import encode_split, evaluate_checkpoint, results_table
+    from trainer.evaluation import results_table
+    from trainer.evaluator.checkpoint_eval import evaluate_checkpoint
+    from trainer.inference.encoding import encode_split
     from trainer.config import EvalConfig
 
     started = time.perf_counter()
@@ -292,7 +294,7 @@ def test_checkpoint_evaluation_skips_annotated_protocols_without_coco_ids(tmp_pa
     """A small test split without ids is not the COCO 5K split: eccv/cxc are skipped, with why."""
     from eval_run_helpers import build_eval_data, make_model, write_checkpoint
 
-    from trainer.checkpoint_eval import evaluate_checkpoint
+    from trainer.evaluator.checkpoint_eval import evaluate_checkpoint
     from trainer.config import EvalConfig
 
     data = build_eval_data(tmp_path, dev_images=5, test_images=12)

@@ -1,6 +1,6 @@
-"""Tests for trainer/checkpoint_eval.py: encoding sharded splits, metrics.json / best.json /
-eval_error.json / evaluations.jsonl as recorded after an evaluation, the --watch logic
-(evaluate_run) and S3 run directories.
+"""Tests for trainer/evaluator/checkpoint_eval.py and trainer/inference/encoding.py: encoding
+sharded splits, metrics.json / best.json / eval_error.json / evaluations.jsonl as recorded after
+an evaluation, the --watch logic (evaluate_run) and S3 run directories.
 
 Inputs are real: tiny precomputed splits converted into float32 shards, tiny VSRN checkpoints in
 the run layout (tests/eval_run_helpers.py). Expected metrics come from trainer.evaluation run on
@@ -45,16 +45,13 @@ from data_shards.format import (
 from data_shards.reader import ReaderConfig
 from data_shards.storage import open_location
 from model.vsrn import VSRN
-from trainer import checkpoint_eval
-from trainer.checkpoint_eval import (
-    EvaluationDataError,
-    encode_split,
-    evaluate_checkpoint,
-    evaluate_run,
-    record_evaluated,
-)
+from trainer.evaluator import checkpoint_eval
+from trainer.evaluator.checkpoint_eval import evaluate_checkpoint, evaluate_run, record_evaluated
+from trainer.inference.encoding import EvaluationDataError, encode_split
 from trainer.evaluation import evaluate_embeddings
-from trainer.run_layout import EVALUATIONS_FILE, list_checkpoints, read_evaluations
+from trainer.run.checkpoints import list_checkpoints
+from trainer.run.history import read_evaluations
+from trainer.run.layout import EVALUATIONS_FILE
 
 # --------------------------------------------------------------------------------------------------
 # Encoding
@@ -147,12 +144,12 @@ def test_evaluate_run_writes_metrics_and_best(data: EvalData, models: list[VSRN]
 
     # The run's history: one line per evaluated checkpoint, with the metrics.json numbers.
     history = read_evaluations(str(run))
-    assert [(h["checkpoint"], h["step"], h["epoch"]) for h in history] == [
+    assert [(h.checkpoint, h.step, h.epoch) for h in history] == [
         ("checkpoint_000001", 10, 0), ("checkpoint_000002", 20, 1)]
     for line in history:
-        metrics = read_json(run / line["checkpoint"] / "metrics.json")
-        assert line["dev_rsum"] == metrics["dev_rsum"] and line["test"] == metrics["test"]
-        assert line["evaluated_at"] == metrics["evaluated_at"] and line["elapsed_s"] == metrics["elapsed_s"]
+        metrics = read_json(run / line.checkpoint / "metrics.json")
+        assert line.dev_rsum == metrics["dev_rsum"] and line.test == metrics["test"]
+        assert line.evaluated_at == metrics["evaluated_at"] and line.elapsed_s == metrics["elapsed_s"]
 
     # A second pass finds nothing to do and leaves every file as it was.
     before_history = (run / EVALUATIONS_FILE).read_bytes()
@@ -253,7 +250,7 @@ def test_s3_run_directory(data: EvalData, models: list[VSRN], tmp_path: Path, s3
     assert "model.safetensors" in json.loads(run.read_text("checkpoint_000002/eval_error.json"))["error"]
     assert evaluate_run(run_url, dev=f"s3://{s3_bucket}/shards/dev", storage_options=options) == []
     history = read_evaluations(run_url, options)  # the failed checkpoint has no line
-    assert [(h["checkpoint"], h["dev_rsum"]) for h in history] == [("checkpoint_000001", metrics["dev_rsum"])]
+    assert [(h.checkpoint, h.dev_rsum) for h in history] == [("checkpoint_000001", metrics["dev_rsum"])]
 
 
 def test_a_checkpoint_both_evaluators_record_is_one_line(data: EvalData, models: list[VSRN], tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ train_log.jsonl and overwrite each other's checkpoints and best.json. So trainer
 this lease before it writes anything in RUN_DIR, renews it from a thread of the driver while the
 run lasts, and releases it at the end, whether the run succeeded or failed.
 
-The record, RUN_DIR/lease.json (`run_layout.LEASE_FILE`), is a small JSON object: a random token
-of this holding, the owner (host, pid, Ray job and cluster address), the start time, and the
-heartbeat time (ISO and Unix seconds). Every write of it is conditional on the version last read
+The record, RUN_DIR/lease.json (trainer/run/layout.py's `LEASE_FILE`), is a small JSON object: a
+random token of this holding, the owner (host, pid, Ray job and cluster address), the start time,
+and the heartbeat time (ISO and Unix seconds). Every write of it is conditional on the version last read
 (data_shards/storage.py, `Location.write_bytes_if`):
 
 * locally, read-check-replace happens under an `flock` of the hidden `.lock-lease.json`, so two
@@ -58,7 +58,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from data_shards.storage import Location, open_location
-from trainer.run_layout import LEASE_FILE, utc_now
+from trainer.run.layout import LEASE_FILE, utc_now
 
 __all__ = [
     "LEASE_FORMAT_VERSION",

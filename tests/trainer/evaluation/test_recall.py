@@ -1,4 +1,5 @@
-"""Tests for trainer/evaluation.py: vectorized recall ranks and metrics against the reference.
+"""Tests for trainer/evaluation/ (metrics, scorer, protocols, table): vectorized recall ranks and
+metrics against the reference.
 
 The reference algorithm (VSRN / VSE++ ``evaluation.py``) is re-implemented here as a plain
 per-query numpy loop: argsort of descending scores, np.where for the positives. The module's

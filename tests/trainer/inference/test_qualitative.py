@@ -1,4 +1,4 @@
-"""Tests of trainer/qualitative.py: the qualitative page the evaluation writes beside metrics.json,
+"""Tests of trainer/inference/qualitative.py: the qualitative page the evaluation writes beside metrics.json,
 and its link in the run report."""
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ from eval_run_helpers import (
     write_run_config,
 )
 
-from trainer.checkpoint_eval import evaluate_checkpoint, evaluate_run
-from trainer.inference import load_checkpoint
-from trainer.qualitative import query_positions
+from trainer.evaluator.checkpoint_eval import evaluate_checkpoint, evaluate_run
+from trainer.inference.checkpoint import load_checkpoint
+from trainer.inference.qualitative import query_positions
 from trainer.report import make_report
-from trainer.retrieval import load_gallery, search_by_image, search_by_text
-from trainer.run_layout import (
-    BEST_FILE,
-    METRICS_FILE,
-    QUALITATIVE_DIR,
-    QUALITATIVE_FILE,
-)
+from trainer.inference.retrieval import load_gallery, search_by_image, search_by_text
+from trainer.run.layout import BEST_FILE, METRICS_FILE, QUALITATIVE_DIR, QUALITATIVE_FILE
 
 
 def test_query_positions_are_evenly_spaced_and_fixed() -> None:

@@ -1,4 +1,4 @@
-"""Tests of trainer/retrieval.py and the retrieve.py CLI: retrieval agrees with the evaluator.
+"""Tests of trainer/inference/retrieval.py and the retrieve.py CLI: retrieval agrees with the evaluator.
 
 Real inputs: tiny sharded splits and tiny VSRN checkpoints in the run layout (eval_run_helpers).
 "Agrees" means: the ranking of every query equals a brute-force ranking of the evaluator's own
@@ -24,17 +24,17 @@ from eval_run_helpers import (
 )
 
 from model.vsrn import VSRN
-from trainer import retrieval
+from trainer.inference import retrieval
 from trainer.evaluation import embedding_ranks
-from trainer.inference import load_checkpoint
-from trainer.retrieval import (
+from trainer.inference.checkpoint import load_checkpoint
+from trainer.inference.retrieval import (
     QueryError,
     encode_texts,
     load_gallery,
     search_by_image,
     search_by_text,
 )
-from trainer.run_layout import GALLERY_DIR
+from trainer.run.layout import GALLERY_DIR
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""One writer per run (trainer/run_lease.py): the lease on RUN_DIR, against a local directory and
+"""One writer per run (trainer/run/lease.py): the lease on RUN_DIR, against a local directory and
 the local moto S3 server, then through real `python trainer/launch.py` processes.
 
 Without Ray (seconds): refusal naming the holder, stale takeover after the timeout, force, a
@@ -38,8 +38,8 @@ import pytest
 
 from train_run_helpers import STEPS_PER_EPOCH, logged_losses, tiny_run_overrides
 from trainer.config import ConfigError, load_config
-from trainer.run_layout import LEASE_FILE, TRAIN_LOG, checkpoint_dir_name
-from trainer.run_lease import (
+from trainer.run.layout import LEASE_FILE, TRAIN_LOG, checkpoint_dir_name
+from trainer.run.lease import (
     LeaseHeldError,
     LeaseLostError,
     LeaseRecord,
@@ -48,7 +48,7 @@ from trainer.run_lease import (
     read_lease,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str,
@@ -117,7 +117,7 @@ def test_the_heartbeat_renews_and_a_stale_lease_is_taken_over_after_the_timeout(
     # The holder stops renewing (as a killed driver would, without releasing).
     holder.stop_heartbeat()  # as a hung driver: the record stays, its heartbeat ages
     time.sleep(1.2)
-    with caplog.at_level(logging.WARNING, logger="trainer.run_lease"):
+    with caplog.at_level(logging.WARNING, logger="trainer.run.lease"):
         taker = RunLease.acquire(url, timeout_s=1, storage_options=options)
     assert "taking over the stale lease on run" in caplog.text and f"pid {os.getpid()}" in caplog.text
     # The old holder finds out at its next renewal, and its release leaves the new record alone.
@@ -151,7 +151,7 @@ def test_force_takes_over_a_fresh_lease_and_the_old_holder_learns_it_at_its_next
         called.set()
 
     holder.start_heartbeat(on_lost=on_lost)
-    with caplog.at_level(logging.WARNING, logger="trainer.run_lease"):
+    with caplog.at_level(logging.WARNING, logger="trainer.run.lease"):
         taker = RunLease.acquire(url, timeout_s=1, force=True, storage_options=options)
     assert "checkpoint.force_lease: taking over the lease on run" in caplog.text
     assert called.wait(5), "the old holder did not notice within a few heartbeats"
@@ -189,7 +189,7 @@ def test_racing_trainers_exactly_one_gets_the_lease(run_dir: tuple[str, dict[str
 
 HOLDER = """
 import sys, time
-from trainer.run_lease import RunLease
+from trainer.run.lease import RunLease
 lease = RunLease.acquire(sys.argv[1], timeout_s=1, storage_options={options})
 lease.start_heartbeat()
 print("held", flush=True)
@@ -213,7 +213,7 @@ def test_a_sigkilled_holder_keeps_the_run_until_its_heartbeat_is_older_than_the_
     with pytest.raises(LeaseHeldError, match=f"pid {process.pid}"):
         RunLease.acquire(url, timeout_s=1, storage_options=options)
     wait_for(lambda: read_lease(url, options).age_s() > 1.1, 10, "the lease to go stale")  # type: ignore[union-attr]
-    with caplog.at_level(logging.WARNING, logger="trainer.run_lease"):
+    with caplog.at_level(logging.WARNING, logger="trainer.run.lease"):
         lease = RunLease.acquire(url, timeout_s=1, storage_options=options)
     assert f"taking over the stale lease on run {url}: host" in caplog.text and f"pid {process.pid}" in caplog.text
     lease.release()

@@ -3,7 +3,7 @@
 Training never waits for evaluation. The trainer hands each new checkpoint directory to an
 :class:`EvaluationWorker` (a Ray actor with its own CPUs/GPUs, see :func:`make_evaluation_actor`),
 whose ``submit`` only queues the path; a background thread in the actor evaluates the queued
-checkpoints one at a time with trainer/checkpoint_eval.py's :func:`evaluate_and_record` (dev and
+checkpoints one at a time with checkpoint_eval.py's :func:`evaluate_and_record` (dev and
 test metrics, recorded as ``metrics.json``, the ``evaluations.jsonl`` line and ``best.json``, or
 ``eval_error.json``; the recall table is logged), the same code ``python trainer/evaluate.py
 --watch RUN_DIR`` runs as a scheduled job. This module holds only the actor: its queue, its
@@ -32,10 +32,12 @@ from typing import Any
 import torch
 
 from monitoring.recorders import EvaluationMetrics, RayBackend
-from trainer.checkpoint_eval import evaluate_and_record, evaluation_summary
+from trainer.evaluator.checkpoint_eval import evaluate_and_record, evaluation_summary
 from trainer.config import EvalConfig
 from trainer.evaluation import set_tf32
-from trainer.run_layout import list_checkpoints, read_best, run_dir_of
+from trainer.run.best import best_summary
+from trainer.run.checkpoints import list_checkpoints
+from trainer.run.layout import run_dir_of
 
 __all__ = ["ACTOR_MAX_RESTARTS", "EvaluationWorker", "make_evaluation_actor"]
 
@@ -149,7 +151,7 @@ class EvaluationWorker:
         """The run's best.json payload (None before any checkpoint with a dev rsum)."""
         with self._lock:
             run_dir = self.run_dir or next((run_dir_of(r["path"]) for r in self._results), None)
-        return None if run_dir is None else read_best(run_dir, self.storage_options)
+        return None if run_dir is None else best_summary(run_dir, self.storage_options)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the background thread after the queued checkpoints."""

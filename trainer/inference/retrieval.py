@@ -1,9 +1,9 @@
 """Retrieval from a trained checkpoint: a split encoded once as a gallery, queried by text or image.
 
-The gallery's embeddings are the evaluator's: `trainer.checkpoint_eval.encode_split` encodes the
+The gallery's embeddings are the evaluator's: `trainer.inference.encoding.encode_split` encodes the
 split in source order (image i owns captions 5i .. 5i+4), and a query's scores are rows or columns
 of the same product `images @ captions.T` in full float32, so a result here and a rank there
-cannot disagree (tests/trainer/test_retrieval.py checks it against the evaluator's ranks).
+cannot disagree (tests/trainer/inference/test_retrieval.py checks it against the evaluator's ranks).
 Results are ordered by descending score; equal scores keep gallery order.
 
 A gallery is cached beside a run checkpoint (`RUN_DIR/checkpoint_<step>/gallery/`, named by the
@@ -26,10 +26,10 @@ from data_shards.lookup import SplitIndex, manifest_digest
 from data_shards.reader import ReaderConfig
 from model.vocab import Vocabulary, pad_captions, tokenize
 from model.vsrn import VSRN
-from trainer.checkpoint_eval import encode_split
+from trainer.inference.encoding import encode_split
 from trainer.evaluation import CAPTIONS_PER_IMAGE, full_float32_matmul
-from trainer.inference import LoadedCheckpoint
-from trainer.run_layout import GALLERY_DIR
+from trainer.inference.checkpoint import LoadedCheckpoint
+from trainer.run.layout import GALLERY_DIR
 
 __all__ = ["Gallery", "QueryError", "RetrievalHit", "encode_texts", "load_gallery", "rank_descending",
            "search_by_image", "search_by_text", "text_tokens"]

@@ -14,7 +14,8 @@ the data this project evaluates with:
 Only the package's public ``Metrics`` object is used (its ``coco_ids`` and the ground truths its
 setters load); everything is read once per process and cached. Ground truths are returned as
 plain ``{query id: positive ids}`` mappings of ints: turning them into gallery positions is the
-evaluation's business (trainer/evaluation.py).
+evaluation's business (trainer/evaluation/annotated.py). data_shards/convert.py writes the COCO ids
+into shards (`--coco-ids`); the evaluation ranks by them.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ a run answers the same queries, and a run's pages can be compared side by side):
 * text -> image: the first caption of each of these images, its top-3 images (✓ the caption's own
   image), each with its attention map;
 
-written beside metrics.json as `qualitative.md` and `qualitative/<key>.png` (trainer/run_layout.py
-names them). Rankings come from the evaluator's embeddings (trainer/retrieval.py), attention
-maps from model/interpret.py, figures from trainer/attention_figure.py. The PNGs are written
+written beside metrics.json as `qualitative.md` and `qualitative/<key>.png` (trainer/run/layout.py
+names them). Rankings come from the evaluator's embeddings (retrieval.py), attention
+maps from model/interpret.py, figures from figures.py. The PNGs are written
 first and the page last, so a page that exists is complete.
 """
 
@@ -28,10 +28,10 @@ from data_shards.lookup import read_records
 from data_shards.storage import Location
 from model.interpret import PAPER_LAMBDA
 from model.vsrn import VSRN
-from trainer.attention_figure import attention_png
-from trainer.inference import records_attention
-from trainer.retrieval import Gallery, RetrievalHit, search_by_image, search_by_text
-from trainer.run_layout import QUALITATIVE_DIR, QUALITATIVE_FILE
+from trainer.inference.figures import attention_png
+from trainer.inference.attention import records_attention
+from trainer.inference.retrieval import Gallery, RetrievalHit, search_by_image, search_by_text
+from trainer.run.layout import QUALITATIVE_DIR, QUALITATIVE_FILE
 
 __all__ = ["QualitativePage", "build_page", "query_positions", "write_page"]
 
