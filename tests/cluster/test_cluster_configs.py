@@ -251,6 +251,11 @@ def test_runtime_env_is_a_valid_ray_runtime_env(runtime_env: dict[str, Any]) -> 
     assert all(isinstance(v, str) for v in variables.values()), variables
     # Dependencies come from the nodes (gpu-cluster.yaml setup_commands), never per job.
     assert not {"pip", "uv", "conda"} & set(runtime_env)
+    # `ray job stop`: SIGTERM, then SIGKILL after this wait, which must exceed the driver's own
+    # bound on stopping with a checkpoint (checkpoint.stop_grace_s).
+    from trainer.config import CheckpointConfig
+
+    assert float(variables["RAY_JOB_STOP_WAIT_TIME_S"]) > CheckpointConfig().stop_grace_s
 
 
 def test_runtime_env_matches_the_cluster(runtime_env: dict[str, Any], cluster: dict[str, Any]) -> None:

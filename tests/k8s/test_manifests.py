@@ -858,6 +858,28 @@ def test_entrypoints_parse_and_point_at_the_same_run(directory: Path) -> None:
         assert (args.run_name or Path(args.watch).name) == config.checkpoint.run_name, name
 
 
+@pytest.mark.parametrize("directory", OVERLAYS, ids=OVERLAY_IDS)
+def test_restarts_are_configured_together(directory: Path) -> None:
+    # docs/operations.md, "Preemption and restarts": the numbers only work together.
+    import yaml
+
+    objects = rendered(directory)
+    rayjob, config = _training(objects)
+    spec = rayjob["spec"]
+    checkpoint = config.checkpoint
+    # A retry (a new cluster, a new driver) waits for the lease of a killed driver to go stale: the
+    # wait must cover the timeout plus the two heartbeats it watches to see the holder stopped.
+    assert spec["backoffLimit"] >= 1, "a failed attempt must be retried to resume"
+    assert checkpoint.lease_wait_s >= checkpoint.lease_timeout_s + 20, (checkpoint.lease_wait_s, checkpoint.lease_timeout_s)
+    # `ray job stop` waits RAY_JOB_STOP_WAIT_TIME_S between SIGTERM and SIGKILL: longer than the
+    # driver's own bound on stopping with a checkpoint.
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]) > checkpoint.stop_grace_s
+    # A deleted worker pod is drained by `ray start` with a 30 s deadline: the pod must outlive it.
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+        assert group["template"]["spec"].get("terminationGracePeriodSeconds", 30) > 30, group["groupName"]
+
+
 def test_a_wrong_set_key_or_option_fails_the_command_check() -> None:
     from trainer.config import ConfigError
 
