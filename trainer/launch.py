@@ -310,6 +310,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     config, run_dir = resolve_run(config)
     checkpoint = config.checkpoint
     lease = RunLease.acquire(run_dir, timeout_s=checkpoint.lease_timeout_s, force=checkpoint.force_lease,
+                             wait_s=checkpoint.lease_wait_s,
                              storage_options=storage_options_for(config.data) if is_s3_url(run_dir) else None,
                              ray=f"ray cluster {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "")
     abort = _AbortOnLostLease()

@@ -28,7 +28,11 @@ Who may take the lease:
   not be taken over by a newcomer with a 5 s timeout). The new trainer takes it over, logs that
   it did, and the run resumes from its last checkpoint as usual. Ages are wall-clock differences
   between hosts: they assume clocks within seconds of each other (NTP), far below the timeout;
-* `checkpoint.force_lease=true`: the new trainer takes over a fresh lease too, after a warning.
+* `checkpoint.force_lease=true`: the new trainer takes over a fresh lease too, after a warning;
+* `checkpoint.lease_wait_s` > 0 and the holder stopped heart-beating (its heartbeat unchanged for
+  two of its intervals): the new trainer waits for the lease to go stale, if it does within the
+  wait, and takes it over then; a holder whose heartbeat moves meanwhile is refused at once. A
+  Kubernetes retry of a job whose driver was killed uses this (docs/operations.md).
 
 Otherwise `acquire` raises `LeaseHeldError`, whose message is the one line launch.py prints
 before exiting 2: the run, the holder, the age of its heartbeat, and what to do.
@@ -197,6 +201,47 @@ def describe_holder(run_dir: str, storage_options: Mapping[str, Any] | None = No
     return f"run {run_dir} is held by {record.holder()}, heartbeat {format_age(age)} ago{stale}"
 
 
+class _StaleWait:
+    """acquire's wait for the lease of a holder that stopped heart-beating (checkpoint.lease_wait_s).
+
+    A holder renews every heartbeat_interval(its timeout); a heartbeat older than two of those
+    intervals, unchanged while watched, means the holder stopped (a killed driver, a lost head
+    pod), and its lease goes stale at `age > max(timeouts)`. A heartbeat that moves while watched
+    means a live trainer: refused at once, whatever the wait."""
+
+    def __init__(self, run: str, timeout_s: float, wait_s: float) -> None:
+        self.run, self.timeout_s, self.wait_s = run, timeout_s, wait_s
+        self.started = time.monotonic()
+        self.seen: LeaseRecord | None = None  # the holder's record when first refused
+        self.announced = False
+
+    def check(self, held: LeaseHeldError) -> None:
+        """Sleep a little and return to look again, or raise `held` (or a sharper refusal)."""
+        current = held.holder
+        if self.wait_s <= 0 or current is None:
+            raise held
+        if self.seen is not None and (current.token != self.seen.token
+                                      or current.heartbeat_unix != self.seen.heartbeat_unix):
+            raise LeaseHeldError(f"{held} (its heartbeat moved while this trainer waited: it is running)",
+                                 current) from None
+        self.seen = self.seen or current
+        waited = time.monotonic() - self.started
+        left = self.wait_s - waited
+        stale_after = max(self.timeout_s, current.timeout_s)
+        age = current.age_s()
+        stale_in = stale_after - age
+        if stale_in > left:
+            raise LeaseHeldError(f"{held}; its lease goes stale in {format_age(stale_in)}, after the "
+                                 f"{format_age(self.wait_s)} of checkpoint.lease_wait_s", current) from None
+        quiet = 2 * heartbeat_interval(current.timeout_s)
+        if not self.announced and age > quiet:
+            self.announced = True
+            logger.warning("run %s: the lease of %s has not been renewed for %s: waiting %s for it to go stale "
+                           "(checkpoint.lease_wait_s %g s)", self.run, current.holder(), format_age(age),
+                           format_age(max(stale_in, 0.0)), self.wait_s)
+        time.sleep(max(0.05, min(1.0, stale_in + 0.05, left)))
+
+
 class RunLease:
     """This trainer's lease on one run directory (module doc). Create it with `acquire`."""
 
@@ -224,19 +269,30 @@ class RunLease:
 
     @classmethod
     def acquire(cls, run_dir: str, *, timeout_s: float, force: bool = False,
-                storage_options: Mapping[str, Any] | None = None, ray: str = "") -> RunLease:
+                storage_options: Mapping[str, Any] | None = None, ray: str = "", wait_s: float = 0.0) -> RunLease:
         """Take the lease on `run_dir` (module doc: when a held lease may be taken over), creating
-        the local directory if needed. Raises LeaseHeldError with the one line to print."""
+        the local directory if needed. Raises LeaseHeldError with the one line to print.
+
+        `wait_s` > 0 (checkpoint.lease_wait_s): a held lease whose holder stopped heart-beating
+        (its heartbeat does not move for two of its intervals) is waited for, until it goes stale,
+        if that happens within `wait_s`; a holder that still renews is refused at once."""
         location = open_location(run_dir, storage_options)
         location.makedirs()
         where = location.child_url(LEASE_FILE)
         mine = LeaseRecord(token=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(), ray=ray,
                            started_at=utc_now(), heartbeat_at=utc_now(), heartbeat_unix=time.time(),
                            timeout_s=float(timeout_s))
-        for _ in range(ACQUIRE_ATTEMPTS):
+        waiting = _StaleWait(location.display, timeout_s, wait_s)
+        attempts = 0
+        while attempts < ACQUIRE_ATTEMPTS:
             data, version = _read(location)
             if data is not None:
-                cls._may_take(location, data, where, timeout_s, force)
+                try:
+                    cls._may_take(location, data, where, timeout_s, force)
+                except LeaseHeldError as held:
+                    waiting.check(held)  # raises when not worth waiting for
+                    continue
+            attempts += 1
             record = mine.renewed()
             if location.write_bytes_if(LEASE_FILE, record.to_bytes(), version):
                 lease = cls(location, record)

@@ -219,6 +219,35 @@ def test_a_sigkilled_holder_keeps_the_run_until_its_heartbeat_is_older_than_the_
     lease.release()
 
 
+def test_with_lease_wait_a_relaunch_waits_for_a_sigkilled_holder_and_refuses_a_live_one(
+        run_dir: tuple[str, dict[str, Any] | None], caplog: pytest.LogCaptureFixture) -> None:
+    # checkpoint.lease_wait_s: a Kubernetes retry of a job whose driver was killed finds its lease
+    # still fresh; it waits for it to go stale instead of exiting 2 (and burning an attempt).
+    url, options = run_dir
+    live = subprocess.Popen([sys.executable, "-c", HOLDER.format(options=repr(options)), url], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        # A holder that still renews (every 0.25 s) is refused at once, even with a long wait.
+        with pytest.raises(LeaseHeldError, match="its heartbeat moved while this trainer waited"):
+            RunLease.acquire(url, timeout_s=1, storage_options=options, wait_s=60)
+        assert time.monotonic() - started < 5
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait(30)
+    # Killed: its heartbeat stops; a wait shorter than the time to staleness is refused, saying so...
+    with pytest.raises(LeaseHeldError, match="checkpoint.lease_wait_s"):
+        RunLease.acquire(url, timeout_s=30, storage_options=options, wait_s=0.5)
+    # ...and a long enough one waits, takes the stale lease over and says what it waited for.
+    with caplog.at_level(logging.WARNING, logger="trainer.run.lease"):
+        lease = RunLease.acquire(url, timeout_s=3, storage_options=options, wait_s=30)
+    assert f"pid {live.pid}" in caplog.text and "waiting" in caplog.text
+    assert f"taking over the stale lease on run {url}" in caplog.text
+    assert read_lease(url, options).token == lease.record.token  # type: ignore[union-attr]
+    lease.release()
+
+
 def test_an_unreadable_lease_is_refused_naming_the_file_and_replaced_with_force(
         run_dir: tuple[str, dict[str, Any] | None]) -> None:
     from data_shards.storage import open_location
