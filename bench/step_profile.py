@@ -33,7 +33,8 @@ Definitions (what the numbers mean):
   - blocking host-to-device copies: `Tensor.to(device)` of host data without `non_blocking=True`,
     `torch.tensor(data, device=...)`, `torch.as_tensor(data, device=...)`, `Tensor.new_tensor(data)`
     (torch waits for such copies to finish).
-  A sync operator nested in another is counted once.
+  A sync operator nested in another is counted once; a scalar read inside torch's fused Adam is
+  not counted (its CPU kernel reads the step counts on the host, its CUDA kernel on the device).
   On a CPU run host and device are the same memory, so a TorchFunctionMode tracks what the code
   means: host tensors are those made from host data without a device argument (or with the device
   given as the string "cpu"), copies made by `.cpu()` / `.to("cpu")`, and the results of operators
@@ -109,6 +110,11 @@ VIEW_OPS = frozenset(f"aten::{name}" for name in (
     "requires_grad_", "is_same_size", "_nested_tensor_from_mask_left_aligned", "broadcast_tensors",
     "is_nonzero", "item", "_local_scalar_dense", "retain_grad", "_version", "output_nr", "is_leaf",
     "values", "indices", "_values", "_indices", "real", "conj", "resolve_conj", "resolve_neg"))
+# Kernels whose CPU implementation reads a scalar on the host that their CUDA implementation reads
+# on the device: torch's fused Adam reads each step count with `.item()` on CPU; the CUDA kernel
+# takes the step counts as device tensors. Their `_local_scalar_dense` is not a sync on a GPU.
+CPU_ONLY_SCALAR_READS = frozenset({"aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_adam",
+                                   "aten::_fused_adamw"})
 # Operators that make the host wait for the device (see the module docstring).
 SYNC_OPS = frozenset(f"aten::{name}" for name in (
     "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
@@ -211,6 +217,9 @@ class SyncCounter(TorchFunctionMode):
             if name == "cpu" or _is_cpu_string(device):
                 if not self._is_host(source):
                     self._count("device-to-host copy (.cpu() / .to('cpu'))")
+                    if result is source:  # CPU: a no-op; the host copy must be another tensor
+                        with record_function(HOST_RANGE + "transfer"):
+                            result = source.clone()
                 self._tag(result)
                 return result
             if device is not None and self._is_host(source):
@@ -303,7 +312,8 @@ def count_events(events: Any, function_syncs: Counter[str], function_sites: Coun
                     c.name.startswith("aten::") and c.name not in VIEW_OPS for c in _subtree(event)):
                 counts.compute += 1
                 parts[part]["compute"] += 1
-        if event.name in SYNC_OPS and not any(a.name in SYNC_OPS for a in aten_ancestors):
+        if event.name in SYNC_OPS and not any(a.name in SYNC_OPS or a.name in CPU_ONLY_SCALAR_READS
+                                              for a in aten_ancestors):
             counts.syncs += 1
             parts[part]["syncs"] += 1
             sites[f"{part}: {event.name}"] += 1
@@ -432,7 +442,7 @@ def instrument(engine: Any, worker: Any) -> None:
     engine.backward = _wrap(engine.backward, "backward")
     engine.step = _wrap(engine.step, "optimizer")
     for name in ("training_loss_with_stats", "training_loss"):
-        if hasattr(worker, name):
+        if hasattr(worker, name) and not getattr(getattr(worker, name), "_part", None):
             setattr(worker, name, _wrap(getattr(worker, name), "matching_loss"))
 
 
@@ -454,6 +464,7 @@ def _wrap(fn: Callable[..., Any], part: str) -> Callable[..., Any]:
         with PARTS_STACK.enter(part):
             return fn(*args, **kwargs)
 
+    wrapped._part = part  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -474,11 +485,23 @@ class WorkerStep:
         the step closes a logging interval when `step % logging.interval_steps == 0`)."""
         loop, position = self.loop, self.step % batches_in_epoch
         started = time.perf_counter()
-        matching, caption, stats = loop.train_step(batch, True)
+        if not hasattr(loop, "flush"):  # before issue 21: every step brings its losses to the host
+            matching, caption, stats = loop.train_step(batch, True)
+            self.step += 1
+            with PARTS_STACK.enter(LOGGING_PART):
+                loop.record(0, position, batches_in_epoch, self.step, 2e-4, True, matching, caption,
+                            time.perf_counter() - started, 0.0, stats)
+            return
+        # As _Loop.run: the losses stay on the device until a step closes a logging interval.
+        losses, stats = loop.train_step(batch, True)
         self.step += 1
         with PARTS_STACK.enter(LOGGING_PART):
-            loop.record(0, position, batches_in_epoch, self.step, 2e-4, True, matching, caption,
-                        time.perf_counter() - started, 0.0, stats)
+            loop.pending.append(self.worker.PendingStep(0, position, batches_in_epoch, self.step, 2e-4, True,
+                                                        time.perf_counter() - started, 0.0, losses))
+            loop.hard_negatives.add(stats)
+            closes = self.step % self.cfg.logging.interval_steps == 0 or position + 1 == batches_in_epoch
+            if closes:
+                loop.flush(closes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,6 +578,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "syncs_by_part": {part: c["syncs"] for part, c in plain.by_part.items()},
         "by_part": plain.by_part,
         "sync_sites": plain.sync_sites,
+        "top_ops": plain.top_ops,
         "logging_step": logging_step.as_dict(),
         "epoch_shapes": {**shapes, "source": source},
         "profiled_batches_longest_caption": [int(batches[args.warmup].lengths.max()),

@@ -237,13 +237,18 @@ class _GRUSequence(torch.autograd.Function):
         rz = x.new_empty(steps, batch, 2 * h)
         n = x.new_empty(steps, batch, h)
         gh = x.new_empty(steps, batch, 3 * h)
+        # Every step's views made up front (one operator per tensor), not sliced at every step.
+        gi_rz, gi_n = (part.unbind(1) for part in gi.split([2 * h, h], dim=2))
+        gh_rz, gh_n = (part.unbind(0) for part in gh.split([2 * h, h], dim=2))
+        r_steps, z_steps = (part.unbind(0) for part in rz.split([h, h], dim=2))
+        gh_steps, rz_steps, n_steps, out_steps = gh.unbind(0), rz.unbind(0), n.unbind(0), outputs.unbind(0)
+        w_hh_t = w_hh.t()
         state = h0
         for t in range(steps):
-            torch.addmm(b_hh, state, w_hh.t(), out=gh[t])
-            gi_t = gi[:, t]
-            rz_t = torch.add(gi_t[:, :2 * h], gh[t, :, :2 * h], out=rz[t]).sigmoid_()
-            n_t = torch.addcmul(gi_t[:, 2 * h:], rz_t[:, :h], gh[t, :, 2 * h:], out=n[t]).tanh_()
-            state = torch.addcmul(n_t, rz_t[:, h:], state - n_t, out=outputs[t])  # (1 - z) n + z h
+            torch.addmm(b_hh, state, w_hh_t, out=gh_steps[t])
+            torch.add(gi_rz[t], gh_rz[t], out=rz_steps[t]).sigmoid_()
+            n_t = torch.addcmul(gi_n[t], r_steps[t], gh_n[t], out=n_steps[t]).tanh_()
+            state = torch.addcmul(n_t, z_steps[t], state - n_t, out=out_steps[t])  # (1 - z) n + z h
         ctx.save_for_backward(x, h0, w_ih, w_hh, outputs, rz, n, gh[..., 2 * h:])
         return outputs
 
@@ -260,17 +265,23 @@ class _GRUSequence(torch.autograd.Function):
         coef_r = gh_n * r * (1 - r)  # d n_pre / d r_pre
         grad_gi = x.new_empty(batch, steps, 3 * h)  # d loss / d (W_i x + b_i), batch-major like x
         grad_gh = x.new_empty(steps, batch, 3 * h)  # d loss / d (W_h h + b_h)
-        grad_h = grad_outputs[steps - 1]
+        # Every step's views made up front (one operator per tensor), not sliced at every step.
+        gi_r, gi_z, gi_n = (part.unbind(1) for part in grad_gi.split([h, h, h], dim=2))
+        gi_rz = grad_gi[..., :2 * h].unbind(1)
+        gh_rz, gh_n = (part.unbind(0) for part in grad_gh.split([2 * h, h], dim=2))
+        gh_steps, grad_out_steps = grad_gh.unbind(0), grad_outputs.unbind(0)
+        coef_n_steps, coef_z_steps, coef_r_steps = coef_n.unbind(0), coef_z.unbind(0), coef_r.unbind(0)
+        r_steps, z_steps = r.unbind(0), z.unbind(0)
+        grad_h = grad_out_steps[steps - 1]
         for t in reversed(range(steps)):
             if t < steps - 1:
-                grad_h = grad_h + grad_outputs[t]
-            gi_t, gh_t = grad_gi[:, t], grad_gh[t]
-            grad_n = torch.mul(grad_h, coef_n[t], out=gi_t[:, 2 * h:])
-            torch.mul(grad_h, coef_z[t], out=gi_t[:, h:2 * h])
-            torch.mul(grad_n, coef_r[t], out=gi_t[:, :h])
-            gh_t[:, :2 * h] = gi_t[:, :2 * h]
-            torch.mul(grad_n, r[t], out=gh_t[:, 2 * h:])
-            grad_h = torch.addmm(grad_h * z[t], gh_t, w_hh)  # to h_{t-1}, through z and W_hh
+                grad_h = grad_h + grad_out_steps[t]
+            grad_n = torch.mul(grad_h, coef_n_steps[t], out=gi_n[t])
+            torch.mul(grad_h, coef_z_steps[t], out=gi_z[t])
+            torch.mul(grad_n, coef_r_steps[t], out=gi_r[t])
+            gh_rz[t].copy_(gi_rz[t])
+            torch.mul(grad_n, r_steps[t], out=gh_n[t])
+            grad_h = torch.addmm(grad_h * z_steps[t], gh_steps[t], w_hh)  # to h_{t-1}, through z and W_hh
         flat_gi = grad_gi.view(batch * steps, 3 * h)
         grad_x = grad_w_ih = grad_w_hh = None
         if ctx.needs_input_grad[0]:
@@ -559,19 +570,22 @@ class CaptionGenerator(nn.Module):
         w_state = torch.cat([attention.proj.weight[:, h_size:].to(rec), gru.weight_hh_l0.to(rec)])
         b_state = torch.cat([state.new_zeros(projected.shape[-1]), gru.bias_hh_l0.to(rec)])
         w_ih_words, w_ih_context = w_ih.split([word_dim, h_size], dim=1)
+        w_ih_context_t = w_ih_context.t()
         # Dropout acts elementwise on [word; context]: the words' part can be drawn for all steps at once.
         gi_words = F.linear(self.dropout(word_vectors).to(rec), w_ih_words, gru.bias_ih_l0.to(rec))
+        w_state_t = w_state.t()
+        w_score = attention.score.weight.squeeze(0)  # (h,): the scores as one product with a vector
         states = []
         for gi_word in gi_words.unbind(1):
-            query, gh = torch.addmm(b_state, state, w_state.t()).split([projected.shape[-1], 3 * h_size], dim=1)
+            query, gh = torch.addmm(b_state, state, w_state_t).split([projected.shape[-1], 3 * h_size], dim=1)
             if query.dtype != projected.dtype:
                 query = query.to(projected.dtype)
-            scores = attention.score(torch.tanh(projected + query.unsqueeze(1))).squeeze(2)
+            scores = torch.matmul(torch.tanh(projected + query.unsqueeze(1)), w_score)  # (B, regions)
             weights = torch.softmax(scores, dim=1)
             context = self.dropout(torch.bmm(weights.unsqueeze(1), encoded).squeeze(1))
             if context.dtype != rec:
                 context = context.to(rec)
-            state = gru_cell(torch.addmm(gi_word, context, w_ih_context.t()), gh, state)
+            state = gru_cell(torch.addmm(gi_word, context, w_ih_context_t), gh, state)
             states.append(state)
         return torch.stack(states, dim=1)
 
