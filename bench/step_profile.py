@@ -36,7 +36,8 @@ Definitions (what the numbers mean):
   A sync operator nested in another is counted once; a scalar read inside torch's fused Adam is
   not counted (its CPU kernel reads the step counts on the host, its CUDA kernel on the device).
   On a CPU run host and device are the same memory, so a TorchFunctionMode tracks what the code
-  means: host tensors are those made from host data without a device argument (or with the device
+  means (DeepSpeed's `.to(get_accelerator().current_device_name())` is a move to its device, named
+  "cpu" on a CPU run): host tensors are those made from host data without a device argument (or with the device
   given as the string "cpu"), copies made by `.cpu()` / `.to("cpu")`, and the results of operators
   whose tensor inputs are all host tensors; such operators run inside a `host:` profiler range and
   are neither syncs nor device dispatches. Everything else is a device tensor.
@@ -54,7 +55,8 @@ over one epoch (the shapes a compiled graph or a CUDA graph is specialised to), 
 `--epoch-pairs` captions (default COCO's 566,435) in batches of the global batch, with caption
 lengths drawn from `--epoch-lengths` (default: `--lengths`), a length model: "uniform:10:22", or
 "tail:10:22:0.01:60": that with 1 % of captions drawn uniformly from 23 to 60 tokens instead, a
-stand-in for COCO's long tail of long captions.
+stand-in for COCO's long tail of long captions (always reported too, as
+`distinct_step_shapes_per_epoch_long_tail`).
 
     python bench/step_profile.py [--json OUT.json] [--batch-size 128] [--precision bf16|fp32]
         [--zero-stage 0|1|2] [--widths paper|tiny] [--lengths uniform:10:22] [--epoch-lengths SPEC]
@@ -98,6 +100,7 @@ LOGGING_PART = "logging"
 PARTS = ("image_encoder", "text_encoder", "caption_branch", "matching_loss", "backward", "optimizer",
          OTHER_PART, LOGGING_PART)
 COCO_TRAIN_PAIRS = 566_435
+LONG_TAIL = "tail:10:22:0.01:60"  # also reported: 1 % of captions of 23-60 tokens
 
 # Ops without a kernel of their own: views, metadata, allocations, no-op casts. A top-level op is
 # a compute op unless it and everything it calls are in this set.
@@ -163,6 +166,12 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _from_deepspeed(frame: Any) -> bool:
+    """Whether the call comes from DeepSpeed's code, which names its accelerator's device with
+    `get_accelerator().current_device_name()`: "cpu" on a CPU run, "cuda:N" on a GPU."""
+    return frame is not None and str(frame.f_globals.get("__name__", "")).startswith("deepspeed")
+
+
 _D2H = {"cpu", "tolist", "numpy"}
 _SCALAR_READS = {"item", "__bool__", "__int__", "__float__", "__index__"}
 _FROM_DATA = {"tensor", "as_tensor", "asarray"}
@@ -214,6 +223,8 @@ class SyncCounter(TorchFunctionMode):
                 if isinstance(a, (str, torch.device)):
                     device = a
             result = func(*args, **kwargs)
+            if name == "to" and _is_cpu_string(device) and _from_deepspeed(sys._getframe(1)):
+                return result  # DeepSpeed's accelerator device, named "cpu" on a CPU run: not the host
             if name == "cpu" or _is_cpu_string(device):
                 if not self._is_host(source):
                     self._count("device-to-host copy (.cpu() / .to('cpu'))")
@@ -567,6 +578,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lengths = epoch_model(np.random.default_rng(1), args.epoch_pairs)
     source = f"length model {args.epoch_lengths or args.lengths}, {args.epoch_pairs} captions"
     shapes = distinct_shapes(lengths, args.batch_size, cfg, np.random.default_rng(2))
+    tail = distinct_shapes(parse_lengths(LONG_TAIL)(np.random.default_rng(1), args.epoch_pairs), args.batch_size,
+                           cfg, np.random.default_rng(2))
     return {
         "dispatches_per_step": plain.dispatches,
         "top_level_dispatches_per_step": plain.top_level,
@@ -581,6 +594,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "top_ops": plain.top_ops,
         "logging_step": logging_step.as_dict(),
         "epoch_shapes": {**shapes, "source": source},
+        "distinct_step_shapes_per_epoch_long_tail": tail["distinct"],
+        "epoch_shapes_long_tail": {**tail, "source": f"length model {LONG_TAIL}, {args.epoch_pairs} captions"},
         "profiled_batches_longest_caption": [int(batches[args.warmup].lengths.max()),
                                              int(batches[args.warmup + 1].lengths.max())],
         "warmup_step_seconds": timings,
@@ -612,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     summary = {k: result[k] for k in ("dispatches_per_step", "top_level_dispatches_per_step", "compute_ops_per_step",
                                       "syncs_per_step", "syncs_per_logging_step", "distinct_step_shapes_per_epoch",
-                                      "syncs_by_part")}
+                                      "distinct_step_shapes_per_epoch_long_tail", "syncs_by_part")}
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -30,6 +30,7 @@ model, what runs in it and what stays in float32 follows torch autocast's lists:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, NamedTuple
@@ -200,7 +201,7 @@ def _float32_recurrence(x: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def gru_forward(gru: nn.GRU, x: Tensor | PackedSequence,
+def gru_forward(gru: nn.GRU | GRU, x: Tensor | PackedSequence,
                 hidden: Tensor | None = None) -> tuple[Tensor | PackedSequence, Tensor]:
     """`gru(x, hidden)`, with the precision policy of the module docstring.
 
@@ -215,6 +216,48 @@ def gru_forward(gru: nn.GRU, x: Tensor | PackedSequence,
     params = {name: p.float() for name, p in gru.named_parameters()}
     out, state = torch.func.functional_call(gru, params, (x.float(), None if hidden is None else hidden.float()))
     return out.to(data.dtype), state
+
+
+class GRU(nn.Module):
+    """A one-layer, unidirectional, batch-first GRU: nn.GRU's parameters (names, shapes,
+    initialisation, so state dicts and seeded weights are the same) and math (`torch.gru`, the
+    operator nn.GRU calls: cuDNN on CUDA). Its own class because torch.compile refuses to enter
+    nn.GRU modules: under compilation the model runs its GRUs through `gru_scan`.
+
+    On CUDA nn.GRU keeps its weights in one cuDNN buffer; here cuDNN compacts them at each call
+    (a copy of the weights, microseconds on a GPU), without nn.GRU's warning about it.
+    """
+
+    num_layers = 1
+    bidirectional = False
+    batch_first = True
+    bias = True
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)  # nn.GRU's, in its parameter order
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, x: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if hx is None:
+            hx = x.new_zeros(1, x.shape[0], self.hidden_size)
+        weights = [self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk of memory")
+            output, hidden = torch.gru(x, hx, weights, True, 1, 0.0, self.training, False, True)
+        return output, hidden
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, batch_first=True"
 
 
 class _GRUSequence(torch.autograd.Function):
@@ -324,7 +367,7 @@ def _compiling() -> bool:
     return bool(is_compiling is not None and is_compiling())
 
 
-def run_gru(gru: nn.GRU, x: Tensor, float32_outputs: bool = False) -> tuple[Tensor, Tensor]:
+def run_gru(gru: nn.GRU | GRU, x: Tensor, float32_outputs: bool = False) -> tuple[Tensor, Tensor]:
     """`gru(x)` from a zero state for a one-layer batch-first nn.GRU: (outputs (B, T, H), h_T (1, B, H)).
 
     On CPU (outside autocast) it runs `_GRUSequence`, whose backward is faster than autograd
@@ -423,7 +466,7 @@ class ImageEncoder(nn.Module):
         nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
         self.reasoning = nn.ModuleList(RegionRelationReasoning(d) for _ in range(config.num_reasoning_layers))
-        self.gsr = nn.GRU(d, d, batch_first=True) if config.aggregation == "gsr" else None
+        self.gsr = GRU(d, d) if config.aggregation == "gsr" else None
         self.final_norm = FP32BatchNorm1d(d) if config.final_batchnorm else None
 
     def reason(self, regions: Tensor) -> Tensor:
@@ -471,7 +514,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.word_dim)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        self.rnn = nn.GRU(config.word_dim, config.embed_size, batch_first=True)
+        self.rnn = GRU(config.word_dim, config.embed_size)
 
     def forward(self, tokens: Tensor | CaptionInputs, lengths: Tensor | np.ndarray | Sequence[int] | None = None
                 ) -> Tensor:
@@ -528,10 +571,10 @@ class CaptionGenerator(nn.Module):
         h = config.caption_hidden
         self.region_proj = nn.Linear(config.embed_size, h)
         nn.init.xavier_normal_(self.region_proj.weight)
-        self.region_rnn = nn.GRU(h, h, batch_first=True)
+        self.region_rnn = GRU(h, h)
         self.word_embed = nn.Embedding(config.vocab_size, config.caption_word_dim)
         self.attention = AdditiveAttention(h)
-        self.decoder_rnn = nn.GRU(config.caption_word_dim + h, h, batch_first=True)
+        self.decoder_rnn = GRU(config.caption_word_dim + h, h)
         self.output = nn.Linear(h, config.vocab_size)
         nn.init.xavier_normal_(self.output.weight)
         self.dropout = nn.Dropout(config.caption_dropout)
@@ -713,14 +756,22 @@ def caption_inputs(tokens: Tensor, lengths: Tensor | np.ndarray | Sequence[int],
         block = block.to(device, non_blocking=True)
         return CaptionInputs(block[:batch * width].view(batch, width), block[batch * width:batch * (width + 1)],
                              block[batch * (width + 1):].view(batch, steps))
+    return _device_caption_inputs(tokens, last, counted, too_long, width, steps, max_caption_len)
+
+
+def _device_caption_inputs(tokens: Tensor, last: np.ndarray, counted: np.ndarray, too_long: np.ndarray,
+                           width: int, steps: int, max_caption_len: int) -> CaptionInputs:
+    """`caption_inputs` of tokens already on their device: padded there (one operator), the
+    labels made there from the host's facts (which count, where a cut caption ends)."""
+    batch = tokens.shape[0]
     if tokens.shape[1] < width:
         tokens = F.pad(tokens, (0, width - tokens.shape[1]), value=PAD_ID)
     tokens = tokens[:, :width]
-    # Device tokens: which labels count, and the <end> of cut captions, come from the host.
     fix = np.where(counted, 0, 1).astype(np.int64)
     if too_long.any():
         fix[too_long, max_caption_len - 2] = 2
-    side = torch.from_numpy(np.concatenate([last, fix.reshape(-1)])).to(device, non_blocking=True)
+    side = torch.from_numpy(np.concatenate([last, fix.reshape(-1)]))
+    side = (side.pin_memory() if tokens.device.type == "cuda" else side).to(tokens.device, non_blocking=True)
     fix_device = side[batch:].view(batch, steps)
     labels = tokens[:, 1:steps + 1].masked_fill(fix_device == 2, END_ID).masked_fill(fix_device == 1, IGNORED_TARGET)
     return CaptionInputs(tokens, side[:batch], labels)
