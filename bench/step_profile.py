@@ -208,7 +208,7 @@ class SyncCounter(TorchFunctionMode):
         if name in _FROM_DATA and not isinstance(args[0] if args else None, torch.Tensor):
             device = kwargs.get("device")
             result = func(*args, **kwargs)
-            if device is None or _is_cpu_string(device):
+            if device is None or (_is_cpu_string(device) and not _from_deepspeed(sys._getframe(1))):
                 self._tag(result)
             else:
                 self._count(f"torch.{name}(data, device=...)")

@@ -273,8 +273,8 @@ class FlatAdam(torch.optim.Adam):
                 values = [saved[i][key] for i in sorted(saved)]
                 if torch.is_tensor(values[0]) and values[0].dim() > 0:
                     flat_state[key] = torch.cat([v.reshape(-1).float() for v in values]).to(self.master.device)
-                else:
-                    flat_state[key] = values[0]
+                else:  # the step count, the same for every parameter
+                    flat_state[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
         groups = [{**g, "params": [0]} for g in adam["param_groups"]]
         super().load_state_dict({"state": {0: flat_state} if flat_state else {}, "param_groups": groups})
 
@@ -289,7 +289,10 @@ def _no_grad_norm_sync_in_zero_optimizer() -> None:
     (`is_invalid_grad_norm`: a host sync) to skip steps with an inf/NaN norm, which only fp16's
     loss scaling needs. Outside fp16 the trainer never skips a step on it: a non-finite loss stops
     the run at the next logging step. So for fp32 and bf16 the ZeRO optimizer's check answers
-    False without reading the norm (the clipping itself is computed on the device)."""
+    False without reading the norm (the clipping itself is computed on the device), and its
+    marking of an inf/NaN norm (as -1) uses a Python scalar instead of a tensor made on the device
+    and read back. Both are module globals of deepspeed.runtime.zero.stage_1_and_2, set here for
+    the process (a training worker runs one engine)."""
     import deepspeed.runtime.zero.stage_1_and_2 as zero
 
     original = getattr(zero, "_vsrn_original_is_invalid_grad_norm", zero.is_invalid_grad_norm)
@@ -301,6 +304,14 @@ def _no_grad_norm_sync_in_zero_optimizer() -> None:
         return bool(original(norm))
 
     zero.is_invalid_grad_norm = is_invalid_grad_norm
+
+    def mask_nan_or_inf_with_val_inplace(input: torch.Tensor, device: Any = None, val: float = -1.0) -> None:
+        # DeepSpeed's marks an inf/NaN norm as -1 with a masked_fill_ by a 0-dim tensor that it
+        # builds from a Python float on the device (a blocking copy) and that the kernel reads back
+        # (.item()); a Python scalar does the same without either.
+        input.masked_fill_(~torch.isfinite(input), -1.0)
+
+    zero.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
 
 
 def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
