@@ -547,6 +547,7 @@ class PendingStep:
     seconds: float
     wait: float
     losses: torch.Tensor  # (2,): this rank's L_M, L_G
+    finished_at: float = 0.0  # time.time() at the end of the step
 
 
 def train_step(engine: Any, cfg: TrainConfig, world: int, inputs: StepInputs,
@@ -690,7 +691,8 @@ class _Loop:
                 losses, stats = self.train_step(batch, hardest)
                 step += 1
                 seconds = time.perf_counter() - started
-                self.pending.append(PendingStep(epoch, position, batches, step, lr, hardest, seconds, wait, losses))
+                self.pending.append(PendingStep(epoch, position, batches, step, lr, hardest, seconds, wait, losses,
+                                                time.time()))
                 self.hard_negatives.add(stats)
                 end_of_epoch = position + 1 == batches
                 stop = bool(cfg.debug.max_steps) and step >= cfg.debug.max_steps
@@ -749,14 +751,17 @@ class _Loop:
                 raise FloatingPointError(f"non-finite loss at step {p.step}: L_M {matching}, L_G {caption}")
             last = i == len(pending) - 1
             self.record(p.epoch, p.position, p.batches, p.step, p.lr, p.hardest, matching, caption, p.seconds,
-                        p.wait, summary=summary if last else None, closes=closes_interval if last else None)
+                        p.wait, summary=summary if last else None, closes=closes_interval if last else None,
+                        finished_at=p.finished_at or None)
 
     def record(self, epoch: int, position: int, batches: int, step: int, lr: float, hardest: bool,
                matching: float, caption: float, seconds: float, wait: float,
-               summary: HardNegativeSummary | None = None, closes: bool | None = None) -> None:
+               summary: HardNegativeSummary | None = None, closes: bool | None = None,
+               finished_at: float | None = None) -> None:
         """Log one step from host numbers. ``summary``: the hard-negative summary of the logging
         interval this step closes (`flush`), which also runs the collapse detector. ``closes``:
-        whether the step closes a logging interval (default: from the step and position)."""
+        whether the step closes a logging interval (default: from the step and position).
+        ``finished_at``: when the step ended (default: now)."""
         cfg = self.cfg
         samples = cfg.optim.global_batch_size
         total = cfg.model.caption_loss_weight * caption + matching
@@ -772,7 +777,7 @@ class _Loop:
                 "step": step, "epoch": epoch, "batch": position, "loss": total, "loss_matching": matching,
                 "loss_caption": caption, "lr": lr, "hardest_negatives": hardest,
                 "samples_per_s": samples / max(seconds + wait, 1e-9), "data_wait_s": wait, "step_time_s": seconds,
-                "time": time.time()}
+                "time": finished_at if finished_at is not None else time.time()}
             if summary is not None:
                 record.update(summary.log_fields())
                 record[COLLAPSED_FIELD] = bool(collapsed)
