@@ -3,19 +3,24 @@
 Process group: Ray's TorchTrainer creates it (gloo on CPU, NCCL on GPU) before this function
 runs; DeepSpeed finds it initialized and uses it as it is.
 
-Optimization (the reference's defaults live in trainer/config.py): torch.optim.Adam without weight
-decay, handed to DeepSpeed as a client optimizer (DeepSpeed's own CPU Adam would JIT-compile a C++
-op on first use); gradient clipping set explicitly (DeepSpeed clips at 1.0 when the key is
-missing); ZeRO stage 0-2; bf16, or fp16 with dynamic loss scaling on GPUs. The learning rate is
+Optimization (the reference's defaults live in trainer/config.py): Adam without weight decay and
+gradient clipping, handed to DeepSpeed as a client optimizer (DeepSpeed's own CPU Adam would
+JIT-compile a C++ op on first use); ZeRO stage 0-2; bf16, or fp16 with dynamic loss scaling on
+GPUs. ZeRO 0 (fp32, bf16): `FlatAdam`, torch's fused Adam over one flat float32 master copy of all
+parameters, clipping on the device, in a handful of operators per step; DeepSpeed's engine
+averages the gradients and checkpoints, with its own clipping off. ZeRO 1-2 and fp16: torch's
+fused Adam inside DeepSpeed's wrappers, which clip (gradient_clipping set explicitly: DeepSpeed
+clips at 1.0 when the key is missing). The learning rate is
 `learning_rate * lr_decay_factor ** (epoch // lr_decay_every_epochs)`, set at the start of each
 epoch from the epoch number alone, so a resumed run gets it right without scheduler state.
 
-Precision (distributed.precision). fp32: everything in float32. bf16 (DeepSpeed's `bf16`, what
-the COCO configuration trains with): DeepSpeed casts the module's parameters to bf16 and leaves its
-buffers (BatchNorm running statistics) in float32; its optimizer keeps float32 master weights and
-float32 Adam states (ZeRO 0: its bf16 wrapper around the client Adam; ZeRO 1-2: the float32
-partitions), so every update accumulates in float32 and only the forward/backward see bf16
-weights. Gradients are bf16 and all-reduced in bf16 (DeepSpeed's default communication dtype for
+Precision (distributed.precision). fp32: everything in float32. bf16 (what the COCO
+configuration trains with): the module's parameters are bf16 and its buffers (BatchNorm running
+statistics) float32; the optimizer keeps float32 master weights and float32 Adam states (ZeRO 0:
+`FlatAdam`, which casts the parameters itself, as DeepSpeed's bf16 mode would, without DeepSpeed's
+ZeRO-0 bf16 wrapper and its per-parameter overflow checks; ZeRO 1-2: DeepSpeed's `bf16`, the
+float32 partitions, no overflow check), so every update accumulates in float32 and only the
+forward/backward see bf16 weights. Gradients are bf16 and all-reduced in bf16 (DeepSpeed's default communication dtype for
 bf16): one rounding per step (no accumulation over micro-steps here) into float32 master weights,
 for half the gradient traffic between nodes. Inside the model, products run in bf16 and BatchNorm,
 the GRU recurrences on CPU, the joint-space embeddings and both losses in float32 (model/vsrn.py's
@@ -43,6 +48,17 @@ learning rate, data wait) and one JSON line per step to RUN_DIR/train_log.jsonl 
 loss_caption, loss, lr, samples_per_s, data_wait_s, step_time_s; global-batch values, so the
 numbers do not depend on the worker count). The means since the previous checkpoint and the
 reader's counters are reported to Ray with each checkpoint. Checkpoints: trainer/run_checkpoint.py.
+
+No host sync in a non-logging step (issue 21; bench/step_profile.py counts them): the batch's
+caption shape facts (bucketed width, last positions, L_G's labels) are made on the host from its
+lengths (model.vsrn.caption_inputs) and sent with non-blocking copies; the batch size is checked on
+the host instead of by the loss's collective; the losses stay on the device. At a step that closes
+a logging interval (and before a checkpoint) one collective and one copy bring the steps' losses
+and the hard-negative summary to the host, and the step log lines, the metrics, the non-finite
+check (which stops the run, naming the step) and the collapse detector run then. On a GPU a
+non-logging step's step_time_s is the host's time to issue it; the interval's samples/s is exact.
+`model.compile: true` compiles the model (torch.compile, one graph per caption bucket, CUDA graphs
+on GPUs).
 
 Hard-negative diagnostics (trainer/diagnostics.py): the loss also returns its per-anchor stats
 (gaps between positive and hardest-negative scores, active hinges, hardest negatives from other
