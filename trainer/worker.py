@@ -713,11 +713,13 @@ class _Loop:
                 end_of_epoch = position + 1 == batches
                 stop = bool(cfg.debug.max_steps) and step >= cfg.debug.max_steps
                 periodic = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
-                fail = cfg.debug.fail_at_step == step and self.rank == cfg.debug.fail_rank
+                fail_step = cfg.debug.fail_at_step == step
+                fail = fail_step and self.rank == cfg.debug.fail_rank
                 closes_interval = step % cfg.logging.interval_steps == 0 or end_of_epoch
                 # The host learns the steps' numbers only here: at logging steps, and before a
-                # checkpoint (never saved past a non-finite loss) or a simulated failure.
-                if closes_interval or stop or periodic or fail:
+                # checkpoint (never saved past a non-finite loss) or a simulated failure. A flush
+                # is a collective: the condition must be the same on every rank.
+                if closes_interval or stop or periodic or fail_step:
                     self.flush(closes_interval)
 
                 if fail:
