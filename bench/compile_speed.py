@@ -86,8 +86,6 @@ def time_loop(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict
     warm = list(buckets.values()) + batches[:args.warmup]
 
     def step(batch: Any) -> torch.Tensor:
-        if compiled and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         losses, _ = worker.train_step(engine, cfg, 1, worker.step_inputs(batch, cfg, device), hardest=True)
         return losses
 

@@ -570,6 +570,8 @@ def train_step(engine: Any, cfg: TrainConfig, world: int, inputs: StepInputs,
                hardest: bool) -> tuple[torch.Tensor, HardNegativeStats]:
     """Forward, both losses, backward and the optimizer step on `inputs`: (this rank's (L_M, L_G) as
     a device tensor, the loss's hard-negative stats). Nothing is read back from the device."""
+    if cfg.model.compile and inputs.regions.is_cuda:
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for the CUDA graphs of mode="reduce-overhead"
     out = engine(inputs.regions, inputs.captions, None, inputs.boxes)
     loss, matching, stats = training_loss_with_stats(out, inputs.image_ids, cfg, world, hardest, check_sizes=False)
     engine.backward(loss)
