@@ -688,7 +688,8 @@ class CaptionInputs(NamedTuple):
 
     tokens: Tensor  # (B, W) int64 ids padded with PAD_ID to the bucket width W (caption_bucket)
     last: Tensor  # (B,) int64: position of each caption's last token (<end>), length - 1
-    labels: Tensor  # (B, S) int64 L_G targets of the S = min(W, max_caption_len) - 1 decoder steps; IGNORED_TARGET: not counted
+    # (B, S) int64 L_G targets of the S = min(W, max_caption_len) - 1 decoder steps; IGNORED_TARGET: not counted
+    labels: Tensor
 
 
 def caption_bucket(longest: int, max_caption_len: int, bucket: int = CAPTION_BUCKET) -> int:
