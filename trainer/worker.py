@@ -22,10 +22,10 @@ ZeRO-0 bf16 wrapper and its per-parameter overflow checks; ZeRO 1-2: DeepSpeed's
 float32 partitions, no overflow check), so every update accumulates in float32 and only the
 forward/backward see bf16 weights. Gradients are bf16 and all-reduced in bf16 (DeepSpeed's
 default communication dtype for bf16): one rounding per step (no accumulation over micro-steps
-here) into float32 master weights, for half the gradient traffic between nodes. Inside the model, products run in bf16 and BatchNorm,
-the GRU recurrences on CPU, the joint-space embeddings and both losses in float32 (model/vsrn.py's
-docstring gives the list and why); region features arrive in the shards' dtype and are cast by the
-model. Inference checkpoints are exported with float32 weights (run_checkpoint.export_inference).
+here) into float32 master weights, for half the gradient traffic between nodes. Inside the
+model, products run in bf16 and BatchNorm, the GRU recurrences on CPU, the joint-space embeddings
+and both losses in float32 (model/vsrn.py's docstring gives the list and why); region features
+arrive in the shards' dtype and are cast by the model. Inference checkpoints are exported with float32 weights (run_checkpoint.export_inference).
 fp16 (GPUs only, refused on CPU by the configuration): the same with dynamic loss scaling.
 
 Batch: the global batch is fixed (optim.global_batch_size) and each of the W workers takes
