@@ -544,7 +544,8 @@ def step_inputs(batch: TrainBatch, cfg: TrainConfig, device: torch.device) -> St
     if batch.tokens.shape[0] != cfg.per_worker_batch_size:
         raise ValueError(f"a training batch of {batch.tokens.shape[0]} pairs, the configuration says "
                          f"{cfg.per_worker_batch_size} per worker: the reader must give full batches")
-    captions = caption_inputs(batch.tokens, batch.lengths, cfg.model.max_caption_len, device=device)
+    captions = caption_inputs(batch.tokens, batch.lengths, cfg.model.max_caption_len, device=device,
+                              counted_positions=not cfg.model.compile)  # one shape per bucket when compiled
     return StepInputs(regions=batch.regions.to(device, non_blocking=True), captions=captions,
                       boxes=None if batch.boxes is None else batch.boxes.to(device, non_blocking=True),
                       image_ids=batch.image_ids.to(device, non_blocking=True))

@@ -33,7 +33,7 @@ def _batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, t
 def _step(model: VSRN, lengths: list[int], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     regions, tokens, lens = _batch(lengths, seed)
     model.zero_grad()
-    out = model(regions, caption_inputs(tokens, lens, model.config.max_caption_len))
+    out = model(regions, caption_inputs(tokens, lens, model.config.max_caption_len, counted_positions=False))
     loss = hardest_negative_loss(out.image_emb, out.caption_emb) + out.caption_loss
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -532,8 +532,11 @@ def test_caption_inputs_labels_and_last_positions() -> None:
     width = caption_bucket(int(host.max()), 5)
     counted = np.arange(1, steps + 1)[None, :] <= np.minimum(host, 5)[:, None]
     device = _device_caption_inputs(tokens, host - 1, counted, host > 5, width, steps, 5)
-    for a, b in zip(device, captions):
+    for a, b in zip(device[:3], captions[:3]):
         assert torch.equal(a, b)
+    # The counted positions the eager L_G projects: the labels that count, flattened.
+    assert captions.counted.tolist() == torch.nonzero(captions.labels.reshape(-1) != IGNORED_TARGET).flatten().tolist()
+    assert device.counted is None and caption_inputs(tokens, lengths, 5, counted_positions=False).counted is None
     with pytest.raises(ValueError, match="lengths must be in"):
         caption_inputs(tokens, [4, 8, 2], 60)
 
