@@ -401,6 +401,7 @@ def gathered_hardest_negative_loss(
     group: dist.ProcessGroup | None = None,
     *,
     with_stats: Literal[False] = False,
+    check_sizes: bool = True,
 ) -> Tensor: ...
 
 
@@ -414,6 +415,7 @@ def gathered_hardest_negative_loss(
     group: dist.ProcessGroup | None = None,
     *,
     with_stats: Literal[True],
+    check_sizes: bool = True,
 ) -> tuple[Tensor, HardNegativeStats]: ...
 
 
@@ -426,6 +428,7 @@ def gathered_hardest_negative_loss(
     group: dist.ProcessGroup | None = None,
     *,
     with_stats: bool = False,
+    check_sizes: bool = True,
 ) -> Tensor | tuple[Tensor, HardNegativeStats]:
     """Matching loss of this rank's anchors against the GLOBAL batch of all ranks.
 
@@ -454,6 +457,10 @@ def gathered_hardest_negative_loss(
         with_stats: also return :class:`HardNegativeStats` of this rank's anchors; a hardest
             negative whose candidate row lies outside this rank's rows ``rank*B : (rank+1)*B``
             counts as remote (from another worker's part of the global batch).
+        check_sizes: check that every rank has the same local (B, D, dtype) before gathering (a
+            collective of 3 ints and a host sync). A caller that knows the shapes agree from host
+            facts (a trainer whose batches all have the configured per-worker size, and one model)
+            passes False, and the step waits for nothing.
 
     Returns:
         0-dim tensor, float32 (float64 for float64 inputs): this rank's share of the global loss;
@@ -470,7 +477,8 @@ def gathered_hardest_negative_loss(
     # the backward reduce-scatter then sums the other ranks' gradient contributions in float32
     # rather than in bf16.
     images, captions = _at_least_float32(image_emb, caption_emb)
-    _check_equal_local_batches(images, group, world)
+    if check_sizes:
+        _check_equal_local_batches(images, group, world)
     batch, dim = images.shape
 
     # One collective for both modalities instead of two: concatenate along the feature dim.

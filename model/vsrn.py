@@ -30,13 +30,16 @@ model, what runs in it and what stays in float32 follows torch autocast's lists:
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 RegionNorm = Literal["region_axis", "per_region"]
 Aggregation = Literal["gsr", "mean"]
@@ -44,6 +47,10 @@ RegionOrder = Literal["stored", "area", "random"]
 
 # Special token ids shared with the reference vocabularies.
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
+# Caption widths are padded to multiples of this (caption_bucket): few distinct step shapes.
+CAPTION_BUCKET = 8
+# Label of a (caption, step) position that L_G does not count (F.cross_entropy's ignore_index).
+IGNORED_TARGET = -100
 
 
 @dataclass
@@ -68,6 +75,9 @@ class VSRNConfig:
     caption_word_dim: int = 300
     caption_dropout: float = 0.2
     max_caption_len: int = 60  # tokens including <start> and <end>, as the reference's max_len
+    # Training option, no effect on the math: the trainer compiles the model with torch.compile
+    # (trainer/worker.py; one graph per caption bucket). Off until a GPU run shows it pays.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("img_dim", "embed_size", "word_dim", "vocab_size", "caption_hidden",
@@ -191,7 +201,7 @@ def _float32_recurrence(x: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def gru_forward(gru: nn.GRU, x: Tensor | PackedSequence,
+def gru_forward(gru: nn.GRU | GRU, x: Tensor | PackedSequence,
                 hidden: Tensor | None = None) -> tuple[Tensor | PackedSequence, Tensor]:
     """`gru(x, hidden)`, with the precision policy of the module docstring.
 
@@ -206,6 +216,48 @@ def gru_forward(gru: nn.GRU, x: Tensor | PackedSequence,
     params = {name: p.float() for name, p in gru.named_parameters()}
     out, state = torch.func.functional_call(gru, params, (x.float(), None if hidden is None else hidden.float()))
     return out.to(data.dtype), state
+
+
+class GRU(nn.Module):
+    """A one-layer, unidirectional, batch-first GRU: nn.GRU's parameters (names, shapes,
+    initialisation, so state dicts and seeded weights are the same) and math (`torch.gru`, the
+    operator nn.GRU calls: cuDNN on CUDA). Its own class because torch.compile refuses to enter
+    nn.GRU modules: under compilation the model runs its GRUs through `gru_scan`.
+
+    On CUDA nn.GRU keeps its weights in one cuDNN buffer; here cuDNN compacts them at each call
+    (a copy of the weights, microseconds on a GPU), without nn.GRU's warning about it.
+    """
+
+    num_layers = 1
+    bidirectional = False
+    batch_first = True
+    bias = True
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)  # nn.GRU's, in its parameter order
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, x: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if hx is None:
+            hx = x.new_zeros(1, x.shape[0], self.hidden_size)
+        weights = [self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not part of single contiguous chunk of memory")
+            output, hidden = torch.gru(x, hx, weights, True, 1, 0.0, self.training, False, True)
+        return output, hidden
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, batch_first=True"
 
 
 class _GRUSequence(torch.autograd.Function):
@@ -228,13 +280,18 @@ class _GRUSequence(torch.autograd.Function):
         rz = x.new_empty(steps, batch, 2 * h)
         n = x.new_empty(steps, batch, h)
         gh = x.new_empty(steps, batch, 3 * h)
+        # Every step's views made up front (one operator per tensor), not sliced at every step.
+        gi_rz, gi_n = (part.unbind(1) for part in gi.split([2 * h, h], dim=2))
+        gh_rz, gh_n = (part.unbind(0) for part in gh.split([2 * h, h], dim=2))
+        r_steps, z_steps = (part.unbind(0) for part in rz.split([h, h], dim=2))
+        gh_steps, rz_steps, n_steps, out_steps = gh.unbind(0), rz.unbind(0), n.unbind(0), outputs.unbind(0)
+        w_hh_t = w_hh.t()
         state = h0
         for t in range(steps):
-            torch.addmm(b_hh, state, w_hh.t(), out=gh[t])
-            gi_t = gi[:, t]
-            rz_t = torch.add(gi_t[:, :2 * h], gh[t, :, :2 * h], out=rz[t]).sigmoid_()
-            n_t = torch.addcmul(gi_t[:, 2 * h:], rz_t[:, :h], gh[t, :, 2 * h:], out=n[t]).tanh_()
-            state = torch.addcmul(n_t, rz_t[:, h:], state - n_t, out=outputs[t])  # (1 - z) n + z h
+            torch.addmm(b_hh, state, w_hh_t, out=gh_steps[t])
+            torch.add(gi_rz[t], gh_rz[t], out=rz_steps[t]).sigmoid_()
+            n_t = torch.addcmul(gi_n[t], r_steps[t], gh_n[t], out=n_steps[t]).tanh_()
+            state = torch.addcmul(n_t, z_steps[t], state - n_t, out=out_steps[t])  # (1 - z) n + z h
         ctx.save_for_backward(x, h0, w_ih, w_hh, outputs, rz, n, gh[..., 2 * h:])
         return outputs
 
@@ -251,17 +308,23 @@ class _GRUSequence(torch.autograd.Function):
         coef_r = gh_n * r * (1 - r)  # d n_pre / d r_pre
         grad_gi = x.new_empty(batch, steps, 3 * h)  # d loss / d (W_i x + b_i), batch-major like x
         grad_gh = x.new_empty(steps, batch, 3 * h)  # d loss / d (W_h h + b_h)
-        grad_h = grad_outputs[steps - 1]
+        # Every step's views made up front (one operator per tensor), not sliced at every step.
+        gi_r, gi_z, gi_n = (part.unbind(1) for part in grad_gi.split([h, h, h], dim=2))
+        gi_rz = grad_gi[..., :2 * h].unbind(1)
+        gh_rz, gh_n = (part.unbind(0) for part in grad_gh.split([2 * h, h], dim=2))
+        gh_steps, grad_out_steps = grad_gh.unbind(0), grad_outputs.unbind(0)
+        coef_n_steps, coef_z_steps, coef_r_steps = coef_n.unbind(0), coef_z.unbind(0), coef_r.unbind(0)
+        r_steps, z_steps = r.unbind(0), z.unbind(0)
+        grad_h = grad_out_steps[steps - 1]
         for t in reversed(range(steps)):
             if t < steps - 1:
-                grad_h = grad_h + grad_outputs[t]
-            gi_t, gh_t = grad_gi[:, t], grad_gh[t]
-            grad_n = torch.mul(grad_h, coef_n[t], out=gi_t[:, 2 * h:])
-            torch.mul(grad_h, coef_z[t], out=gi_t[:, h:2 * h])
-            torch.mul(grad_n, coef_r[t], out=gi_t[:, :h])
-            gh_t[:, :2 * h] = gi_t[:, :2 * h]
-            torch.mul(grad_n, r[t], out=gh_t[:, 2 * h:])
-            grad_h = torch.addmm(grad_h * z[t], gh_t, w_hh)  # to h_{t-1}, through z and W_hh
+                grad_h = grad_h + grad_out_steps[t]
+            grad_n = torch.mul(grad_h, coef_n_steps[t], out=gi_n[t])
+            torch.mul(grad_h, coef_z_steps[t], out=gi_z[t])
+            torch.mul(grad_n, coef_r_steps[t], out=gi_r[t])
+            gh_rz[t].copy_(gi_rz[t])
+            torch.mul(grad_n, r_steps[t], out=gh_n[t])
+            grad_h = torch.addmm(grad_h * z_steps[t], gh_steps[t], w_hh)  # to h_{t-1}, through z and W_hh
         flat_gi = grad_gi.view(batch * steps, 3 * h)
         grad_x = grad_w_ih = grad_w_hh = None
         if ctx.needs_input_grad[0]:
@@ -276,22 +339,60 @@ class _GRUSequence(torch.autograd.Function):
         return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
 
 
-def run_gru(gru: nn.GRU, x: Tensor) -> tuple[Tensor, Tensor]:
+def gru_cell(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+    """One GRU update with nn.GRU's math from the two pre-activation products:
+    gi = W_i x + b_i and gh = W_h h + b_h, each (B, 3H) in the gate order (r, z, n).
+    Split (not sliced) so that each product's gradient is one concatenation in the backward."""
+    hidden = h.shape[-1]
+    gi_rz, gi_n = gi.split([2 * hidden, hidden], dim=-1)
+    gh_rz, gh_n = gh.split([2 * hidden, hidden], dim=-1)
+    r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=-1)
+    n = torch.tanh(torch.addcmul(gi_n, r, gh_n))
+    return torch.lerp(n, h, z)  # (1 - z) n + z h
+
+
+def gru_scan(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """A one-layer GRU over (B, T, I) from h0 (B, H) in plain operators (autograd and
+    torch.compile see through it): outputs (B, T, H). The input product of all steps is one."""
+    h = h0
+    outputs = []
+    for gi in F.linear(x, w_ih, b_ih).unbind(1):
+        h = gru_cell(gi, F.linear(h, w_hh, b_hh), h)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling is not None and is_compiling())
+
+
+def run_gru(gru: nn.GRU | GRU, x: Tensor, float32_outputs: bool = False) -> tuple[Tensor, Tensor]:
     """`gru(x)` from a zero state for a one-layer batch-first nn.GRU: (outputs (B, T, H), h_T (1, B, H)).
 
     On CPU (outside autocast) it runs `_GRUSequence`, whose backward is faster than autograd
     through torch's per-step CPU GRU, in float32 (bf16/fp16 inputs and weights are upcast, the
-    outputs cast back and the final state left in float32, as `gru_forward`); elsewhere (cuDNN)
-    it calls the module itself.
+    outputs cast back, or left in float32 with `float32_outputs`, and the final state left in
+    float32, as `gru_forward`); elsewhere (cuDNN) it calls the module itself. Under torch.compile
+    it runs `gru_scan` (torch.compile does not trace nn.GRU), with the same precision policy.
     """
-    if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or gru.num_layers != 1
-            or gru.bidirectional or not gru.bias or not gru.batch_first or x.shape[1] == 0):
+    simple = (gru.num_layers == 1 and not gru.bidirectional and gru.bias and gru.batch_first
+              and x.shape[1] > 0)
+    compiling = _compiling()
+    if not simple or (not compiling and (x.device.type != "cpu" or torch.is_autocast_enabled("cpu"))):
         return gru_forward(gru, x)  # type: ignore[return-value]  # a Tensor in, a Tensor out
-    weights = [at_least_float32(w) for w in (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)]
-    x32 = at_least_float32(x)  # no copy in float32 or float64
-    h0 = x32.new_zeros(x.shape[0], gru.hidden_size)
-    outputs = _GRUSequence.apply(x32, h0, *weights)
-    return outputs.transpose(0, 1).to(x.dtype), outputs[-1].unsqueeze(0)
+    wide = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")  # the float32 recurrence
+    weights = [at_least_float32(w) if wide else w
+               for w in (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)]
+    x_rec = at_least_float32(x) if wide else x  # no copy in float32 or float64
+    h0 = x_rec.new_zeros(x.shape[0], gru.hidden_size)
+    if compiling:
+        outputs = gru_scan(x_rec, h0, *weights)
+        final = outputs[:, -1].unsqueeze(0)
+    else:
+        time_major = _GRUSequence.apply(x_rec, h0, *weights)
+        outputs, final = time_major.transpose(0, 1), time_major[-1].unsqueeze(0)
+    return (outputs if float32_outputs else outputs.to(x.dtype)), final
 
 
 class RegionRelationReasoning(nn.Module):
@@ -368,7 +469,7 @@ class ImageEncoder(nn.Module):
         nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
         self.reasoning = nn.ModuleList(RegionRelationReasoning(d) for _ in range(config.num_reasoning_layers))
-        self.gsr = nn.GRU(d, d, batch_first=True) if config.aggregation == "gsr" else None
+        self.gsr = GRU(d, d) if config.aggregation == "gsr" else None
         self.final_norm = FP32BatchNorm1d(d) if config.final_batchnorm else None
 
     def reason(self, regions: Tensor) -> Tensor:
@@ -404,23 +505,30 @@ class ImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids (B, T) and lengths -> caption embedding (B, D); any order of lengths is accepted."""
+    """Token ids (B, T) and lengths, or `CaptionInputs` -> caption embedding (B, D); any order of
+    lengths is accepted.
+
+    The GRU runs over the padded width and each caption's embedding is its output at its last
+    token (<end>), gathered by position: for a unidirectional GRU from a zero state that is the
+    packed sequence's final state (the reference packs), with no host round trip and no sort.
+    """
 
     def __init__(self, config: VSRNConfig) -> None:
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.word_dim)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        self.rnn = nn.GRU(config.word_dim, config.embed_size, batch_first=True)
+        self.rnn = GRU(config.word_dim, config.embed_size)
 
-    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
-        if lengths.numel() != tokens.shape[0] or int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]:
-            raise ValueError(f"lengths must be in [1, {tokens.shape[1]}] for each of {tokens.shape[0]} captions")
-        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
-        # For packed input the final hidden state is the output at each caption's last token
-        # (<end>), returned in the caller's order.
-        _, hidden = gru_forward(self.rnn, packed)
-        return l2norm(at_least_float32(hidden[-1]))
+    def forward(self, tokens: Tensor | CaptionInputs, lengths: Tensor | np.ndarray | Sequence[int] | None = None
+                ) -> Tensor:
+        if isinstance(tokens, CaptionInputs):
+            tokens, last = tokens.tokens, tokens.last
+        else:
+            host = host_lengths(lengths, tokens.shape)
+            last = torch.from_numpy(host - 1).to(tokens.device, non_blocking=True)
+        outputs, _ = run_gru(self.rnn, self.embed(tokens), float32_outputs=True)
+        index = last.view(-1, 1, 1).expand(-1, 1, outputs.shape[-1])
+        return l2norm(at_least_float32(outputs.gather(1, index).squeeze(1)))
 
 
 class AdditiveAttention(nn.Module):
@@ -466,10 +574,10 @@ class CaptionGenerator(nn.Module):
         h = config.caption_hidden
         self.region_proj = nn.Linear(config.embed_size, h)
         nn.init.xavier_normal_(self.region_proj.weight)
-        self.region_rnn = nn.GRU(h, h, batch_first=True)
+        self.region_rnn = GRU(h, h)
         self.word_embed = nn.Embedding(config.vocab_size, config.caption_word_dim)
         self.attention = AdditiveAttention(h)
-        self.decoder_rnn = nn.GRU(config.caption_word_dim + h, h, batch_first=True)
+        self.decoder_rnn = GRU(config.caption_word_dim + h, h)
         self.output = nn.Linear(h, config.vocab_size)
         nn.init.xavier_normal_(self.output.weight)
         self.dropout = nn.Dropout(config.caption_dropout)
@@ -489,31 +597,77 @@ class CaptionGenerator(nn.Module):
         out, hidden = gru_forward(self.decoder_rnn, step_input, hidden)
         return out.squeeze(1), hidden, weights  # type: ignore[union-attr]
 
-    def loss(self, regions: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+    def _decode(self, word_vectors: Tensor, hidden: Tensor, encoded: Tensor, projected: Tensor) -> Tensor:
+        """Teacher-forced decoder states (B, steps, h) from the embedded input words (B, steps, word_dim).
+
+        `_step`'s math, with what does not depend on the step taken out of the loop: the words'
+        half of the GRU's input product (and their dropout) for all steps in one product, the
+        weights concatenated once so that the state meets the attention's query weights and
+        W_hh in one product per step. Per step: that product, the attention (tanh, score,
+        softmax, the context), the context's half of the input product, and the GRU's gates.
+        """
+        gru, attention = self.decoder_rnn, self.attention
+        h_size = hidden.shape[-1]
+        word_dim = word_vectors.shape[-1]
+        state = hidden[-1]
+        # The recurrence's dtype: float32 on CPU for a bf16/fp16 model (gru_forward's policy).
+        rec = state.dtype
+        w_ih = gru.weight_ih_l0.to(rec)
+        w_state = torch.cat([attention.proj.weight[:, h_size:].to(rec), gru.weight_hh_l0.to(rec)])
+        b_state = torch.cat([state.new_zeros(projected.shape[-1]), gru.bias_hh_l0.to(rec)])
+        w_ih_words, w_ih_context = w_ih.split([word_dim, h_size], dim=1)
+        w_ih_context_t = w_ih_context.t()
+        # Dropout acts elementwise on [word; context]: the words' part can be drawn for all steps at once.
+        gi_words = F.linear(self.dropout(word_vectors).to(rec), w_ih_words, gru.bias_ih_l0.to(rec))
+        w_state_t = w_state.t()
+        w_score = attention.score.weight.squeeze(0)  # (h,): the scores as one product with a vector
+        states = []
+        for gi_word in gi_words.unbind(1):
+            query, gh = torch.addmm(b_state, state, w_state_t).split([projected.shape[-1], 3 * h_size], dim=1)
+            if query.dtype != projected.dtype:
+                query = query.to(projected.dtype)
+            scores = torch.matmul(torch.tanh(projected + query.unsqueeze(1)), w_score)  # (B, regions)
+            weights = torch.softmax(scores, dim=1)
+            context = self.dropout(torch.bmm(weights.unsqueeze(1), encoded).squeeze(1))
+            if context.dtype != rec:
+                context = context.to(rec)
+            state = gru_cell(torch.addmm(gi_word, context, w_ih_context_t), gh, state)
+            states.append(state)
+        return torch.stack(states, dim=1)
+
+    def loss(self, regions: Tensor, tokens: Tensor | CaptionInputs,
+             lengths: Tensor | np.ndarray | Sequence[int] | None = None) -> Tensor:
         """Teacher-forced negative log-likelihood, summed over tokens and averaged over the batch.
 
         `tokens` are the text encoder's (B, T) ids: <start> w1 .. wn <end>, padded with 0, and
-        `lengths` count <start> and <end>. As in the reference, the targets are every token after
-        <start> up to and including the first pad after <end>, captions longer than
-        max_caption_len are cut there and end in <end>, and at most max_caption_len - 1 steps are
-        unrolled. Unlike the reference (always 59 steps), only the longest caption of the batch
-        is unrolled: the steps after it are fully masked, so the loss is unchanged. The
+        `lengths` count <start> and <end>; or `CaptionInputs` (caption_inputs) made from them on
+        the host. As in the reference, the targets are every token after <start> up to and
+        including the first pad after <end>, captions longer than max_caption_len are cut there
+        and end in <end>, and at most max_caption_len - 1 steps are unrolled. Unlike the
+        reference (always 59 steps), the decoder unrolls to the caption bucket of the batch
+        (caption_bucket: the longest caption rounded up to a multiple of 8): the steps after a
+        caption's targets are not counted (IGNORED_TARGET), so the loss is unchanged. The
         recurrence only needs the decoder states, so the vocabulary projection and the
-        log-softmax + NLL run once after it, on the unmasked (caption, step) positions only
-        (masked ones contribute exactly 0 in the reference).
+        log-softmax + NLL run once after it, over every (caption, step) position, the ones not
+        counted contributing exactly 0 as in the reference: no boolean gather, no host sync. In
+        eager mode, given the counted positions (CaptionInputs.counted, made on the host), only
+        those are projected (the same sum, less work).
         """
-        targets, mask, steps = caption_targets(tokens, lengths, self.config.max_caption_len)
+        captions = tokens if isinstance(tokens, CaptionInputs) else caption_inputs(
+            tokens, lengths, self.config.max_caption_len)
+        labels = captions.labels
+        batch, steps = labels.shape
         encoded, projected, hidden = self._encode(regions)
-        word_vectors = self.word_embed(targets[:, :steps])  # one lookup (and one backward) for all steps
-        states = []
-        for t in range(steps):
-            out, hidden, _ = self._step(word_vectors[:, t], hidden, encoded, projected)
-            states.append(out)
-        valid = mask > 0
-        logits = self.output(torch.stack(states, dim=1)[valid])  # (unmasked positions, vocab)
+        states = self._decode(self.word_embed(captions.tokens[:, :steps]), hidden, encoded, projected)
+        states = states.to(encoded.dtype).reshape(batch * steps, -1)
+        labels = labels.reshape(-1)
+        if captions.counted is not None and not _compiling():
+            # Eager: only the counted positions, whose indices the host sent (no sync).
+            states, labels = states.index_select(0, captions.counted), labels.index_select(0, captions.counted)
+        logits = self.output(states)  # (positions, vocab)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
-        nll = F.cross_entropy(logits, targets[:, 1:][valid], reduction="sum")
-        return nll / tokens.shape[0]
+        nll = F.cross_entropy(logits, labels, ignore_index=IGNORED_TARGET, reduction="sum")
+        return nll / batch
 
     @torch.no_grad()
     def generate(self, regions: Tensor, max_steps: int | None = None) -> GeneratedCaptions:
@@ -534,6 +688,114 @@ class CaptionGenerator(nn.Module):
             if bool(finished.all()):
                 break
         return GeneratedCaptions(torch.stack(out_tokens, 1), torch.stack(out_weights, 1))
+
+
+class CaptionInputs(NamedTuple):
+    """A batch of captions as the model's training forward reads it, with every shape fact
+    (lengths, decoder steps, which targets count) computed on the host by `caption_inputs`: the
+    device never has to report a value back, and the shapes depend on the caption bucket only."""
+
+    tokens: Tensor  # (B, W) int64 ids padded with PAD_ID to the bucket width W (caption_bucket)
+    last: Tensor  # (B,) int64: position of each caption's last token (<end>), length - 1
+    # (B, S) int64 L_G targets of the S = min(W, max_caption_len) - 1 decoder steps; IGNORED_TARGET: not counted
+    labels: Tensor
+    # Eager only: the flat positions (b * S + t) of the counted targets, ascending, or None. Its
+    # length varies from batch to batch (the compiled path never reads it: one shape per bucket).
+    counted: Tensor | None = None
+
+
+def caption_bucket(longest: int, max_caption_len: int, bucket: int = CAPTION_BUCKET) -> int:
+    """The padded token width W of a batch whose longest caption has `longest` tokens.
+
+    W holds the longest caption and the pad after it (L_G's last target): the next multiple of
+    `bucket` from longest + 1, up to max_caption_len rounded up to a multiple of `bucket`, then
+    powers of two (captions longer than max_caption_len are rare; the text encoder reads them
+    whole). With max_caption_len 60: 8, 16, ..., 64, 128, 256 ...
+    """
+    need = longest + 1
+    width = -(-need // bucket) * bucket
+    top = -(-max_caption_len // bucket) * bucket
+    if width > top:
+        width = max(top, 1 << (need - 1).bit_length())
+    return width
+
+
+def host_lengths(lengths: Tensor | np.ndarray | Sequence[int] | None, shape: Sequence[int]) -> np.ndarray:
+    """Caption lengths as a host int64 array, checked against the (B, T) token shape. A device
+    tensor is copied to the host (a sync: callers that care pass host lengths)."""
+    if lengths is None:
+        raise ValueError("lengths are needed with a token tensor")
+    if isinstance(lengths, Tensor):
+        values = lengths.detach().to("cpu", torch.long).numpy()
+    else:
+        values = np.asarray(lengths, dtype=np.int64)
+    if values.shape != (shape[0],) or (values.size and (values.min() < 1 or values.max() > shape[1])):
+        raise ValueError(f"lengths must be in [1, {shape[1]}] for each of {shape[0]} captions")
+    return values
+
+
+def caption_inputs(tokens: Tensor, lengths: Tensor | np.ndarray | Sequence[int], max_caption_len: int,
+                   device: torch.device | str | None = None, bucket: int = CAPTION_BUCKET,
+                   counted_positions: bool = True) -> CaptionInputs:
+    """`CaptionInputs` of (B, T) tokens (padded with PAD_ID) and their lengths, on `device`
+    (default: the tokens' device).
+
+    The lengths are read on the host (pass them as a CPU tensor or array: a device tensor costs
+    a sync). Host tokens (the data reader's) are padded to the bucket width there and sent with
+    the last positions and the labels in one non-blocking copy (from pinned memory to CUDA);
+    device tokens are padded on the device. Labels follow the reference (caption_targets): the
+    tokens after <start> up to and including the first pad after <end>, a caption longer than
+    max_caption_len cut there and ending in <end>; the positions after that are IGNORED_TARGET.
+    `counted_positions` (host tokens): also the flat positions of the counted targets, with which
+    the eager L_G projects only those (a compiled model does not need them).
+    """
+    device = torch.device(device) if device is not None else tokens.device
+    lengths_host = host_lengths(lengths, tokens.shape)
+    batch = tokens.shape[0]
+    width = caption_bucket(int(lengths_host.max()) if batch else 1, max_caption_len, bucket)
+    steps = min(width, max_caption_len) - 1
+    cut = np.minimum(lengths_host, max_caption_len)
+    counted = np.arange(1, steps + 1)[None, :] <= cut[:, None]  # (B, S): target position t + 1 <= cut
+    too_long = lengths_host > max_caption_len  # the reference cuts to max_len tokens ending in <end>
+    last = lengths_host - 1
+    if tokens.device.type == "cpu":
+        host = np.zeros((batch, width), dtype=np.int64)
+        keep = min(width, tokens.shape[1])
+        host[:, :keep] = tokens[:, :keep].numpy()
+        labels = host[:, 1:steps + 1].copy()
+        if too_long.any():
+            labels[too_long, max_caption_len - 2] = END_ID  # target position max_len - 1
+        labels[~counted] = IGNORED_TARGET
+        pieces = [host.reshape(-1), last, labels.reshape(-1)]
+        if counted_positions:
+            pieces.append(np.flatnonzero(counted.reshape(-1)).astype(np.int64))
+        block = torch.from_numpy(np.concatenate(pieces))
+        if device.type == "cuda":
+            block = block.pin_memory()
+        block = block.to(device, non_blocking=True)
+        end = batch * (width + 1 + steps)
+        return CaptionInputs(block[:batch * width].view(batch, width), block[batch * width:batch * (width + 1)],
+                             block[batch * (width + 1):end].view(batch, steps),
+                             block[end:] if counted_positions else None)
+    return _device_caption_inputs(tokens, last, counted, too_long, width, steps, max_caption_len)
+
+
+def _device_caption_inputs(tokens: Tensor, last: np.ndarray, counted: np.ndarray, too_long: np.ndarray,
+                           width: int, steps: int, max_caption_len: int) -> CaptionInputs:
+    """`caption_inputs` of tokens already on their device: padded there (one operator), the
+    labels made there from the host's facts (which count, where a cut caption ends)."""
+    batch = tokens.shape[0]
+    if tokens.shape[1] < width:
+        tokens = F.pad(tokens, (0, width - tokens.shape[1]), value=PAD_ID)
+    tokens = tokens[:, :width]
+    fix = np.where(counted, 0, 1).astype(np.int64)
+    if too_long.any():
+        fix[too_long, max_caption_len - 2] = 2
+    side = torch.from_numpy(np.concatenate([last, fix.reshape(-1)]))
+    side = (side.pin_memory() if tokens.device.type == "cuda" else side).to(tokens.device, non_blocking=True)
+    fix_device = side[batch:].view(batch, steps)
+    labels = tokens[:, 1:steps + 1].masked_fill(fix_device == 2, END_ID).masked_fill(fix_device == 1, IGNORED_TARGET)
+    return CaptionInputs(tokens, side[:batch], labels)
 
 
 def caption_targets(tokens: Tensor, lengths: Tensor, max_len: int) -> tuple[Tensor, Tensor, int]:
@@ -577,22 +839,28 @@ class VSRN(nn.Module):
     def forward(
         self,
         regions: Tensor,
-        tokens: Tensor,
-        lengths: Tensor,
+        tokens: Tensor | CaptionInputs,
+        lengths: Tensor | np.ndarray | Sequence[int] | None = None,
         boxes: Tensor | None = None,
         with_caption_loss: bool = True,
     ) -> VSRNOutput:
+        """`tokens` (B, T) with their `lengths`, or `CaptionInputs` (caption_inputs, what the
+        trainer passes: built on the host, so the forward never waits for the device)."""
+        captions = tokens
+        if not isinstance(captions, CaptionInputs):
+            captions = caption_inputs(captions, lengths, self.config.max_caption_len)
         image_emb, reasoned = self.image_encoder(regions, boxes)
-        caption_emb = self.text_encoder(tokens, lengths)
+        caption_emb = self.text_encoder(captions)
         caption_loss = None
         if with_caption_loss and self.caption_generator is not None:
-            caption_loss = self.caption_generator.loss(reasoned, tokens, lengths)
+            caption_loss = self.caption_generator.loss(reasoned, captions)
         return VSRNOutput(image_emb, caption_emb, caption_loss)
 
     def encode_images(self, regions: Tensor, boxes: Tensor | None = None) -> Tensor:
         return self.image_encoder(regions, boxes)[0]
 
-    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+    def encode_captions(self, tokens: Tensor | CaptionInputs,
+                        lengths: Tensor | np.ndarray | Sequence[int] | None = None) -> Tensor:
         return self.text_encoder(tokens, lengths)
 
     @torch.no_grad()

@@ -9,8 +9,9 @@ per-step :class:`model.loss.HardNegativeStats` into one summary per logging inte
 
 * :class:`HardNegativeInterval` keeps a rank's stats of the steps since the last progress line as
   device tensors (no host sync per step) and, at the logging step, gathers all ranks' values in one
-  collective and brings the summary to the host once: the numbers describe the GLOBAL batch, so they
-  do not depend on the worker count (like the logged losses).
+  collective (with the trainer's losses of the interval riding along) and brings the summary to the
+  host once: the numbers describe the GLOBAL batch, so they do not depend on the worker count (like
+  the logged losses).
 * :class:`HardNegativeSummary`: per direction (i2t: image anchor vs its hardest caption; t2i:
   caption anchor vs its hardest image) the mean and 10th percentile of (positive score - hardest
   negative score); the fraction of active hinges among those the loss sums (one per query under
@@ -70,6 +71,12 @@ class HardNegativeSummary:
     remote_hardest_ratio: float  # hardest negatives from another worker's rows / queries with a negative
     steps: int
 
+    @classmethod
+    def from_values(cls, values: list[float], steps: int) -> "HardNegativeSummary":
+        """From the 6 host values of :meth:`HardNegativeInterval.summarize_on_device`."""
+        return cls(gap_mean=dict(zip(DIRECTIONS, values[0:2])), gap_p10=dict(zip(DIRECTIONS, values[2:4])),
+                   active_hinge_ratio=values[4], remote_hardest_ratio=values[5], steps=steps)
+
     def log_fields(self) -> dict[str, float | None]:
         """The train_log.jsonl fields (JSON has no NaN: a value with nothing counted is null)."""
         fields: dict[str, float] = {}
@@ -110,31 +117,63 @@ class HardNegativeInterval:
         With ``world > 1`` this is a collective: every rank must call it at the same step, with as
         many steps added (the ranks step together and the loss insists on equal local batches).
         """
+        steps = self.steps
+        gathered = self.summarize_on_device(world, group=group)
+        if gathered is None:
+            return None
+        return HardNegativeSummary.from_values(gathered[0].tolist(), steps)  # the one host sync of the interval
+
+    def summarize_on_device(self, world: int, extra: Tensor | None = None,
+                            group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor | None] | None:
+        """:meth:`summarize` without the host transfer: (the summary's 6 values as a device tensor,
+        for :meth:`HardNegativeSummary.from_values`; ``extra`` summed over the ranks), and a fresh
+        start; None when no step was added. ``extra``: a 1-D float tensor of this rank's that rides
+        the same collective (the trainer's losses of the interval), so that a logging step needs one
+        collective and one host transfer in all."""
         if self._counts is None:
             return None
-        steps = len(self._gaps)
         gaps = torch.cat(self._gaps, dim=1)  # (2, steps * b)
-        local = torch.cat([gaps.flatten(), self._counts])
+        pieces = [gaps.flatten(), self._counts] + ([extra.float()] if extra is not None else [])
+        local = torch.cat(pieces)
+        extra_size = 0 if extra is None else extra.numel()
         self._gaps, self._counts = [], None
+        summed_extra = None
         if world > 1:
-            # One all-gather for gaps and counts alike.
+            # One all-gather for gaps, counts and the extra values alike.
             parts = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(parts, local.contiguous(), group=group)
             per_rank = torch.stack(parts)
-            gaps = per_rank[:, :-4].reshape(world, 2, -1).transpose(0, 1).reshape(2, -1)
-            counts = per_rank[:, -4:].sum(dim=0)
+            end = per_rank.shape[1] - extra_size
+            gaps = per_rank[:, :end - 4].reshape(world, 2, -1).transpose(0, 1).reshape(2, -1)
+            counts = per_rank[:, end - 4:end].sum(dim=0)
+            if extra is not None:
+                summed_extra = per_rank[:, end:].sum(dim=0)
         else:
-            counts = local[-4:]
+            end = local.shape[0] - extra_size
+            counts = local[end - 4:end]
+            if extra is not None:
+                summed_extra = local[end:]
         means = gaps.nanmean(dim=1)
         sample = gaps
         if gaps.shape[1] > _MAX_QUANTILE_INPUT:
             sample = gaps[:, :: -(-gaps.shape[1] // _MAX_QUANTILE_INPUT)]
-        p10 = sample.nanquantile(GAP_QUANTILE, dim=1)
+        p10 = _nanquantile_rows(sample, GAP_QUANTILE)
         ratios = torch.stack([counts[0] / counts[1], counts[2] / counts[3]])  # 0/0 = NaN: nothing counted
-        values = torch.cat([means, p10, ratios]).tolist()  # the one host sync of the interval
-        return HardNegativeSummary(gap_mean=dict(zip(DIRECTIONS, values[0:2])),
-                                   gap_p10=dict(zip(DIRECTIONS, values[2:4])),
-                                   active_hinge_ratio=values[4], remote_hardest_ratio=values[5], steps=steps)
+        return torch.cat([means, p10, ratios]), summed_extra
+
+
+def _nanquantile_rows(values: Tensor, q: float) -> Tensor:
+    """`values.nanquantile(q, dim=1)` (linear interpolation, NaN where a row has no number) in
+    device operations only: torch's CPU quantile checks its argument with host reads."""
+    ordered = values.sort(dim=1).values  # NaN sort last
+    count = (~values.isnan()).sum(dim=1, keepdim=True)
+    rank = (count - 1).clamp(min=0) * q
+    low = rank.floor()
+    high = rank.ceil()
+    lower = ordered.gather(1, low.long())
+    upper = ordered.gather(1, high.long())
+    result = torch.lerp(lower, upper, (rank - low).to(values.dtype)).squeeze(1)
+    return result.masked_fill(count.squeeze(1) == 0, float("nan"))
 
 
 def collapse_level(global_batch: int, margin: float) -> float:

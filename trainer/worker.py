@@ -3,24 +3,29 @@
 Process group: Ray's TorchTrainer creates it (gloo on CPU, NCCL on GPU) before this function
 runs; DeepSpeed finds it initialized and uses it as it is.
 
-Optimization (the reference's defaults live in trainer/config.py): torch.optim.Adam without weight
-decay, handed to DeepSpeed as a client optimizer (DeepSpeed's own CPU Adam would JIT-compile a C++
-op on first use); gradient clipping set explicitly (DeepSpeed clips at 1.0 when the key is
-missing); ZeRO stage 0-2; bf16, or fp16 with dynamic loss scaling on GPUs. The learning rate is
+Optimization (the reference's defaults live in trainer/config.py): Adam without weight decay and
+gradient clipping, handed to DeepSpeed as a client optimizer (DeepSpeed's own CPU Adam would
+JIT-compile a C++ op on first use); ZeRO stage 0-2; bf16, or fp16 with dynamic loss scaling on
+GPUs. ZeRO 0 (fp32, bf16): `FlatAdam`, torch's fused Adam over one flat float32 master copy of all
+parameters, clipping on the device, in a handful of operators per step; DeepSpeed's engine
+averages the gradients and checkpoints, with its own clipping off. ZeRO 1-2 and fp16: torch's
+fused Adam inside DeepSpeed's wrappers, which clip (gradient_clipping set explicitly: DeepSpeed
+clips at 1.0 when the key is missing). The learning rate is
 `learning_rate * lr_decay_factor ** (epoch // lr_decay_every_epochs)`, set at the start of each
 epoch from the epoch number alone, so a resumed run gets it right without scheduler state.
 
-Precision (distributed.precision). fp32: everything in float32. bf16 (DeepSpeed's `bf16`, what
-the COCO configuration trains with): DeepSpeed casts the module's parameters to bf16 and leaves its
-buffers (BatchNorm running statistics) in float32; its optimizer keeps float32 master weights and
-float32 Adam states (ZeRO 0: its bf16 wrapper around the client Adam; ZeRO 1-2: the float32
-partitions), so every update accumulates in float32 and only the forward/backward see bf16
-weights. Gradients are bf16 and all-reduced in bf16 (DeepSpeed's default communication dtype for
-bf16): one rounding per step (no accumulation over micro-steps here) into float32 master weights,
-for half the gradient traffic between nodes. Inside the model, products run in bf16 and BatchNorm,
-the GRU recurrences on CPU, the joint-space embeddings and both losses in float32 (model/vsrn.py's
-docstring gives the list and why); region features arrive in the shards' dtype and are cast by the
-model. Inference checkpoints are exported with float32 weights (run_checkpoint.export_inference).
+Precision (distributed.precision). fp32: everything in float32. bf16 (what the COCO
+configuration trains with): the module's parameters are bf16 and its buffers (BatchNorm running
+statistics) float32; the optimizer keeps float32 master weights and float32 Adam states (ZeRO 0:
+`FlatAdam`, which casts the parameters itself, as DeepSpeed's bf16 mode would, without DeepSpeed's
+ZeRO-0 bf16 wrapper and its per-parameter overflow checks; ZeRO 1-2: DeepSpeed's `bf16`, the
+float32 partitions, no overflow check), so every update accumulates in float32 and only the
+forward/backward see bf16 weights. Gradients are bf16 and all-reduced in bf16 (DeepSpeed's
+default communication dtype for bf16): one rounding per step (no accumulation over micro-steps
+here) into float32 master weights, for half the gradient traffic between nodes. Inside the
+model, products run in bf16 and BatchNorm, the GRU recurrences on CPU, the joint-space embeddings
+and both losses in float32 (model/vsrn.py's docstring gives the list and why); region features
+arrive in the shards' dtype and are cast by the model. Inference checkpoints are exported with float32 weights (run_checkpoint.export_inference).
 fp16 (GPUs only, refused on CPU by the configuration): the same with dynamic loss scaling.
 
 Batch: the global batch is fixed (optim.global_batch_size) and each of the W workers takes
@@ -43,6 +48,17 @@ learning rate, data wait) and one JSON line per step to RUN_DIR/train_log.jsonl 
 loss_caption, loss, lr, samples_per_s, data_wait_s, step_time_s; global-batch values, so the
 numbers do not depend on the worker count). The means since the previous checkpoint and the
 reader's counters are reported to Ray with each checkpoint. Checkpoints: trainer/run_checkpoint.py.
+
+No host sync in a non-logging step (issue 21; bench/step_profile.py counts them): the batch's
+caption shape facts (bucketed width, last positions, L_G's labels) are made on the host from its
+lengths (model.vsrn.caption_inputs) and sent with non-blocking copies; the batch size is checked on
+the host instead of by the loss's collective; the losses stay on the device. At a step that closes
+a logging interval (and before a checkpoint) one collective and one copy bring the steps' losses
+and the hard-negative summary to the host, and the step log lines, the metrics, the non-finite
+check (which stops the run, naming the step) and the collapse detector run then. On a GPU a
+non-logging step's step_time_s is the host's time to issue it; the interval's samples/s is exact.
+`model.compile: true` compiles the model (torch.compile, one graph per caption bucket, CUDA graphs
+on GPUs).
 
 Hard-negative diagnostics (trainer/diagnostics.py): the loss also returns its per-anchor stats
 (gaps between positive and hardest-negative scores, active hinges, hardest negatives from other
@@ -73,7 +89,7 @@ from data_shards.reader import ReaderConfig, TrainBatch, TrainReader
 from data_shards.storage import open_location
 from model.loss import HardNegativeStats, gathered_hardest_negative_loss
 from model.vocab import Vocabulary
-from model.vsrn import VSRN, VSRNConfig, VSRNOutput
+from model.vsrn import VSRN, CaptionInputs, VSRNConfig, VSRNOutput, caption_inputs
 from monitoring.recorders import RayBackend, TrainingMetrics
 from trainer import allocator
 from trainer.config import OptimConfig, TrainConfig, config_from_dict
@@ -115,20 +131,36 @@ def hardest_negatives(optim: OptimConfig, epoch: int, step: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def flat_optimizer(cfg: TrainConfig) -> bool:
+    """Whether the run's optimizer is `FlatAdam` (ZeRO 0 in fp32 or bf16) rather than DeepSpeed's
+    wrappers around torch's Adam (ZeRO 1-2, and fp16's dynamic loss scaling)."""
+    return cfg.distributed.zero_stage == 0 and cfg.distributed.precision != "fp16"
+
+
 def deepspeed_config(cfg: TrainConfig, universal: bool = False) -> dict[str, Any]:
-    """The DeepSpeed configuration of a run (per-worker batch derived from the global one)."""
+    """The DeepSpeed configuration of a run (per-worker batch derived from the global one).
+
+    ZeRO 0 in fp32 or bf16: DeepSpeed's plain data-parallel engine (it averages the gradients,
+    in their dtype, and saves checkpoints) around `FlatAdam`, which clips and keeps the float32
+    master weights itself; so DeepSpeed's own clipping is off (0.0) and, for bf16, the engine is
+    not told (the module's parameters are cast by `build_engine`): DeepSpeed's ZeRO-0 bf16 wrapper
+    (FP16_UnfusedOptimizer) checks every parameter for overflow, a host sync each, which bf16 does
+    not need. ZeRO 1-2: DeepSpeed's ZeRO optimizer clips (gradient_clipping, explicit: its default
+    is 1.0), bf16 without its overflow check.
+    """
+    flat = flat_optimizer(cfg)
     ds: dict[str, Any] = {
         "train_batch_size": cfg.optim.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.per_worker_batch_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0
+        "gradient_clipping": 0.0 if flat else cfg.optim.grad_clip,  # FlatAdam clips; DeepSpeed's default is 1.0
         "zero_optimization": {"stage": cfg.distributed.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch Adam as a client optimizer under ZeRO 1-2
         "steps_per_print": 2**31 - 1,  # progress is logged here
         "wall_clock_breakdown": False,
     }
-    if cfg.distributed.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+    if cfg.distributed.precision == "bf16" and not flat:
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     elif cfg.distributed.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
@@ -150,7 +182,171 @@ def _skip_cpu_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
-def build_engine(cfg: TrainConfig, model: VSRN, universal: bool) -> Any:
+class FlatAdam(torch.optim.Adam):
+    """Adam (no weight decay) with gradient clipping over ONE flat float32 master copy of all the
+    model's parameters: the trainer's optimizer under ZeRO 0, in fp32 and bf16.
+
+    The model's parameters become views of one flat buffer (float32: the master itself; bf16:
+    a bf16 buffer that the master is copied into after each update), so a step is a handful of
+    operators whatever the number of parameter tensors: the gradients concatenated (and cast to
+    float32), the global norm and the clipping factor (torch.nn.utils.clip_grad_norm_: computed and
+    applied on the device, min(1, max_norm / (norm + 1e-6)), no host sync, no overflow check),
+    torch's fused Adam on the master, and for bf16 one copy back. DeepSpeed's ZeRO-0 bf16 wrapper
+    spends about 1,341 operators and 67 host syncs on the same step (docs/benchmarks.md).
+
+    Checkpoints keep the per-parameter layouts the trainer wrote before (DeepSpeed saves
+    `state_dict()`): float32, torch Adam's state dict; bf16, that inside the layout of DeepSpeed's
+    FP16_UnfusedOptimizer (`optimizer_state_dict`, `fp32_groups`, loss-scale fields), so runs
+    resume across the change in either direction.
+    """
+
+    def __init__(self, params: Any, lr: float, clip: float) -> None:
+        self.model_params = [p for p in params if p.requires_grad]
+        if not self.model_params:
+            raise ValueError("FlatAdam needs parameters")
+        first = self.model_params[0]
+        self.numels = [p.numel() for p in self.model_params]
+        self.clip = clip
+        with torch.no_grad():
+            master = torch.cat([p.detach().reshape(-1).float() for p in self.model_params])
+            self.low_precision = first.dtype != torch.float32
+            # The model's parameters become views of one flat buffer: the master (float32) or its
+            # low-precision copy.
+            self.flat_params = master.to(first.dtype) if self.low_precision else master
+            for p, view in zip(self.model_params, self.flat_params.split(self.numels)):
+                p.data = view.view_as(p)
+        super().__init__([master], lr=lr, fused=master.device.type in ("cpu", "cuda"))
+        self.master = master
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.model_params]
+        self.master.grad = torch.cat(grads).float()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_([self.master], self.clip, foreach=True)
+        result = super().step(closure)
+        self.master.grad = None
+        if self.low_precision:
+            self.flat_params.copy_(self.master)
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model_params:
+            p.grad = None
+        self.master.grad = None
+
+    # Checkpoints: per-parameter layouts (see the class docstring).
+
+    def _per_parameter(self) -> dict[str, Any]:
+        flat = super().state_dict()
+        state = flat["state"].get(0, {})
+        per_param: dict[int, dict[str, Any]] = {}
+        for i, (offset, numel, p) in enumerate(zip(self._offsets(), self.numels, self.model_params)):
+            entry: dict[str, Any] = {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() == 1 and value.numel() == self.master.numel():
+                    entry[key] = value[offset:offset + numel].view(p.shape).clone()
+                else:
+                    entry[key] = value.clone() if torch.is_tensor(value) else value
+            if entry:
+                per_param[i] = entry
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(self.model_params)))}
+                  for g in flat["param_groups"]]
+        return {"state": per_param, "param_groups": groups}
+
+    def _offsets(self) -> list[int]:
+        offsets, total = [], 0
+        for n in self.numels:
+            offsets.append(total)
+            total += n
+        return offsets
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        adam = self._per_parameter()
+        if not self.low_precision:
+            return adam
+        return {"dynamic_loss_scale": False, "cur_scale": 1.0, "cur_iter": 0, "optimizer_state_dict": adam,
+                "fp32_groups": [[m.view(p.shape).clone() for m, p in
+                                 zip(self.master.split(self.numels), self.model_params)]]}
+
+    def load_state_dict(self, state_dict: dict[str, Any], load_optimizer_states: bool = True) -> None:  # type: ignore[override]
+        adam = state_dict.get("optimizer_state_dict", state_dict)
+        with torch.no_grad():
+            if "fp32_groups" in state_dict:
+                masters = [t for group in state_dict["fp32_groups"] for t in group]
+                self.master.copy_(torch.cat([t.reshape(-1).float().to(self.master.device) for t in masters]))
+            else:  # float32: the model's parameters (loaded by DeepSpeed) are the master weights
+                self.master.copy_(torch.cat([p.detach().reshape(-1).float() for p in self.model_params]))
+            if self.low_precision:
+                self.flat_params.copy_(self.master)
+        if not load_optimizer_states:
+            return
+        saved = adam["state"]
+        flat_state: dict[str, Any] = {}
+        if saved:
+            keys = next(iter(saved.values())).keys()
+            for key in keys:
+                values = [saved[i][key] for i in sorted(saved)]
+                if torch.is_tensor(values[0]) and values[0].dim() > 0:
+                    flat_state[key] = torch.cat([v.reshape(-1).float() for v in values]).to(self.master.device)
+                else:  # the step count, the same for every parameter
+                    flat_state[key] = values[0].clone() if torch.is_tensor(values[0]) else values[0]
+        groups = [{**g, "params": [0]} for g in adam["param_groups"]]
+        super().load_state_dict({"state": {0: flat_state} if flat_state else {}, "param_groups": groups})
+
+    def refresh_fp32_params(self) -> None:
+        """DeepSpeed calls this after loading the module only: the masters from the weights."""
+        with torch.no_grad():
+            self.master.copy_(torch.cat([p.detach().reshape(-1).float() for p in self.model_params]))
+
+
+def _no_grad_norm_sync_in_zero_optimizer() -> None:
+    """DeepSpeed 0.19's ZeRO 1-2 optimizer asks `bool(...)` of the gradient norm at every step
+    (`is_invalid_grad_norm`: a host sync) to skip steps with an inf/NaN norm, which only fp16's
+    loss scaling needs. Outside fp16 the trainer never skips a step on it: a non-finite loss stops
+    the run at the next logging step. So for fp32 and bf16 the ZeRO optimizer's check answers
+    False without reading the norm (the clipping itself is computed on the device), and its
+    marking of an inf/NaN norm (as -1) uses a Python scalar instead of a tensor made on the device
+    and read back. Both are module globals of deepspeed.runtime.zero.stage_1_and_2, set here for
+    the process (a training worker runs one engine)."""
+    import deepspeed.runtime.zero.stage_1_and_2 as zero
+
+    original = getattr(zero, "_vsrn_original_is_invalid_grad_norm", zero.is_invalid_grad_norm)
+    zero._vsrn_original_is_invalid_grad_norm = original
+
+    def is_invalid_grad_norm(norm: Any) -> bool:
+        if torch.is_tensor(norm):
+            return False
+        return bool(original(norm))
+
+    zero.is_invalid_grad_norm = is_invalid_grad_norm
+
+    def mask_nan_or_inf_with_val_inplace(input: torch.Tensor, device: Any = None, val: float = -1.0) -> None:
+        # DeepSpeed's marks an inf/NaN norm as -1 with a masked_fill_ by a 0-dim tensor that it
+        # builds from a Python float on the device (a blocking copy) and that the kernel reads back
+        # (.item()); a Python scalar does the same without either.
+        input.masked_fill_(~torch.isfinite(input), -1.0)
+
+    zero.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The module's parameters to `dtype`, its buffers (BatchNorm statistics) left float32, as
+    DeepSpeed's bf16 mode casts a module."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+
+
+def compile_model(model: VSRN, device_type: str, backend: Any = "inductor") -> None:
+    """model.compile: torch.compile of the model's forward in place (parameter names and state
+    dict unchanged), one graph per caption bucket (dynamic=False: every bucket is its own static
+    graph). On CUDA mode="reduce-overhead" (CUDA graphs); on CPU the default mode."""
+    mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
+    model.compile(backend=backend, mode=mode, dynamic=False)
+
+
+def build_engine(cfg: TrainConfig, model: VSRN, universal: bool, compile_backend: Any = "inductor") -> Any:
     import deepspeed
 
     if not cfg.distributed.use_gpu:
@@ -159,9 +355,19 @@ def build_engine(cfg: TrainConfig, model: VSRN, universal: bool) -> Any:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # No weight decay, as the reference. fused: one kernel over all parameters instead of a chain of
     # elementwise ops per tensor (CPU and CUDA; bench/train_throughput.py measures the difference).
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.learning_rate, fused=True)
+    optimizer: torch.optim.Optimizer
+    if flat_optimizer(cfg):
+        if cfg.distributed.precision == "bf16":
+            _cast_parameters(model, torch.bfloat16)
+        optimizer = FlatAdam(model.parameters(), lr=cfg.optim.learning_rate, clip=cfg.optim.grad_clip)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.learning_rate, fused=True)
+        if cfg.distributed.precision != "fp16":
+            _no_grad_norm_sync_in_zero_optimizer()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, universal),
                                            dist_init_required=False)
+    if cfg.model.compile:
+        compile_model(engine.module, next(engine.module.parameters()).device.type, compile_backend)
     return engine
 
 
@@ -277,7 +483,7 @@ def _fail_once(run_dir: str, storage_options: dict[str, Any] | None, step: int) 
 
 
 def training_loss(out: VSRNOutput, image_ids: torch.Tensor, cfg: TrainConfig, world: int,
-                  hardest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  hardest: bool, check_sizes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(the loss this rank back-propagates, this rank's share of L_M).
 
     L_M is this rank's anchors against the gathered global batch, times W: DeepSpeed averages the
@@ -286,17 +492,21 @@ def training_loss(out: VSRNOutput, image_ids: torch.Tensor, cfg: TrainConfig, wo
     L_G is a per-pair mean already: the average over ranks is the global mean, no factor.
     """
     matching = gathered_hardest_negative_loss(out.image_emb, out.caption_emb, image_ids,
-                                              margin=cfg.optim.margin, max_violation=hardest)
+                                              margin=cfg.optim.margin, max_violation=hardest,
+                                              check_sizes=check_sizes)
     return _total_loss(matching, out, cfg, world), matching
 
 
 def training_loss_with_stats(out: VSRNOutput, image_ids: torch.Tensor, cfg: TrainConfig, world: int,
-                             hardest: bool) -> tuple[torch.Tensor, torch.Tensor, HardNegativeStats]:
+                             hardest: bool, check_sizes: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor, HardNegativeStats]:
     """:func:`training_loss` plus the loss's hard-negative stats of this rank's anchors (the same
-    loss and gradients: the stats are computed without autograd from the loss's own scores)."""
+    loss and gradients: the stats are computed without autograd from the loss's own scores).
+    `check_sizes=False`: the caller has checked on the host that every rank's local batch has the
+    same shape (the trainer: each batch has the configured per-worker size)."""
     matching, stats = gathered_hardest_negative_loss(out.image_emb, out.caption_emb, image_ids,
                                                      margin=cfg.optim.margin, max_violation=hardest,
-                                                     with_stats=True)
+                                                     with_stats=True, check_sizes=check_sizes)
     return _total_loss(matching, out, cfg, world), matching, stats
 
 
@@ -307,14 +517,67 @@ def _total_loss(matching: torch.Tensor, out: VSRNOutput, cfg: TrainConfig, world
     return loss
 
 
-def _global_losses(matching: torch.Tensor, caption: torch.Tensor | None, world: int) -> tuple[float, float]:
-    """(L_M of the global batch, L_G mean over the global batch), for logging."""
-    zero = torch.zeros((), device=matching.device)
-    values = torch.stack([matching.detach().float(), caption.detach().float() if caption is not None else zero])
-    if world > 1:
-        dist.all_reduce(values)  # on the loss's device: NCCL reduces GPU tensors only
-    matching_sum, caption_sum = values.cpu().tolist()
-    return matching_sum, caption_sum / world
+def step_losses(matching: torch.Tensor, caption: torch.Tensor | None) -> torch.Tensor:
+    """This rank's (L_M, L_G) of a step as one detached float32 device tensor (2,): summed over the
+    ranks at the next logging step (L_M of the global batch is the sum, L_G's mean the sum / W)."""
+    values = [matching.detach().float()]
+    values.append(caption.detach().float() if caption is not None else torch.zeros_like(values[0]))
+    return torch.stack(values)
+
+
+@dataclass
+class StepInputs:
+    """A training batch on the device, its caption shape facts made on the host (no sync)."""
+
+    regions: torch.Tensor
+    captions: CaptionInputs
+    boxes: torch.Tensor | None
+    image_ids: torch.Tensor
+
+
+def step_inputs(batch: TrainBatch, cfg: TrainConfig, device: torch.device) -> StepInputs:
+    """The data hand-off: the batch's host lengths give the caption bucket, each caption's last
+    position and L_G's labels (model.vsrn.caption_inputs), sent with the tokens in one copy; all
+    copies to the device are non-blocking (pinned batches on a GPU). Checks on the host that the
+    batch has the configured per-worker size: every rank then has the same local shape, which the
+    gathered loss needs (so it does not check it with a collective and a sync every step)."""
+    if batch.tokens.shape[0] != cfg.per_worker_batch_size:
+        raise ValueError(f"a training batch of {batch.tokens.shape[0]} pairs, the configuration says "
+                         f"{cfg.per_worker_batch_size} per worker: the reader must give full batches")
+    captions = caption_inputs(batch.tokens, batch.lengths, cfg.model.max_caption_len, device=device,
+                              counted_positions=not cfg.model.compile)  # one shape per bucket when compiled
+    return StepInputs(regions=batch.regions.to(device, non_blocking=True), captions=captions,
+                      boxes=None if batch.boxes is None else batch.boxes.to(device, non_blocking=True),
+                      image_ids=batch.image_ids.to(device, non_blocking=True))
+
+
+@dataclass
+class PendingStep:
+    """A step whose losses are still on the device (logged at the next logging step)."""
+
+    epoch: int
+    position: int
+    batches: int
+    step: int
+    lr: float
+    hardest: bool
+    seconds: float
+    wait: float
+    losses: torch.Tensor  # (2,): this rank's L_M, L_G
+    finished_at: float = 0.0  # time.time() at the end of the step
+
+
+def train_step(engine: Any, cfg: TrainConfig, world: int, inputs: StepInputs,
+               hardest: bool) -> tuple[torch.Tensor, HardNegativeStats]:
+    """Forward, both losses, backward and the optimizer step on `inputs`: (this rank's (L_M, L_G) as
+    a device tensor, the loss's hard-negative stats). Nothing is read back from the device."""
+    if cfg.model.compile and inputs.regions.is_cuda:
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for the CUDA graphs of mode="reduce-overhead"
+    out = engine(inputs.regions, inputs.captions, None, inputs.boxes)
+    loss, matching, stats = training_loss_with_stats(out, inputs.image_ids, cfg, world, hardest, check_sizes=False)
+    engine.backward(loss)
+    engine.step()
+    return step_losses(matching, out.caption_loss), stats
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -421,6 +684,7 @@ class _Loop:
         self.collapse = CollapseDetector(cfg.optim.global_batch_size, cfg.optim.margin,
                                          cfg.monitoring.collapse_intervals)
         self.device = next(engine.module.parameters()).device
+        self.pending: list[PendingStep] = []  # steps since the last flush, their losses on the device
 
     def run(self, first_epoch: int, start_batch: int, step: int) -> None:
         cfg = self.cfg
@@ -443,16 +707,26 @@ class _Loop:
                 started = time.perf_counter()
                 wait = started - waited
                 hardest = hardest_negatives(cfg.optim, epoch, step)
-                matching, caption, stats = self.train_step(batch, hardest)
+                losses, stats = self.train_step(batch, hardest)
                 step += 1
                 seconds = time.perf_counter() - started
-                self.record(epoch, position, batches, step, lr, hardest, matching, caption, seconds, wait, stats)
-
-                if cfg.debug.fail_at_step == step and self.rank == cfg.debug.fail_rank:
-                    _fail_once(self.run_dir, self.storage_options, step)
+                self.pending.append(PendingStep(epoch, position, batches, step, lr, hardest, seconds, wait, losses,
+                                                time.time()))
+                self.hard_negatives.add(stats)
                 end_of_epoch = position + 1 == batches
                 stop = bool(cfg.debug.max_steps) and step >= cfg.debug.max_steps
                 periodic = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+                fail_step = cfg.debug.fail_at_step == step
+                fail = fail_step and self.rank == cfg.debug.fail_rank
+                closes_interval = step % cfg.logging.interval_steps == 0 or end_of_epoch
+                # The host learns the steps' numbers only here: at logging steps, and before a
+                # checkpoint (never saved past a non-finite loss) or a simulated failure. A flush
+                # is a collective: the condition must be the same on every rank.
+                if closes_interval or stop or periodic or fail_step:
+                    self.flush(closes_interval)
+
+                if fail:
+                    _fail_once(self.run_dir, self.storage_options, step)
                 if end_of_epoch or stop or periodic:
                     self.checkpoint(TrainState(epoch=epoch, step=step, batch_in_epoch=position + 1,
                                                epoch_complete=end_of_epoch, world_size=self.world,
@@ -465,46 +739,66 @@ class _Loop:
                     return
             iterator.close()
 
-    def train_step(self, batch: TrainBatch, hardest: bool) -> tuple[float, float, HardNegativeStats]:
-        cfg, engine = self.cfg, self.engine
-        batch = batch.to(self.device, non_blocking=True)
-        out = engine(batch.regions, batch.tokens, batch.lengths, batch.boxes)
-        loss, matching, stats = training_loss_with_stats(out, batch.image_ids, cfg, self.world, hardest)
-        engine.backward(loss)
-        engine.step()
-        global_matching, global_caption = _global_losses(matching, out.caption_loss, self.world)
-        if not (math.isfinite(global_matching) and math.isfinite(global_caption)):
-            if self.metrics is not None:  # what the loss-NaN alert looks for, before this worker fails
-                self.metrics.record_losses({"matching": global_matching, "caption": global_caption,
-                                            "total": global_matching + cfg.model.caption_loss_weight * global_caption})
-            raise FloatingPointError(f"non-finite loss: L_M {global_matching}, L_G {global_caption}")
-        return global_matching, global_caption, stats
+    def train_step(self, batch: TrainBatch, hardest: bool) -> tuple[torch.Tensor, HardNegativeStats]:
+        """One step (see `train_step`): this rank's (L_M, L_G) on the device and the loss's stats."""
+        return train_step(self.engine, self.cfg, self.world, step_inputs(batch, self.cfg, self.device), hardest)
+
+    def flush(self, closes_interval: bool) -> None:
+        """Bring the pending steps' losses (and, when the last one closes a logging interval, the
+        hard-negative summary) to the host in one collective and one copy, then check and log them
+        in order. A collective: every rank flushes at the same steps."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        local = torch.stack([p.losses for p in pending]).flatten()
+        summary: HardNegativeSummary | None = None
+        interval_steps = self.hard_negatives.steps
+        gathered = self.hard_negatives.summarize_on_device(self.world, extra=local) if closes_interval else None
+        if gathered is not None:
+            summary_values, losses = gathered
+            host = torch.cat([summary_values, losses]).cpu().tolist()  # the one host sync of the interval
+            summary = HardNegativeSummary.from_values(host[:6], interval_steps)
+            host = host[6:]
+        else:
+            if self.world > 1:
+                dist.all_reduce(local)  # on the losses' device: NCCL reduces GPU tensors only
+            host = local.cpu().tolist()
+        for i, p in enumerate(pending):
+            matching, caption = host[2 * i], host[2 * i + 1] / self.world
+            if not (math.isfinite(matching) and math.isfinite(caption)):
+                if self.metrics is not None:  # what the loss-NaN alert looks for, before this worker fails
+                    self.metrics.record_losses({"matching": matching, "caption": caption,
+                                                "total": matching + self.cfg.model.caption_loss_weight * caption})
+                raise FloatingPointError(f"non-finite loss at step {p.step}: L_M {matching}, L_G {caption}")
+            last = i == len(pending) - 1
+            self.record(p.epoch, p.position, p.batches, p.step, p.lr, p.hardest, matching, caption, p.seconds,
+                        p.wait, summary=summary if last else None, closes=closes_interval if last else None,
+                        finished_at=p.finished_at or None)
 
     def record(self, epoch: int, position: int, batches: int, step: int, lr: float, hardest: bool,
                matching: float, caption: float, seconds: float, wait: float,
-               stats: HardNegativeStats | None = None) -> None:
-        """Log one step. ``stats``: the loss's hard-negative stats of this rank for the step; when
-        given (always, in training), the step that closes a logging interval also summarizes them
-        over all ranks (a collective: every rank records every step) and runs the collapse detector."""
+               summary: HardNegativeSummary | None = None, closes: bool | None = None,
+               finished_at: float | None = None) -> None:
+        """Log one step from host numbers. ``summary``: the hard-negative summary of the logging
+        interval this step closes (`flush`), which also runs the collapse detector. ``closes``:
+        whether the step closes a logging interval (default: from the step and position).
+        ``finished_at``: when the step ended (default: now)."""
         cfg = self.cfg
         samples = cfg.optim.global_batch_size
         total = cfg.model.caption_loss_weight * caption + matching
         self.interval.add(samples, seconds + wait, wait, matching, caption, hardest)
         self.since_checkpoint.add(samples, seconds + wait, wait, matching, caption, hardest)
-        closes_interval = step % cfg.logging.interval_steps == 0 or position + 1 == batches
-        summary: HardNegativeSummary | None = None
+        closes_interval = closes if closes is not None else (
+            step % cfg.logging.interval_steps == 0 or position + 1 == batches)
         collapsed: bool | None = None
-        if stats is not None:
-            self.hard_negatives.add(stats)
-            if closes_interval:
-                summary = self.hard_negatives.summarize(self.world)
-                collapsed = self.check_collapse(step, summary)
+        if summary is not None:
+            collapsed = self.check_collapse(step, summary)
         if self.step_log is not None:
             record: dict[str, Any] = {
                 "step": step, "epoch": epoch, "batch": position, "loss": total, "loss_matching": matching,
                 "loss_caption": caption, "lr": lr, "hardest_negatives": hardest,
                 "samples_per_s": samples / max(seconds + wait, 1e-9), "data_wait_s": wait, "step_time_s": seconds,
-                "time": time.time()}
+                "time": finished_at if finished_at is not None else time.time()}
             if summary is not None:
                 record.update(summary.log_fields())
                 record[COLLAPSED_FIELD] = bool(collapsed)

@@ -478,3 +478,117 @@ def test_training_step_equals_the_benchmarks_reference_style_model() -> None:
         mine = our_params.pop(ref.our_name(name))
         assert torch.allclose(p.grad.reshape(mine.shape), mine.grad, atol=1e-10), name
     assert not our_params  # every parameter compared
+
+
+# --- issue 21: host-made caption inputs, bucketed widths, masked L_G, GRU module -----------------
+
+
+def test_caption_bucket_widths() -> None:
+    from model.vsrn import caption_bucket
+
+    # Room for the longest caption and the pad after it (L_G's last target), in multiples of 8.
+    assert [caption_bucket(n, 60) for n in (3, 7, 8, 15, 16, 22, 23, 24, 55)] == [8, 8, 16, 16, 24, 24, 24, 32, 56]
+    assert [caption_bucket(n, 60) for n in (56, 63, 64, 70, 200)] == [64, 64, 128, 128, 256]  # past max_len: powers of 2
+    assert len({caption_bucket(n, 60) for n in range(1, 64)}) == 8  # an epoch sees at most 8 widths up to 63 tokens
+
+
+def _todays_caption_loss(model: VSRN, reasoned: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """L_G as model/vsrn.py computed it before issue 21: unrolled to the longest caption, one
+    `_step` per token, the vocabulary projection on the boolean-gathered unmasked positions."""
+    gen = model.caption_generator
+    targets, mask, steps = caption_targets(tokens, lengths, model.config.max_caption_len)
+    encoded, projected, hidden = gen._encode(reasoned)
+    words = gen.word_embed(targets[:, :steps])
+    states = []
+    for t in range(steps):
+        out, hidden, _ = gen._step(words[:, t], hidden, encoded, projected)
+        states.append(out)
+    valid = mask > 0
+    logits = gen.output(torch.stack(states, dim=1)[valid])
+    return F.cross_entropy(logits, targets[:, 1:][valid], reduction="sum") / tokens.shape[0]
+
+
+@pytest.mark.parametrize("lengths,max_len", [([5, 9, 3, 7, 14], 60), ([5, 14, 3, 12, 20], 10), ([8, 8, 7], 60)])
+def test_bucketed_caption_loss_and_gradients_equal_todays(lengths: list[int], max_len: int) -> None:
+    from model.vsrn import caption_inputs
+
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, max_caption_len=max_len)).double().eval()
+    tokens, lens = _captions(lengths)
+    reasoned = torch.randn(len(lengths), 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [reasoned, *model.caption_generator.parameters()]
+    expected = _todays_caption_loss(model, reasoned, tokens, lens)
+    expected_grads = torch.autograd.grad(expected, params)
+    for bucket in (1, 8, 32):  # no padding past the need, the default buckets, wide buckets
+        captions = caption_inputs(tokens, lens, max_len, bucket=bucket)
+        assert captions.tokens.shape[1] % bucket == 0 or captions.tokens.shape[1] > max_len
+        ours = model.caption_generator.loss(reasoned, captions)
+        assert torch.allclose(ours, expected, atol=1e-10), bucket
+        for a, b in zip(torch.autograd.grad(ours, params), expected_grads):
+            assert torch.allclose(a, b, atol=1e-10), bucket
+
+
+def test_caption_inputs_labels_and_last_positions() -> None:
+    from model.vsrn import IGNORED_TARGET, _device_caption_inputs, caption_inputs
+
+    tokens, lengths = _captions([4, 7, 2])
+    captions = caption_inputs(tokens, lengths.numpy(), max_caption_len=5)  # host lengths: no sync
+    assert captions.tokens.shape == (3, 8) and captions.last.tolist() == [3, 6, 1]
+    assert torch.equal(captions.tokens[:, :7], tokens) and not captions.tokens[:, 7:].any()
+    steps = 4  # min(8, max_len 5) - 1
+    labels = captions.labels.tolist()
+    assert labels[0] == tokens[0, 1:4].tolist() + [PAD_ID]  # up to and including the first pad
+    assert labels[1] == tokens[1, 1:4].tolist() + [END_ID]  # cut to 5 tokens ending in <end>
+    assert labels[2] == [END_ID, PAD_ID, IGNORED_TARGET, IGNORED_TARGET]
+    # The device-token path (padding and labels made on the device from the host's facts) agrees.
+    from model.vsrn import caption_bucket
+
+    host = lengths.numpy()
+    width = caption_bucket(int(host.max()), 5)
+    counted = np.arange(1, steps + 1)[None, :] <= np.minimum(host, 5)[:, None]
+    device = _device_caption_inputs(tokens, host - 1, counted, host > 5, width, steps, 5)
+    for a, b in zip(device[:3], captions[:3]):
+        assert torch.equal(a, b)
+    # The counted positions the eager L_G projects: the labels that count, flattened.
+    assert captions.counted.tolist() == torch.nonzero(captions.labels.reshape(-1) != IGNORED_TARGET).flatten().tolist()
+    assert device.counted is None and caption_inputs(tokens, lengths, 5, counted_positions=False).counted is None
+    with pytest.raises(ValueError, match="lengths must be in"):
+        caption_inputs(tokens, [4, 8, 2], 60)
+
+
+def test_text_encoder_equals_a_packed_gru_with_gradients() -> None:
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from model.vsrn import caption_inputs
+
+    torch.manual_seed(0)
+    model = VSRN(VSRNConfig(**TINY, caption_loss_weight=0)).double()
+    encoder = model.text_encoder
+    reference = torch.nn.GRU(8, 16, batch_first=True).double()
+    reference.load_state_dict(encoder.rnn.state_dict())
+    tokens, lengths = _captions([4, 9, 6, 2, 9])  # unsorted, as the reader gives them
+    ours = encoder(caption_inputs(tokens, lengths, 60))  # padded to 16, read at each last token
+    packed = pack_padded_sequence(encoder.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+    _, hidden = reference(packed)
+    expected = F.normalize(hidden[-1], dim=-1)
+    assert torch.allclose(ours, expected, atol=1e-12)
+    weight = torch.randn_like(ours)
+    grads = [torch.autograd.grad((out * weight).sum(), [encoder.embed.weight, *gru.parameters()])
+             for out, gru in ((ours, encoder.rnn), (expected, reference))]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_gru_module_is_nn_gru() -> None:
+    from model.vsrn import GRU
+
+    torch.manual_seed(3)
+    ours = GRU(7, 5)
+    torch.manual_seed(3)
+    theirs = torch.nn.GRU(7, 5, batch_first=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[key]), key  # same initialisation from the same seed
+    x, h0 = torch.randn(3, 4, 7), torch.randn(1, 3, 5)
+    for a, b in zip(ours(x, h0), theirs(x, h0)):
+        assert torch.allclose(a, b, atol=1e-6)

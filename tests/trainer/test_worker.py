@@ -37,14 +37,18 @@ def test_deepspeed_config_keeps_the_global_batch_and_clips_explicitly() -> None:
     coco = load_config(ROOT / "configs" / "coco.yaml")
     ds = deepspeed_config(coco)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (128, 16, 1)
-    assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"] == {"stage": 0}
-    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and "checkpoint" not in ds
+    # ZeRO 0 in bf16: DeepSpeed's plain engine around FlatAdam, which clips (at 2.0) and keeps the
+    # float32 master weights; DeepSpeed neither clips nor wraps the optimizer.
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"] == {"stage": 0}
+    assert "bf16" not in ds and "fp16" not in ds and "checkpoint" not in ds
     four = deepspeed_config(load_config(ROOT / "configs" / "coco.yaml", ["distributed.workers=4",
                                                                         "distributed.zero_stage=2"]))
     assert (four["train_batch_size"], four["train_micro_batch_size_per_gpu"]) == (128, 32)
-    assert four["zero_optimization"] == {"stage": 2}
+    assert four["zero_optimization"] == {"stage": 2} and four["gradient_clipping"] == 2.0
+    assert four["bf16"] == {"enabled": True, "check_grad_overflow": False}
     fp16 = deepspeed_config(load_config(ROOT / "configs" / "coco.yaml", ["distributed.precision=fp16"]))
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # 0: dynamic loss scaling
+    assert fp16["gradient_clipping"] == 2.0
     tiny = deepspeed_config(load_config(ROOT / "configs" / "tiny.yaml"), universal=True)
     assert "bf16" not in tiny and "fp16" not in tiny and tiny["checkpoint"] == {"load_universal": True}
 
@@ -140,3 +144,133 @@ def test_two_deepspeed_ranks_get_the_reference_gradient_of_the_global_batch(tmp_
     assert distributed.keys() == reference.keys()
     for name, grad in reference.items():
         torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# FlatAdam (ZeRO 0): torch's Adam + clipping, in a few operators, checkpoints in the old layouts
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_module() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+
+def _train(module: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 4, scale: float = 30.0) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(5, 4, generator=generator)
+        (scale * module(x.to(next(module.parameters()).dtype)).float().pow(2).sum()).backward()  # norms past the clip
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_flat_adam_is_torch_adam_with_clipping() -> None:
+    from trainer.worker import FlatAdam
+
+    reference, flat = _tiny_module(), _tiny_module()
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(5, 4, generator=generator)
+        (30.0 * reference(x).pow(2).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 2.0)
+        adam.step()
+        adam.zero_grad()
+    optimizer = FlatAdam(flat.parameters(), lr=1e-2, clip=2.0)
+    _train(flat, optimizer)
+    for a, b in zip(flat.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # The module's parameters are views of the one master buffer.
+    assert all(p.untyped_storage().data_ptr() == optimizer.master.untyped_storage().data_ptr()
+               for p in flat.parameters())
+
+
+def test_flat_adam_state_dict_keeps_torch_adams_layout_and_loads_it() -> None:
+    from trainer.worker import FlatAdam
+
+    reference = _tiny_module()
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
+    _train(reference, adam)
+    saved = adam.state_dict()  # what a ZeRO-0 fp32 checkpoint of the trainer before issue 21 holds
+    module = _tiny_module()
+    module.load_state_dict(reference.state_dict())
+    optimizer = FlatAdam(module.parameters(), lr=1e-2, clip=0.0)
+    optimizer.load_state_dict(saved)
+    mine = optimizer.state_dict()
+    assert mine["state"].keys() == saved["state"].keys() and len(mine["param_groups"][0]["params"]) == 4
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(mine["state"][index][key], value, msg=f"{index} {key}")
+    # Both continue the same way.
+    _train(reference, adam, steps=2)
+    _train(module, optimizer, steps=2)
+    for a, b in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_adam_in_bf16_keeps_float32_masters_in_deepspeeds_zero0_layout() -> None:
+    from trainer.worker import FlatAdam, _cast_parameters
+
+    module = _tiny_module()
+    _cast_parameters(module, torch.bfloat16)
+    optimizer = FlatAdam(module.parameters(), lr=1e-3, clip=2.0)
+    assert optimizer.master.dtype == torch.float32 and all(p.dtype == torch.bfloat16 for p in module.parameters())
+    _train(module, optimizer)
+    state = optimizer.state_dict()
+    # DeepSpeed's FP16_UnfusedOptimizer layout (a bf16 ZeRO-0 checkpoint before issue 21).
+    assert {"dynamic_loss_scale", "cur_scale", "optimizer_state_dict", "fp32_groups"} <= set(state)
+    masters = state["fp32_groups"][0]
+    assert [m.shape for m in masters] == [p.shape for p in module.parameters()]
+    assert all(m.dtype == torch.float32 for m in masters)
+    for m, p in zip(masters, module.parameters()):
+        assert torch.equal(m.to(torch.bfloat16), p)  # the module holds the masters, rounded
+    # Reloaded into a fresh optimizer, the masters (not the rounded weights) come back.
+    other = _tiny_module()
+    _cast_parameters(other, torch.bfloat16)
+    restored = FlatAdam(other.parameters(), lr=1e-3, clip=2.0)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.master, optimizer.master, rtol=0, atol=0)
+    for a, b in zip(other.parameters(), module.parameters()):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# No host sync in a non-logging step, through the real engine (bench/step_profile.py's counts)
+# --------------------------------------------------------------------------------------------------
+
+
+_SYNC_SCRIPT = r"""
+import argparse, json, sys
+sys.path.insert(0, sys.argv[1])
+from bench.step_profile import run
+results = {}
+for precision in ("fp32", "bf16"):
+    for zero in (0, 1, 2):
+        args = argparse.Namespace(device="cpu", batch_size=8, regions=6, precision=precision, zero_stage=zero,
+                                  widths="tiny", lengths="uniform:4:14", epoch_lengths=None, epoch_pairs=4000,
+                                  warmup=2, compile=False, json=None)
+        r = run(args)
+        results[f"{precision}/{zero}"] = {k: r[k] for k in ("syncs_per_step", "syncs_per_logging_step", "sync_sites",
+                                                             "top_level_dispatches_per_step")}
+        results[f"{precision}/{zero}"]["logging_sites"] = r["logging_step"]["sync_sites"]
+print("RESULT " + json.dumps(results))
+"""
+
+
+@pytest.mark.distributed
+def test_a_non_logging_step_never_waits_for_the_device() -> None:
+    """ZeRO 0, 1, 2 in fp32 and bf16: zero host-sync points in a non-logging step of the worker's
+    loop (hand-off, forward, both losses, backward, optimizer) and one in a logging step, counted
+    by bench/step_profile.py on the real DeepSpeed engine of one rank."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SYNC_SCRIPT, str(ROOT)], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert sorted(results) == ["bf16/0", "bf16/1", "bf16/2", "fp32/0", "fp32/1", "fp32/2"]
+    for config, r in results.items():
+        assert r["syncs_per_step"] == 0, (config, r["sync_sites"])
+        assert r["syncs_per_logging_step"] == 1, (config, r["logging_sites"])
