@@ -1,29 +1,43 @@
-"""The GPU acceptance run: `make gpu-check`, i.e. `python bench/gpu_check.py [--output DIR]`.
+"""The GPU acceptance run: `python bench/gpu_check.py [--output DIR]` (or `make gpu-check`).
 
 Why it exists: the figures in docs/benchmarks.md come from machines lent for a few minutes. This
 script is the whole check as one command, sized to finish within 8 minutes on one H200-class GPU
-(141 GB, 16 CPU cores, 128 GB RAM, 64 GB disk, no network), so that a short loan is enough and
-every loan measures the same thing. Each part runs as a subprocess with its own timeout; a part
-that fails or hangs is recorded as failed (with the last lines of its stderr) and the others still
-report their figures. The parts, in the order they run:
+(141 GB, 16 CPU cores, 128 GB RAM, 64 GB disk, no network), Ray and DeepSpeed start-up included,
+so that a short loan is enough and every loan measures the same thing. It installs nothing and
+calls no pip: it runs with any Python >= 3.10 whose environment has CUDA torch and the project's
+dependencies (installed or on PYTHONPATH), puts the checkout on the path of every process it
+starts, and works on a host without a package registry (README, "GPUs"). Each part runs as a
+subprocess with its own share of the time budget; a part that fails or hangs is recorded as
+failed (with the last lines of its stderr) and the others still report their figures. The parts,
+in the order they run (docs/benchmarks.md, "GPU acceptance run", says how their shares were sized):
 
-* model_speed_b128, model_speed_b512: `bench/model_speed.py --device cuda` at batch 128 and 512
-  in the chosen precision (default bf16), through its --json output.
-* eval_speed: `bench/eval_speed.py --device cuda` at its default size (5000 images x 25000
-  captions, D 2048), the reference loop timed on 500 queries and extrapolated (`--loop-queries`),
-  through its --json output.
+* precision_probe: `bench/precision_probe.py`: the model's three GRUs (image, text over the padded
+  captions, the decoder stepped with its state) and the whole model with bf16 and with fp16
+  weights against float32, forward and backward; fails when an error exceeds its limit or a
+  low-precision GRU did not run cuDNN (aten::_cudnn_rnn).
+* model_speed_b128, model_speed_b512: `bench/model_speed.py` at batch 128 and 512 in the chosen
+  precision (default bf16): the trainer's step on its DeepSpeed engine beside autocast.
 * train: `trainer/launch.py` as users run it (`--config configs/coco.yaml` plus `--set`
   overrides): the paper-size model (coco.yaml's model section; vocabulary from the data), 1 GPU
   worker with 0.5 GPU and the evaluation actor with the other 0.5 on the same GPU, NCCL (Ray
   Train's backend when use_gpu is true), precision bf16, global batch 128, on the built-in
   synthetic features of the paper's shape (36 regions x 2048) generated into DIR/cache, for 3
   epochs of 100 steps; checkpoints in DIR/runs/<run name>. Recorded: steps, the median of the
-  per-step samples/s, step time and data wait of RUN_DIR/train_log.jsonl (warm-up steps excluded),
-  the launcher's last-line JSON (best dev rsum and metrics), wall times, and GPU memory (below).
+  per-step samples/s, step time and data wait of RUN_DIR/train_log.jsonl (warm-up steps and the
+  steps that overlap an evaluation of RUN_DIR/evaluations.jsonl excluded: the actor shares the
+  GPU), the launcher's last-line JSON (best dev rsum and metrics), wall times, GPU memory (below).
 * resume: the same command with the same checkpoint.run_name and one more epoch. Checked: the
   run logs "resuming at step S" for the train part's last checkpoint S, train_log.jsonl holds
   every step 1..N exactly once, the steps up to S are the train part's (written before the resume
   started) and the rest the resume's, and the run finishes its last epoch.
+* train_fp16: a new run of one epoch in fp16 (dynamic loss scaling), without the evaluator:
+  every step once, finite losses, a checkpoint of its last step (on a CPU, which DeepSpeed refuses
+  fp16 on, the simulation runs it in the check's precision and says so).
+* eval_speed: `bench/eval_speed.py --device cuda` at its default size (5000 images x 25000
+  captions, D 2048), the reference loop timed on 500 queries and extrapolated (`--loop-queries`).
+* compile: `bench/compile_speed.py`: the worker's step eager against `model.compile: true` (CUDA
+  graphs) at batch 16, 128 and 512 (one caption bucket); it runs last and records the batch
+  sizes it finished when its share runs out.
 
 GPU memory: the worker reports torch.cuda.max_memory_allocated only as a Ray metric
 (vsrn_train_accelerator_memory_bytes{kind="max_allocated"}), so the script scrapes Ray's metrics
@@ -44,8 +58,8 @@ bad arguments, 3 when CUDA is not available (one line on stderr, nothing else do
 Ray, no data).
 
 Testing the script without a GPU: `--allow-cpu --tiny` runs the same orchestration on the CPU with
-a tiny model and dataset (configs/tiny.yaml, 20 + 10 steps, small benchmark sizes), precision
-chosen with --precision (fp32 on CPU). It is for testing this script on a machine without a GPU;
+a tiny model and dataset (configs/tiny.yaml, 20 + 10 + 10 steps, small benchmark sizes), precision
+chosen with --precision (fp32 or bf16 on CPU). It is for testing this script on a machine without a GPU;
 its figures are not GPU figures, and the pinned run (`make gpu-check`) is without it.
 RAY_ADDRESS, when set, is passed on: the launcher then attaches to that cluster instead of starting
 a local Ray (as under `ray job submit`), which the tests use to save Ray's start-up.
@@ -108,6 +122,7 @@ class Profile:
     model_speed: tuple[tuple[int, int], ...]  # (batch, timed steps) per model_speed part
     model_speed_args: tuple[str, ...]
     probe_args: tuple[str, ...]
+    compile_args: tuple[str, ...]  # bench/compile_speed.py: eager against compiled (model.compile)
     eval_speed_args: tuple[str, ...]
     budget_s: float
     shares: dict[str, float]
@@ -138,10 +153,13 @@ def paper_profile() -> Profile:
         model_speed=((128, 30), (512, 20)),
         model_speed_args=("--warmup", "3"),
         probe_args=("--batch-size", "64"),
+        # Captions of 10-15 tokens: one caption bucket, one compilation per batch size.
+        compile_args=("--batch-sizes", "16", "128", "512", "--lengths", "uniform:10:15", "--steps", "20",
+                      "--warmup", "2"),
         eval_speed_args=("--repeat", "5", "--loop-queries", "500"),
         budget_s=480.0,
-        shares={"precision_probe": 25, "model_speed_b128": 40, "model_speed_b512": 45, "train": 170,
-                "resume": 75, "train_fp16": 70, "eval_speed": 55},
+        shares={"precision_probe": 20, "model_speed_b128": 35, "model_speed_b512": 40, "train": 165,
+                "resume": 70, "train_fp16": 55, "eval_speed": 35, "compile": 60},
     )
 
 
@@ -167,14 +185,17 @@ def tiny_profile() -> Profile:
         model_speed=((4, 2), (8, 2)),
         model_speed_args=("--warmup", "1", "--small"),
         probe_args=("--batch-size", "4", "--small"),
+        compile_args=("--widths", "tiny", "--batch-sizes", "4", "--regions", "4", "--lengths", "uniform:4:6",
+                      "--steps", "2", "--warmup", "1"),
         eval_speed_args=("--images", "200", "--dim", "64", "--repeat", "1"),
-        budget_s=1200.0,
+        budget_s=1500.0,
         shares={"precision_probe": 90, "model_speed_b128": 120, "model_speed_b512": 120, "train": 390,
-                "resume": 240, "train_fp16": 150, "eval_speed": 90},
+                "resume": 240, "train_fp16": 150, "eval_speed": 90, "compile": 300},
     )
 
 
-PART_ORDER = ("precision_probe", "model_speed_b128", "model_speed_b512", "train", "resume", "train_fp16", "eval_speed")
+PART_ORDER = ("precision_probe", "model_speed_b128", "model_speed_b512", "train", "resume", "train_fp16", "eval_speed",
+              "compile")
 PART_ALIASES = {"model_speed": ("model_speed_b128", "model_speed_b512")}
 
 
@@ -739,6 +760,30 @@ class Check:
                 "loop_queries", "loop_extrapolated", "speedup", "memory", "agreement", "metrics")
         part.figures.update({"json": str(out), **{k: payload.get(k) for k in keep}})
 
+    def compile(self, part: PartResult) -> None:
+        """bench/compile_speed.py: the worker's step eager, then compiled (model.compile: true;
+        CUDA graphs on CUDA), per batch size. It prints each loop's figures as it finishes, so a
+        part ended by its timeout still records the batch sizes it measured."""
+        out = self.output / "compile_speed.json"
+        out.unlink(missing_ok=True)
+        precision = self.args.precision if self.args.precision in ("fp32", "bf16") else "bf16"
+        command = [sys.executable, str(ROOT / "bench" / "compile_speed.py"), "--device", self.device,
+                   "--precision", precision, *self.profile.compile_args, "--json", str(out)]
+        finished = self.execute(part, command)
+        if finished is None:
+            return
+        results = []
+        for line in finished.stdout.splitlines():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and "loop" in value:
+                results.append(value)
+        part.figures.update({"json": str(out) if out.exists() else None, "precision": precision, "results": results})
+        if part.status == "ok" and not results:
+            part.fail("bench/compile_speed.py printed no results")
+
     def launch_command(self, epochs: int, precision: str | None = None, run_name: str | None = None,
                        extra: Sequence[str] = ()) -> list[str]:
         precision = precision or self.args.precision
@@ -914,6 +959,8 @@ class Check:
                     self.model_speed(part, *speed_runs[name])
                 elif name == "train_fp16":
                     self.train_fp16(part)
+                elif name == "compile":
+                    self.compile(part)
                 elif name == "eval_speed":
                     self.eval_speed(part)
                 elif name == "train":
@@ -1079,6 +1126,17 @@ def render_markdown(summary: dict[str, Any]) -> str:
                              f"| {_fmt(r.get('peak_memory_gib'), '.1f', ' GiB')} |")
         lines.append("")
 
+    compiled = ((parts.get("compile") or {}).get("figures") or {}).get("results") or []
+    if compiled:
+        lines += ["`bench/compile_speed.py` (the worker's step, eager against `model.compile: true`; one caption "
+                  "bucket; compile = the warm-up's extra time):", "",
+                  "| batch | loop | compile | ms/step | pairs/s | graphs | peak GPU memory |", "|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            lines.append(f"| {_fmt(r.get('batch_size'), 'd')} | {r.get('loop')} | {_fmt(r.get('compile_s'), '.1f', ' s')} "
+                         f"| {_fmt(r.get('ms_per_step'), '.1f')} | {_fmt(r.get('pairs_per_s'), '.0f')} "
+                         f"| {_fmt(r.get('graphs'), 'd')} | {_fmt(r.get('peak_memory_gib'), '.1f', ' GiB')} |")
+        lines.append("")
+
     if "eval_speed" in parts and parts["eval_speed"].get("figures", {}).get("vectorized_s") is not None:
         f = parts["eval_speed"]["figures"]
         memory = f.get("memory") or {}
@@ -1137,7 +1195,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated parts to run, in the fixed order "
                              f"{', '.join(PART_ORDER)} (model_speed = both batches; resume needs train)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="total time budget in seconds, split between the parts (default: 480; 1200 with --tiny)")
+                        help="total time budget in seconds, split between the parts (default: 480; 1500 with --tiny)")
     parser.add_argument("--run-name", default="", help="checkpoint.run_name, a new one (default: gpu-check-<timestamp>)")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="for testing the script on a machine without a GPU: run on the CPU when CUDA is not "

@@ -4,12 +4,13 @@ float32 copy of the same weights, forward and backward, on one device.
 Why: the trainer's bf16 (and fp16) runs cast the module's parameters to the low precision, as
 DeepSpeed does (parameters only, buffers stay float32), and on CUDA the model's three GRUs then run
 in cuDNN's bf16/fp16 kernels: the image encoder's global semantic reasoning GRU over 36 regions,
-the text encoder's GRU over packed captions, and the caption decoder's GRU stepped one token at a
+the text encoder's GRU over the padded captions, and the caption decoder's GRU stepped one token at a
 time. Timing runs under torch.autocast (float32 weights) never exercise those kernels. This probe
 runs each GRU and the whole model both ways on the same inputs and reports relative errors:
 
-* per GRU (the model's own call: `run_gru` for the image GRU, `gru_forward` with a PackedSequence
-  for the text GRU, `gru_forward` of one step with a carried state for the decoder):
+* per GRU (the model's own call: `run_gru` for the image GRU and for the text GRU over the padded
+  captions, whose last-token outputs are gathered, `gru_forward` of one step with a carried state
+  for the decoder):
   outputs, final state, input gradient and weight-gradient norm, and how many cuDNN RNN calls
   the low-precision forward made (torch.profiler events named `aten::_cudnn_rnn`; 0 on CPU,
   where the model keeps the recurrence in float32 by design, model/vsrn.py);
@@ -42,7 +43,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 if __name__ == "__main__" and __package__ in (None, ""):  # `python bench/precision_probe.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -158,23 +158,24 @@ def probe_image_gru(model: VSRN, dtype: torch.dtype, precision: str, limit: floa
 
 def probe_text_gru(model: VSRN, dtype: torch.dtype, precision: str, limit: float, tokens: Tensor,
                    lengths: Tensor) -> Case:
-    """The text encoder's GRU over packed embedded captions (unsorted lengths, as the model calls it)."""
-    case = Case("gru_text_packed", precision, limit)
+    """The text encoder's GRU as the model calls it: over the padded captions (unsorted lengths),
+    each caption's output at its last token gathered by position (model/vsrn.py, TextEncoder)."""
+    case = Case("gru_text_padded", precision, limit)
     reference_gru = model.text_encoder.rnn
     low_gru = cast_parameters(reference_gru, dtype)
     embedded = model.text_encoder.embed(tokens).detach()
     x32 = embedded.clone().requires_grad_(True)
     x_low = embedded.to(dtype).requires_grad_(True)
+    last = (lengths - 1).to(tokens.device).view(-1, 1, 1)
 
-    def run(gru: nn.GRU, x: Tensor) -> tuple[Tensor, Tensor]:
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, hidden = gru_forward(gru, packed)
-        return out.data, hidden  # type: ignore[union-attr]
+    def run(gru: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        outputs, _ = run_gru(gru, x, float32_outputs=True)
+        return outputs, outputs.gather(1, last.expand(-1, 1, outputs.shape[-1])).squeeze(1)
 
     out32, h32 = run(reference_gru, x32)
     (out_low, h_low), case.cudnn_rnn_calls = _count_cudnn_rnn(lambda: run(low_gru, x_low))
     case.value("outputs", out_low, out32)
-    case.value("final_state", h_low, h32)
+    case.value("last_token_state", h_low, h32)
     _backward_both(case, (out32, h32), (out_low, h_low), x32, x_low, reference_gru, low_gru)
     return case
 
@@ -279,7 +280,7 @@ def run_probe(device: torch.device, precisions: list[str], batch: int, small: bo
         dtype, limit = DTYPES[precision], limits[precision]
         probes = {
             "gru_image_gsr": lambda: probe_image_gru(model, dtype, precision, limit, reasoned.float()),
-            "gru_text_packed": lambda: probe_text_gru(model, dtype, precision, limit, tokens, lengths),
+            "gru_text_padded": lambda: probe_text_gru(model, dtype, precision, limit, tokens, lengths),
             "gru_decoder_steps": lambda: probe_decoder_gru(model, dtype, precision, limit, batch,
                                                            int(lengths.max()) - 1, device),
             "model": lambda: probe_model(model, dtype, precision, limit, feats, tokens, lengths),

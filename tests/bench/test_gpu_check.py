@@ -125,7 +125,7 @@ def test_cpu_simulation_runs_every_part_without_pip_and_writes_the_summary(ray_l
     assert not pip_calls.exists(), pip_calls.read_text()  # nothing on its path called pip
     assert summary["status"] == "ok" and summary["device"] == "cpu" and summary["profile"] == "tiny"
     assert list(summary["parts"]) == ["precision_probe", "model_speed_b128", "model_speed_b512", "train", "resume",
-                                      "train_fp16", "eval_speed"]
+                                      "train_fp16", "eval_speed", "compile"]
     assert all(part["status"] == "ok" for part in summary["parts"].values()), statuses
     machine = summary["machine"]
     assert machine["cpu_count"] and machine["torch"] and machine["ray"] and machine["deepspeed"] and machine["date"]
@@ -133,7 +133,7 @@ def test_cpu_simulation_runs_every_part_without_pip_and_writes_the_summary(ray_l
     probe = summary["parts"]["precision_probe"]["figures"]
     cases = {(c["precision"], c["case"]) for c in probe["cases"]}
     assert cases == {(p, c) for p in ("bf16", "fp16")
-                     for c in ("gru_image_gsr", "gru_text_packed", "gru_decoder_steps", "model")}
+                     for c in ("gru_image_gsr", "gru_text_padded", "gru_decoder_steps", "model")}
     assert all(c["relative_error"] and all(v < 0.1 for v in c["relative_error"].values()) for c in probe["cases"])
 
     train, resume = summary["parts"]["train"]["figures"], summary["parts"]["resume"]["figures"]
@@ -166,11 +166,14 @@ def test_cpu_simulation_runs_every_part_without_pip_and_writes_the_summary(ray_l
         assert [(r["path"], r["precision"]) for r in speed["results"]] == [("trainer", "fp32"), ("autocast", "fp32")]
         assert all(r["pairs_per_second"] > 0 for r in speed["results"])
     assert summary["parts"]["eval_speed"]["figures"]["vectorized_s"] > 0
+    compiled = {r["loop"]: r for r in summary["parts"]["compile"]["figures"]["results"]}
+    assert sorted(compiled) == ["compiled", "eager"] and compiled["compiled"]["graphs"] == 1
 
     markdown = (output / "gpu_check.md").read_text()
     assert markdown.startswith("### GPU acceptance run (`make gpu-check`)")
     assert "CPU simulation" in markdown and "| train | ok |" in markdown and "| resume | fp32 | 20 → 30 |" in markdown
-    assert "| bf16 | gru_text_packed | ok |" in markdown and "| 8 | trainer | fp32 |" in markdown
+    assert "| bf16 | gru_text_padded | ok |" in markdown and "| 8 | trainer | fp32 |" in markdown
+    assert "| 4 | compiled |" in markdown
     assert (output / "logs" / "train.stderr.txt").is_file()
 
 
