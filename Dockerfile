@@ -57,7 +57,7 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH_SPEC \
 # which cluster/gpu-cluster.yaml installs the same way (`pip install -e`).
 COPY --chown=1000:100 setup.py /app/
 RUN for package in model trainer trainer.evaluation trainer.evaluator trainer.inference trainer.reporting \
-        trainer.run data_shards monitoring cluster; do \
+        trainer.run trainer.training data_shards monitoring cluster; do \
         directory="$(echo "$package" | tr . /)" && mkdir -p "$directory" && touch "$directory/__init__.py"; \
     done \
     && pip install -e . "ray[default,train]==${RAY_VERSION}" \

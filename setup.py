@@ -17,11 +17,13 @@ setup(
     # Every package, subpackages included (tests/test_dockerfile.py checks that none is missing):
     # a wheel holds only those listed.
     packages=["model", "trainer", "trainer.evaluation", "trainer.evaluator", "trainer.inference",
-              "trainer.reporting", "trainer.run", "data_shards", "monitoring", "cluster"],
+              "trainer.reporting", "trainer.run", "trainer.training", "data_shards", "monitoring", "cluster"],
     install_requires=[
         "torch>=2.11,<2.14",
         "numpy>=1.24",
-        "deepspeed>=0.14",
+        # 0.19: FlatAdam saves the layout of its ZeRO-0 optimizers and the ZeRO 1-2 step is freed of
+        # its norm sync through two of its module globals (trainer/training/engine.py, optimizer.py)
+        "deepspeed>=0.19,<0.20",
         "webdataset>=0.2.86",
         "ray[default,train]>=2.40",
         "s3fs>=2024.2",

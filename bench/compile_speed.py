@@ -1,9 +1,9 @@
 """Eager against compiled (`model.compile: true`) training steps, through the trainer's own step.
 
 For each batch size, two loops on the same batches from the same initial weights: the worker's
-step (trainer/worker.py `train_step` on `step_inputs`: forward, both losses, backward, the
+step (trainer/training/step.py `train_step` on `step_inputs`: forward, both losses, backward, the
 optimizer of the run's precision and ZeRO stage) on the real DeepSpeed engine of
-`trainer.worker.build_engine` on a one-rank process group, with the model eager, then compiled
+`trainer.training.engine.build_engine` on a one-rank process group, with the model eager, then compiled
 as the trainer compiles it (torch.compile, one graph per caption bucket; `mode="reduce-overhead"`,
 CUDA graphs, on CUDA; the default mode on CPU). Captions of 10-22 tokens fall into the buckets of
 widths 16 and 24 (model.vsrn.caption_bucket); the warm-up steps visit every bucket of the timed
@@ -60,8 +60,9 @@ def _sync(device: torch.device) -> None:
 
 
 def time_loop(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict[str, Any]:
-    import trainer.worker as worker
     from model.vsrn import VSRN, VSRNConfig, caption_bucket
+    from trainer.training.engine import build_engine
+    from trainer.training.step import step_inputs, train_step
 
     ns = argparse.Namespace(**{**vars(args), "batch_size": batch_size, "compile": compiled, "zero_stage": args.zero_stage})
     cfg = train_config(ns)
@@ -73,7 +74,7 @@ def time_loop(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict
     if compiled and args.count_graphs:
         counter = CountingBackend("reduce-overhead" if device.type == "cuda" else None)
         backend = counter
-    engine = worker.build_engine(cfg, model, universal=False, compile_backend=backend)
+    engine = build_engine(cfg, model, universal=False, compile_backend=backend)
     lengths = parse_lengths(args.lengths)
     rng = np.random.default_rng(0)
     mc = cfg.model
@@ -86,7 +87,7 @@ def time_loop(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict
     warm = list(buckets.values()) + batches[:args.warmup]
 
     def step(batch: Any) -> torch.Tensor:
-        losses, _ = worker.train_step(engine, cfg, 1, worker.step_inputs(batch, cfg, device), hardest=True)
+        losses, _ = train_step(engine, cfg, 1, step_inputs(batch, cfg, device), hardest=True)
         return losses
 
     _sync(device)

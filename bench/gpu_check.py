@@ -371,7 +371,7 @@ STEPS_METRIC = "ray_vsrn_train_steps_total"
 
 class RayMetricsScraper:
     """Largest worker `torch.cuda.max_memory_allocated` (and steps counter) seen on Ray's metrics
-    endpoints; the worker exports the memory only there (trainer/worker.py, monitoring/metrics.py)."""
+    endpoints; the worker exports the memory only there (trainer/training/recorder.py, monitoring/metrics.py)."""
 
     def __init__(self, targets: list[str], note: str = "") -> None:
         self.targets = targets

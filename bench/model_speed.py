@@ -6,8 +6,8 @@ backward, gradient clipping at 2.0 and an Adam update, on random region features
 accelerator memory.
 
 Paths (--path, both by default):
-* trainer: what the training workers run: the worker's own step (trainer/worker.py `train_step`)
-  on the DeepSpeed engine of `trainer.worker.build_engine`, on a one-process group (NCCL on CUDA,
+* trainer: what the training workers run: the worker's own step (trainer/training/step.py `train_step`)
+  on the DeepSpeed engine of `trainer.training.engine.build_engine`, on a one-process group (NCCL on CUDA,
   gloo on CPU), eager; so bf16/fp16 are the trainer's (the parameters cast to the low precision,
   float32 master weights and Adam states, fp16 with dynamic loss scaling) and on CUDA the GRUs run
   cuDNN's bf16/fp16 kernels. The timing loop is bench/compile_speed.py's eager one (median step,

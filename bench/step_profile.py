@@ -3,8 +3,8 @@ calls, compute ops and host-sync points per step, split by model part, and the n
 step shapes over an epoch (issue 21). Counted on CPU with torch.profiler, exactly: these counts,
 not wall time, are the measure of how launch- and sync-bound the step is on a GPU.
 
-The step is the worker's (trainer/worker.py): the real DeepSpeed engine of
-`trainer.worker.build_engine` on a one-rank gloo process group, the worker's loop object
+The step is the worker's (trainer/training/step.py): the real DeepSpeed engine of
+`trainer.training.engine.build_engine` on a one-rank gloo process group, the worker's loop object
 (`_Loop`) doing the data hand-off, forward, both losses, backward and optimizer step, and the
 logging of the step (`record`), with a step log in a temporary directory. Default configuration:
 the paper's structure (configs/coco.yaml's model: 4 RRR layers, GSR, caption branch; batch 128,
@@ -439,7 +439,8 @@ def train_config(args: argparse.Namespace) -> Any:
 
 def instrument(engine: Any, worker: Any, model_parts: bool = True) -> None:
     """Open the part ranges around the model's parts (unless `model_parts` is False: a compiled
-    model is one graph), the loss, backward and optimizer step."""
+    model is one graph), the loss, backward and optimizer step. `worker`: the module whose globals
+    the step looks its loss up in (trainer_modules)."""
     model = engine.module
 
     def hook(name: str) -> None:
@@ -481,40 +482,69 @@ def _wrap(fn: Callable[..., Any], part: str) -> Callable[..., Any]:
     return wrapped
 
 
+def trainer_modules() -> tuple[Any, Any]:
+    """(the module with build_engine, the module whose globals the step looks its loss up in):
+    trainer/training/ (engine.py, step.py) since 2026-12-04, or the flat trainer/worker.py of
+    earlier trees, on which the "before" figures of docs/benchmarks.md were counted."""
+    try:
+        import trainer.training.engine as engine_module
+        import trainer.training.step as step_module
+    except ImportError:
+        import trainer.worker as worker  # type: ignore[import-not-found]
+
+        return worker, worker
+    return engine_module, step_module
+
+
 class WorkerStep:
-    """The worker's loop object on a one-rank engine, stepping like `_Loop.run` does."""
+    """The worker's loop on a one-rank engine, stepping as trainer/training/loop.py does."""
 
     def __init__(self, cfg: Any, engine: Any, run_dir: str) -> None:
-        import trainer.worker as worker
-
-        self.worker = worker
-        self.loop = worker._Loop(cfg, engine, None, None, worker.StepLog(run_dir, None), 0, 1,  # type: ignore[arg-type]
-                                 run_dir, None, "step-profile", None)
         self.cfg = cfg
         self.step = 0
+        try:
+            from trainer.run.step_log import StepLog
+            from trainer.training.loop import TrainingLoop
+            from trainer.training.recorder import PendingStep, Recorder
+        except ImportError:  # an earlier tree: the flat trainer/worker.py's _Loop
+            import trainer.worker as worker  # type: ignore[import-not-found]
+
+            self.loop = worker._Loop(cfg, engine, None, None, worker.StepLog(run_dir, None), 0, 1,  # type: ignore[arg-type]
+                                     run_dir, None, "step-profile", None)
+            self.recorder, self.pending_step = self.loop, getattr(worker, "PendingStep", None)
+            return
+        device = next(engine.module.parameters()).device
+        self.recorder = Recorder(cfg, None, StepLog(run_dir, None), 0, 1, device)  # type: ignore[arg-type]
+        self.loop = TrainingLoop(cfg, engine, None, None, self.recorder, 0, 1, run_dir, None,  # type: ignore[arg-type]
+                                 "step-profile")
+        self.pending_step = PendingStep
 
     def __call__(self, batch: Any, batches_in_epoch: int) -> None:
         """One step at position `self.step` of an epoch of `batches_in_epoch` batches (so that
         the step closes a logging interval when `step % logging.interval_steps == 0`)."""
         loop, position = self.loop, self.step % batches_in_epoch
         started = time.perf_counter()
-        if not hasattr(loop, "flush"):  # before issue 21: every step brings its losses to the host
+        if not hasattr(self.recorder, "flush"):  # before issue 21: every step brings its losses to the host
             matching, caption, stats = loop.train_step(batch, True)
             self.step += 1
             with PARTS_STACK.enter(LOGGING_PART):
                 loop.record(0, position, batches_in_epoch, self.step, 2e-4, True, matching, caption,
                             time.perf_counter() - started, 0.0, stats)
             return
-        # As _Loop.run: the losses stay on the device until a step closes a logging interval.
+        # As the loop: the losses stay on the device until a step closes a logging interval.
         losses, stats = loop.train_step(batch, True)
         self.step += 1
         with PARTS_STACK.enter(LOGGING_PART):
-            loop.pending.append(self.worker.PendingStep(0, position, batches_in_epoch, self.step, 2e-4, True,
-                                                        time.perf_counter() - started, 0.0, losses))
-            loop.hard_negatives.add(stats)
+            pending = self.pending_step(0, position, batches_in_epoch, self.step, 2e-4, True,
+                                        time.perf_counter() - started, 0.0, losses)
+            if hasattr(self.recorder, "add"):
+                self.recorder.add(pending, stats)
+            else:  # the flat worker of issue 21, before trainer/training/
+                self.recorder.pending.append(pending)
+                self.recorder.hard_negatives.add(stats)
             closes = self.step % self.cfg.logging.interval_steps == 0 or position + 1 == batches_in_epoch
             if closes:
-                loop.flush(closes)
+                self.recorder.flush(closes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,7 +574,6 @@ def distinct_shapes(lengths: np.ndarray, batch: int, cfg: Any, rng: np.random.Ge
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import trainer.worker as worker
     from model.vsrn import VSRN, VSRNConfig
 
     torch.manual_seed(0)
@@ -552,8 +581,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = train_config(args)
     model = VSRN(VSRNConfig.from_dict(cfg.model.to_dict()))
     model.to(args.device)
-    engine = worker.build_engine(cfg, model, universal=False)
-    instrument(engine, worker, model_parts=not args.compile)
+    engine_module, step_module = trainer_modules()
+    engine = engine_module.build_engine(cfg, model, universal=False)
+    instrument(engine, step_module, model_parts=not args.compile)
     length_model = parse_lengths(args.lengths)
     epoch_model = parse_lengths(args.epoch_lengths or args.lengths)
     rng = np.random.default_rng(0)

@@ -33,7 +33,7 @@ time (plain Adam; RRR layers in the unfolded order; torch's nn.GRU instead of mo
                                      [--skip-reference] [--ablations] [--threads N] [--json OUT]
                                      [--plain-malloc]
 
-The benchmark runs with the glibc malloc settings of the training workers (trainer/allocator.py:
+The benchmark runs with the glibc malloc settings of the training workers (trainer/training/allocator.py:
 large temporaries stay on the heap instead of being mapped and faulted in at every step); it
 re-executes itself with them unless `--plain-malloc` (glibc's defaults, as the reference runs).
 
@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model.vsrn as vsrn_module
 from model.loss import hardest_negative_loss
 from model.vsrn import END_ID, START_ID, VSRN, VSRNConfig
-from trainer import allocator
+from trainer.training import allocator
 from trainer.evaluation import set_tf32
 
 LEARNING_RATE = 2e-4
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plain-malloc", action="store_true",
-                        help="glibc's default malloc settings, not the training workers' (trainer/allocator.py)")
+                        help="glibc's default malloc settings, not the training workers' (trainer/training/allocator.py)")
     args = parser.parse_args(argv)
     if not args.plain_malloc:
         allocator.reexec_configured()  # both loops allocate as a training worker does

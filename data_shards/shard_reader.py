@@ -3,7 +3,7 @@ each sample, apply the bad-data policy.
 
 Every reader of shards goes through this module: the training and evaluation readers
 (`ShardReader.records`, data_shards/reader.py), `verify.py` (`open_shard`, `tar_members`,
-`sample_problems`) and the vocabulary builder of trainer/data.py (`shard_files`).
+`sample_problems`) and the vocabulary builder of trainer/training/data.py (`shard_files`).
 
 The stages, each a small generator over the previous one (webdataset's style):
 

@@ -12,7 +12,7 @@ the official checkpoints depend on; each such quirk is a named option here.
 
 Precision. The model runs in the dtype of its parameters: float32, or bfloat16/float16 when the
 trainer's DeepSpeed engine has cast them (DeepSpeed keeps float32 master weights and Adam states
-in its optimizer, so updates accumulate in float32; see trainer/worker.py). In a low-precision
+in its optimizer, so updates accumulate in float32; see trainer/training/engine.py). In a low-precision
 model, what runs in it and what stays in float32 follows torch autocast's lists:
 * bf16: the matrix products (fc, the RRR projections and affinities, the attention, the vocabulary
   projection, the GRUs' gate products on CUDA); the kernels accumulate in float32.
@@ -76,7 +76,7 @@ class VSRNConfig:
     caption_dropout: float = 0.2
     max_caption_len: int = 60  # tokens including <start> and <end>, as the reference's max_len
     # Training option, no effect on the math: the trainer compiles the model with torch.compile
-    # (trainer/worker.py; one graph per caption bucket). Off until a GPU run shows it pays.
+    # (trainer/training/engine.py; one graph per caption bucket). Off until a GPU run shows it pays.
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -73,7 +73,7 @@ TRAIN_ACCELERATOR_MEMORY = MetricSpec("vsrn_train_accelerator_memory_bytes", "ga
                                       "max_allocated. Only exported where an accelerator is used.",
                                       (*_TRAIN, "kind"))
 
-# Hard-negative diagnostics (trainer/diagnostics.py), one value per logging interval over the global
+# Hard-negative diagnostics (trainer/training/diagnostics.py), one value per logging interval over the global
 # batch (the same on every rank). "Gap": positive score minus the score of the anchor's hardest
 # negative (cosine similarities); direction i2t: image anchors against captions, t2i: captions
 # against images. The collapsed solution has every gap at 0, every hinge active and L_M at

@@ -279,7 +279,7 @@ class TrainingMetrics:
     def record_hard_negatives(self, *, gap_mean: Mapping[str, float], gap_p10: Mapping[str, float],
                               active_hinge_ratio: float, remote_hardest_ratio: float) -> None:
         """At each logging interval: the hard-negative diagnostics over the global batch
-        (trainer/diagnostics.py). ``gap_mean``/``gap_p10``: direction (i2t, t2i) -> value."""
+        (trainer/training/diagnostics.py). ``gap_mean``/``gap_p10``: direction (i2t, t2i) -> value."""
         gap = self._get(m.TRAIN_HARDEST_NEGATIVE_GAP)
         for statistic, values in (("mean", gap_mean), ("p10", gap_p10)):
             for direction in DIRECTIONS:

@@ -36,7 +36,6 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet

@@ -13,8 +13,8 @@ The layers (README, "What is here"; each package's __init__ docstring):
 * Inside trainer/, each module belongs to one room, and a room imports only the rooms listed in
   TRAINER_ROOMS: the chain evaluator -> inference -> evaluation and run never goes backwards,
   nothing imports the evaluator but the command lines, and nothing imports a command line.
-  The training side (trainer/training/, and meanwhile its modules still flat in trainer/)
-  imports neither the evaluator nor inference nor a command line. A new module of trainer/ must
+  The training side (trainer/training/) imports neither the evaluator nor inference nor a
+  command line. A new module of trainer/ must
   be given a room here (the test says so).
 """
 
@@ -40,8 +40,6 @@ PACKAGE_RULES: dict[str, set[str]] = {
 
 # The command lines (`python trainer/<name>.py`, README "Command-line tools"): nothing imports them.
 CLI_MODULES = {"launch", "evaluate", "encode", "report", "retrieve", "explain", "caption"}
-# The training side's modules still flat in trainer/ (they move into trainer/training/).
-TRAINING_FLAT = {"worker", "run_checkpoint", "data", "failures", "diagnostics", "allocator"}
 
 # Room of trainer/ -> the rooms it may import (itself always).
 TRAINER_ROOMS: dict[str, set[str]] = {
@@ -65,8 +63,6 @@ def trainer_room(module: str) -> str | None:
     name = parts[1]
     if len(parts) == 2 and name in CLI_MODULES:
         return "cli"
-    if len(parts) == 2 and name in TRAINING_FLAT:
-        return "training"
     if name in TRAINER_ROOMS and name not in ("cli", "package"):
         return name
     return None
@@ -242,7 +238,7 @@ def test_the_check_finds_circles_back_arrows_and_imports_hidden_in_functions() -
         "data_shards.format": "",
         "trainer.run.best": "from trainer.evaluation import METRIC_KEYS\n",
         "trainer.evaluation": "",
-        "trainer.worker": "from trainer import evaluate\n",
+        "trainer.training.worker": "from trainer import evaluate\n",
         "trainer.evaluate": "",
         "trainer.newthing": "",
         "trainer.run.records": "from trainer.newthing import x\n",
@@ -251,7 +247,7 @@ def test_the_check_finds_circles_back_arrows_and_imports_hidden_in_functions() -
     expected = ["data_shards/convert.py:2: data_shards.convert imports trainer.run.layout",
                 "model/vsrn.py:1: model.vsrn imports data_shards.format",
                 "trainer/run/best.py:1: trainer.run.best (run) imports trainer.evaluation (evaluation)",
-                "trainer/worker.py:1: trainer.worker (training) imports trainer.evaluate (cli)",
+                "trainer/training/worker.py:1: trainer.training.worker (training) imports trainer.evaluate (cli)",
                 "trainer/run/records.py:1: trainer.newthing belongs to no room"]
     for text in expected:
         assert any(p.startswith(text) for p in problems), (text, problems)

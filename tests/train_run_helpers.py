@@ -1,5 +1,5 @@
 """Tiny training runs through the real launcher, shared by the Ray Train tests
-(tests/trainer/test_run_checkpoint.py, test_worker_bf16.py, test_multinode.py; tests/ is on sys.path).
+(tests/trainer/training/test_checkpoint.py, training/test_worker_bf16.py, test_multinode.py; tests/ is on sys.path).
 
 `tiny_run_config`: configs/tiny.yaml shrunk to 96 synthetic images, a global batch of 16 (30 steps
 per epoch), 2 epochs, ZeRO 1, a checkpoint every 10 steps, no evaluation: about 20 s of Ray Train

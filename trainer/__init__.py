@@ -26,12 +26,11 @@ The rooms they build on, each package's __init__ saying what it owns; the import
                         training runs
     reporting/          what report.py reads, plots and writes
 
-The training side (to move into training/; it imports neither the evaluator nor inference):
+    training/           what runs on Ray Train's workers: the worker's entry, the loop, the step,
+                        the loss, the recorder, the DeepSpeed engine, checkpoints and resume,
+                        failures, the run's data (training/__init__.py lists its modules)
 
-    worker.py           the training loop on each Ray Train worker (DeepSpeed engine)
-    run_checkpoint.py   saving and resuming checkpoints (DeepSpeed state, inference export)
-    diagnostics.py      hard-negative diagnostics per logging interval, the collapse detector
-    failures.py         which worker errors end a run at once
-    data.py             the run's data: synthetic default, shards, vocabulary
-    allocator.py        the allocator settings of the workers
+The rooms import one way: evaluator -> inference -> evaluation and run; training beside them
+(never the evaluator, inference or a command line); nothing imports a command line
+(tests/test_import_layers.py).
 """

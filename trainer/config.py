@@ -139,7 +139,7 @@ class CheckpointConfig:
     max_failures: int = 1  # worker failures tolerated (restart from the last checkpoint)
     # A local storage_path (and local data) on a Ray cluster spanning several hosts is refused,
     # unless it is on a filesystem that every node mounts at the same path (NFS, EFS, Lustre...):
-    # then say so here (trainer/run_checkpoint.py, require_shared_storage).
+    # then say so here (trainer/training/checkpoint.py, require_shared_storage).
     shared_filesystem: bool = False
     # The lease on RUN_DIR (trainer/run/lease.py): one trainer writes a run at a time. A lease
     # whose heartbeat is older than this is stale (its driver died) and a new trainer takes it
@@ -211,7 +211,7 @@ class MonitoringConfig:
     # `ray start --metrics-export-port` decides): the port of Ray's metrics endpoint; 0 lets Ray
     # pick one, which it writes to /tmp/ray/prom_metrics_service_discovery.json.
     metrics_export_port: int = 0
-    # Collapse detector (trainer/diagnostics.py): L_M within 1 % of 2 * global batch * margin for
+    # Collapse detector (trainer/training/diagnostics.py): L_M within 1 % of 2 * global batch * margin for
     # this many consecutive logging intervals (logging.interval_steps) under hardest negatives logs
     # a warning and sets vsrn_train_collapsed to 1. 0 turns it off. The warning is logged even when
     # `enabled` is false; only the gauge needs the metrics.

@@ -8,16 +8,16 @@ best checkpoint's recall table.
 Steps: configuration (errors exit 2 naming the key, before any Ray work) -> the lease on RUN_DIR
 (trainer/run/lease.py: when another trainer holds the run, exit 2 with one line naming the holder
 and the age of its heartbeat; renewed by a thread of this driver, released at the end, success or
-failure) -> data (trainer/data.py) -> Ray: the cluster of the job submission or RAY_ADDRESS, else
+failure) -> data (trainer/training/data.py) -> Ray: the cluster of the job submission or RAY_ADDRESS, else
 a local one sized for the job -> RUN_DIR/config.yaml (the resolved configuration) -> a TorchTrainer
-(trainer/worker.py on every worker; RunConfig with the run name and storage path, local or
+(trainer/training/worker.py on every worker; RunConfig with the run name and storage path, local or
 s3://, FailureConfig, and a callback that hands each checkpoint to the evaluation worker as soon
 as Ray has committed it) -> wait for the evaluator -> the table and, as the LAST line of stdout,
 one JSON object: {"run_dir", "best" (best.json: checkpoint, step, epoch, dev_rsum, metrics),
 "latest_checkpoint", "run_name", "wall_s"}.
 
 Re-running with the same checkpoint.run_name (and storage path) resumes that run from its latest
-checkpoint (trainer/run_checkpoint.py), once the previous trainer of the run released its lease or
+checkpoint (trainer/training/checkpoint.py), once the previous trainer of the run released its lease or
 its heartbeat is older than checkpoint.lease_timeout_s (a killed driver); checkpoint.force_lease=true
 takes over a live lease, and the trainer that held it aborts its run and exits 1.
 """
@@ -43,9 +43,9 @@ if __name__ == "__main__" and __package__ in (None, ""):  # `python trainer/laun
 
 from data_shards.storage import is_s3_url
 from trainer.config import ConfigError, TrainConfig, config_to_dict, load_config
-from trainer.data import DataError, PreparedData, prepare_data, storage_options_for
-from trainer.failures import failure_summary, stop_on_fatal_error_callback
-from trainer.run_checkpoint import require_shared_storage
+from trainer.training.data import DataError, PreparedData, prepare_data, storage_options_for
+from trainer.training.failures import failure_summary, stop_on_fatal_error_callback
+from trainer.training.checkpoint import require_shared_storage
 from trainer.run.best import best_summary
 from trainer.run.config_yaml import write_run_config
 from trainer.run.lease import LeaseHeldError, LeaseLostError, RunLease
@@ -343,12 +343,12 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
     from ray.train.torch import TorchTrainer
 
     from model.vocab import Vocabulary
-    from trainer import allocator
-    from trainer.worker import train_loop_per_worker
+    from trainer.training import allocator
+    from trainer.training.worker import train_loop_per_worker
 
     storage_options = data.storage_options or None
     # The workers and the evaluation actor allocate large tensors: glibc settings that keep them on
-    # the heap (trainer/allocator.py), unless the job's runtime_env chose its own.
+    # the heap (trainer/training/allocator.py), unless the job's runtime_env chose its own.
     worker_env = {"env_vars": allocator.env_vars(ray.get_runtime_context().runtime_env.get("env_vars") or {})}
     evaluator = None
     if config.eval.enabled:

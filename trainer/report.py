@@ -8,7 +8,7 @@ data_shards/storage.py; S3 endpoint from ``--endpoint-url``, else ``AWS_ENDPOINT
   and the learning rate in its own panel; epoch boundaries and the switch to hardest negatives
   are marked;
 * ``throughput.png``: samples/s and data wait per step (rolling mean, raw values faint);
-* ``diagnostics.png``: the hard-negative diagnostics of each logging interval (trainer/diagnostics.py):
+* ``diagnostics.png``: the hard-negative diagnostics of each logging interval (trainer/training/diagnostics.py):
   the gap between positive and hardest-negative scores (mean and 10th percentile, both directions)
   with the margin, and the fractions of active hinges and of hardest negatives from other workers;
   the switch to hardest negatives and the intervals the collapse detector flagged are marked (only
@@ -23,7 +23,7 @@ data_shards/storage.py; S3 endpoint from ``--endpoint-url``, else ``AWS_ENDPOINT
   retrievals and attention maps of fixed test queries, trainer/inference/qualitative.py), copied from the
   checkpoint and linked from summary.md, when it has one.
 
-The inputs are ``train_log.jsonl`` (one JSON object per step, trainer/worker.py's ``StepLog``),
+The inputs are ``train_log.jsonl`` (one JSON object per step, trainer/run/step_log.py's ``StepLog``),
 ``evaluations.jsonl`` (the evaluation history, which keeps the checkpoints that pruning deleted),
 the ``checkpoint_*/metrics.json`` and ``eval_error.json`` files and ``best.json`` (written by
 the evaluator), all named and read through trainer/run/ (the step log by run/step_log.py, the

@@ -43,7 +43,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients() -> None:
     torch.manual_seed(0)
     eager = VSRN(VSRNConfig(**TINY))
     compiled = copy.deepcopy(eager)
-    compiled.compile(dynamic=False)  # inductor, its default mode on CPU, as trainer.worker.compile_model
+    compiled.compile(dynamic=False)  # inductor, its default mode on CPU, as trainer.training.engine.compile_model
     for seed, lengths in enumerate(([5, 7, 4, 6], [3, 6, 2, 7])):  # one bucket (width 8): one compilation
         loss_eager, grads_eager = _step(eager, lengths, seed)
         loss_compiled, grads_compiled = _step(compiled, lengths, seed)

@@ -102,7 +102,7 @@ def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(em
     config = load_config(run_dir / "config.yaml")  # the resolved configuration, with the data it used
     assert config.data.train.endswith("shards/train") and config.model.vocab_size < 200
     assert "L_M" in result.stderr and "L_G" in result.stderr and "samples/s" in result.stderr
-    # The workers ran with the allocator settings of trainer/allocator.py (set through Ray's runtime_env).
+    # The workers ran with the allocator settings of trainer/training/allocator.py (set through Ray's runtime_env).
     assert "malloc: MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824" in result.stderr
 
 
@@ -121,7 +121,7 @@ def _damage_one_shard(split: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_damaged_shard_read_by_a_worker_ends_the_run_without_restarts(ray_local: Any, tmp_path: Path) -> None:
-    from trainer.data import prepare_data
+    from trainer.training.data import prepare_data
 
     config = tiny_run_config(tmp_path, "damaged")
     data = prepare_data(config.data)

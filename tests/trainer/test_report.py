@@ -1,7 +1,7 @@
 """trainer/report.py: plots and summary.md of a run directory built with the trainer's own writers.
 
 The run directories here are written by the code that writes real runs: the step log by
-trainer/worker.py's ``StepLog`` fed through ``_Loop.record`` (the method that builds each record),
+trainer/run/step_log.py's ``StepLog`` fed through the training's ``Recorder.record`` (which builds each line),
 train_state.json by ``TrainState.to_json``, config.yaml by ``config_to_yaml``, and metrics.json,
 eval_error.json, evaluations.jsonl and best.json by the evaluator itself (``evaluate_run``, the ``--watch`` path, on
 tiny checkpoints and splits from tests/eval_run_helpers.py). The report runs as the CLI in a
@@ -19,11 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 from eval_run_helpers import EvalData, build_eval_data, make_model, write_checkpoint
 
 from data_shards.storage import open_location
@@ -36,7 +36,9 @@ from trainer.evaluation import evaluate_embeddings, evaluate_embeddings_protocol
 from trainer.run.layout import EVALUATIONS_FILE, checkpoint_dir_name
 from trainer.run.retention import prune_checkpoints
 from trainer.run.train_state import TrainState
-from trainer.worker import Interval, StepLog, _Loop, hardest_negatives, learning_rate
+from trainer.run.step_log import StepLog
+from trainer.training.engine import hardest_negatives, learning_rate
+from trainer.training.recorder import Recorder
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "trainer" / "report.py"
@@ -74,13 +76,10 @@ def step_inputs(step: int) -> tuple[float, float, float, float]:
 
 def write_step_log(run_dir: str, config: TrainConfig, storage_options: dict[str, Any] | None = None,
                    steps: int = EPOCHS * BATCHES) -> None:
-    """The step log as rank 0 writes it: ``_Loop.record`` builds each record and appends it with
-    ``StepLog``. ``record`` runs on a mock loop holding the attributes it reads; anything else it
-    might touch (a metrics recorder added later) is absorbed by the mock instead of failing here."""
+    """The step log as rank 0 writes it: the training's ``Recorder.record`` builds each line
+    (trainer/run/step_log.py's ``step_line``) and appends it with ``StepLog``."""
     log = StepLog(run_dir, storage_options)
-    loop = mock.MagicMock()
-    loop.cfg, loop.step_log, loop.rank = config, log, 0
-    loop.interval, loop.since_checkpoint = Interval(), Interval()
+    recorder = Recorder(config, None, log, 0, 1, torch.device("cpu"))  # type: ignore[arg-type]  # no metrics: no reader
     step = 0
     for epoch in range(EPOCHS):
         lr = learning_rate(config.optim, epoch)
@@ -90,7 +89,7 @@ def write_step_log(run_dir: str, config: TrainConfig, storage_options: dict[str,
             hardest = hardest_negatives(config.optim, epoch, step)
             step += 1
             matching, caption, seconds, wait = step_inputs(step)
-            _Loop.record(loop, epoch, position, BATCHES, step, lr, hardest, matching, caption, seconds, wait)
+            recorder.record(epoch, position, BATCHES, step, lr, hardest, matching, caption, seconds, wait)
     log.sync()  # uploads the file on s3://; a no-op locally
 
 

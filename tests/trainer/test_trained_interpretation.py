@@ -29,7 +29,7 @@ from data_shards.lookup import read_records
 from data_shards.synthetic import OBJECTS, region_slots, scene_layout
 from model.vsrn import VSRN
 from trainer.config import load_config
-from trainer.data import SYNTHETIC_SEEDS, SYNTHETIC_WORLD_SEED
+from trainer.training.data import SYNTHETIC_SEEDS, SYNTHETIC_WORLD_SEED
 from trainer.evaluation import embedding_ranks
 from trainer.inference.attention import records_attention
 from trainer.inference.checkpoint import load_checkpoint

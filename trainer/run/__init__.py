@@ -7,7 +7,7 @@ module here, which spells how it is written and read; every other module asks it
     layout.py          the names of every file and directory below, the shared JSON primitives
     lease.py           lease.json: the one trainer writing the run (taken and renewed by launch.py)
     config_yaml.py     config.yaml: the resolved configuration, written at launch, read back typed
-    step_log.py        train_log.jsonl: the step log's field names and its readers
+    step_log.py        train_log.jsonl: the step log's field names, its writer and its readers
     records.py         one checkpoint's evaluation as one type, EvaluationRecord, in each of its
                        three files: metrics.json (written here, with eval_error.json), the
                        evaluations.jsonl line and best.json

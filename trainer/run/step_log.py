@@ -1,6 +1,7 @@
 """train_log.jsonl, the step log: one JSON object per optimizer step, written by rank 0 of the
-training (trainer/worker.py, ``StepLog``: appended locally, uploaded whole at each checkpoint on
-s3://; after a resume the replayed steps' lines are dropped first, so every step appears once).
+training through :class:`StepLog` (appended locally, uploaded whole at each checkpoint on s3://;
+after a resume the replayed steps' lines are dropped first, so every step appears once) from
+:func:`step_line`.
 
 Its field names are spelled here, for the writer and the readers alike:
 
@@ -9,7 +10,7 @@ Its field names are spelled here, for the writer and the readers alike:
   step); and BATCH_FIELD (the batch's position in its epoch) and HARDEST_FIELD (true: hardest
   negatives; false: the all-negatives warm-up);
 * on the step that closes a logging interval, LOG_FIELDS: the interval's hard-negative diagnostics
-  (trainer/diagnostics.py: gap_{i2t,t2i}_{mean,p10}, active_hinge_ratio, remote_hardest_ratio; null
+  (trainer/training/diagnostics.py: gap_{i2t,t2i}_{mean,p10}, active_hinge_ratio, remote_hardest_ratio; null
   when nothing was counted), and COLLAPSED_FIELD, the collapse detector's state.
 
 Readers: :func:`read_step_lines` gives the lines as written (bench/gpu_check.py checks that every
@@ -24,12 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from data_shards.storage import Location
+from data_shards.storage import Location, open_location
 from trainer.run.layout import TRAIN_LOG
 
 __all__ = [
@@ -44,10 +47,12 @@ __all__ = [
     "LOG_FIELDS",
     "REMOTE_FIELD",
     "STEP_FIELDS",
+    "StepLog",
     "StepLogError",
     "StepSeries",
     "read_step_lines",
     "read_step_log",
+    "step_line",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +71,66 @@ REMOTE_FIELD = "remote_hardest_ratio"
 COLLAPSED_FIELD = "collapsed"
 GAP_FIELDS = tuple(field.format(direction=d) for d in DIRECTIONS for field in (GAP_MEAN_FIELD, GAP_P10_FIELD))
 LOG_FIELDS = (*GAP_FIELDS, ACTIVE_FIELD, REMOTE_FIELD)  # numbers; COLLAPSED_FIELD is a bool
+
+
+def step_line(*, step: int, epoch: int, batch: int, loss_matching: float, loss_caption: float,
+              caption_loss_weight: float, lr: float, hardest: bool, samples: int, step_time_s: float,
+              data_wait_s: float, time: float, diagnostics: dict[str, float | None] | None = None,
+              collapsed: bool | None = None) -> dict[str, Any]:
+    """One step's line: STEP_FIELDS, BATCH_FIELD and HARDEST_FIELD; on a step that closes a logging
+    interval also its diagnostics (LOG_FIELDS) and COLLAPSED_FIELD. samples_per_s counts the data
+    wait in (samples / (step time + wait))."""
+    line: dict[str, Any] = {
+        "step": step, "epoch": epoch, BATCH_FIELD: batch,
+        "loss": loss_matching + caption_loss_weight * loss_caption, "loss_matching": loss_matching,
+        "loss_caption": loss_caption, "lr": lr, HARDEST_FIELD: hardest,
+        "samples_per_s": samples / max(step_time_s + data_wait_s, 1e-9), "data_wait_s": data_wait_s,
+        "step_time_s": step_time_s, "time": time}
+    if diagnostics is not None:
+        line.update({key: diagnostics[key] for key in LOG_FIELDS})
+        line[COLLAPSED_FIELD] = bool(collapsed)
+    return line
+
+
+class StepLog:
+    """The writer: RUN_DIR/train_log.jsonl, one line per step, written by rank 0.
+
+    Local run directories are appended to line by line. On s3:// the file is kept locally and
+    uploaded whole at every checkpoint (objects cannot be appended to). After a restart, lines
+    of steps beyond the restored checkpoint (replayed now) are dropped first, so every step
+    appears once.
+    """
+
+    def __init__(self, run_dir: str, storage_options: dict[str, Any] | None) -> None:
+        self.location = open_location(run_dir, storage_options)
+        if self.location.is_s3:
+            self.path = os.path.join(tempfile.mkdtemp(prefix="vsrn-trainlog-"), TRAIN_LOG)
+            try:
+                existing = self.location.read_bytes(TRAIN_LOG)
+            except FileNotFoundError:
+                existing = b""
+            with open(self.path, "wb") as stream:
+                stream.write(existing)
+        else:
+            self.location.makedirs()
+            self.path = self.location.child_path(TRAIN_LOG)
+
+    def truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as stream:
+            lines = [line for line in stream if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w", encoding="utf-8") as stream:
+            stream.writelines(lines)
+
+    def append(self, line: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(line) + "\n")
+
+    def sync(self) -> None:
+        if self.location.is_s3 and os.path.exists(self.path):
+            with open(self.path, "rb") as stream:
+                self.location.write_bytes_atomic(TRAIN_LOG, stream.read())
 
 
 class StepLogError(ValueError):

@@ -1,5 +1,5 @@
 """The train state of a checkpoint, train_state.json: where training stands (epoch, step, position in
-the epoch, world size, global batch). Written last into every checkpoint (trainer/run_checkpoint.py),
+the epoch, world size, global batch). Written last into every checkpoint (trainer/training/checkpoint.py),
 so its presence marks a complete checkpoint; read back to resume (:class:`TrainState`) and, without
 a format check, to list and label checkpoints (:func:`read_train_state_fields`).
 """
@@ -25,7 +25,7 @@ class TrainStateError(ValueError):
 @dataclasses.dataclass
 class TrainState:
     """Where training stands after `step` optimizer steps: the content of train_state.json, written
-    by trainer/run_checkpoint.py (last, so its presence marks a complete checkpoint) and read back
+    by trainer/training/checkpoint.py (last, so its presence marks a complete checkpoint) and read back
     to resume."""
 
     epoch: int  # the epoch of the last step taken

@@ -16,6 +16,7 @@ from trainer.run.step_log import (
     COLLAPSED_FIELD,
     LOG_FIELDS,
     STEP_FIELDS,
+    StepLog,
     StepLogError,
     read_step_lines,
     read_step_log,
@@ -55,3 +56,13 @@ def test_damage_is_named_by_file_and_line(tmp_path: Path, bad: str | None, messa
     (tmp_path / TRAIN_LOG).write_text(line(1) + "\n" + (bad if bad is not None else line(2, lr="fast")) + "\n")
     with pytest.raises(StepLogError, match=rf"{TRAIN_LOG} {message}"):
         read_step_log(open_location(str(tmp_path)))
+
+
+def test_step_log_drops_the_steps_that_are_redone_after_a_restart(tmp_path: Path) -> None:
+    log = StepLog(str(tmp_path), None)
+    for step in range(1, 6):
+        log.append({"step": step, "loss": float(step)})
+    log.truncate_after(3)
+    log.append({"step": 4, "loss": 40.0})
+    lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

@@ -1,4 +1,4 @@
-"""Checkpoints and resume (trainer/run_checkpoint.py), through Ray Train + DeepSpeed on 2 CPU workers.
+"""Checkpoints and resume (trainer/training/checkpoint.py), through Ray Train + DeepSpeed on 2 CPU workers.
 
 The Ray tests share one module fixture of runs on a tiny configuration (96 synthetic images,
 global batch 16, 30 steps per epoch, 2 epochs, ZeRO stage 1 so that optimizer states are
@@ -30,7 +30,7 @@ from model.vocab import build_vocab
 from model.vsrn import VSRN, VSRNConfig
 from train_run_helpers import STEPS_PER_EPOCH, logged_losses, tiny_run_config
 from trainer.config import ConfigError, TrainConfig
-from trainer.run_checkpoint import (
+from trainer.training.checkpoint import (
     export_inference,
     require_shared_storage,
     rng_state,
@@ -102,7 +102,7 @@ def test_rng_states_hold_one_cuda_generator_at_most_and_load_the_older_list(
     # Checkpoints written before held a list (empty on CPU); a non-empty one is ambiguous: skipped, said.
     older = {**saved, "cuda": []}
     set_rng_state(older, torch.device("cpu"))
-    with caplog.at_level("WARNING", logger="trainer.run_checkpoint"):
+    with caplog.at_level("WARNING", logger="trainer.training.checkpoint"):
         set_rng_state({**saved, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}, torch.device("cpu"))
     assert "CUDA RNG states of 2 GPUs" in caplog.text
 

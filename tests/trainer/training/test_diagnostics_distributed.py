@@ -1,8 +1,8 @@
-"""trainer/diagnostics.py over 2 gloo ranks: the interval summary gathers the ranks' hard-negative
+"""trainer/training/diagnostics.py over 2 gloo ranks: the interval summary gathers the ranks' hard-negative
 stats into the numbers of the global batch, the same on every rank and equal to one process's.
 
 Kept apart from test_collapse.py so that the spawned ranks import only torch, model.loss and
-trainer.diagnostics (not Ray and DeepSpeed through trainer.worker): the spawn then takes seconds.
+trainer.training.diagnostics (not Ray and DeepSpeed through trainer/training/worker.py): the spawn then takes seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.loss import gathered_hardest_negative_loss, hardest_negative_loss
-from trainer.diagnostics import HardNegativeInterval
+from trainer.training.diagnostics import HardNegativeInterval
 
 WORLD = 2
 

@@ -1,4 +1,4 @@
-"""Tests of trainer/data.py: the synthetic cache (built once, race-safe) and given shards."""
+"""Tests of trainer/training/data.py: the synthetic cache (built once, race-safe) and given shards."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from data_shards.convert import convert, plan_precomp
 from data_shards.reader import ReaderConfig, load_split
 from model.vocab import Vocabulary, build_vocab
 from trainer.config import DataConfig
-from trainer.data import DataError, prepare_data, synthetic_directory
+from trainer.training.data import DataError, prepare_data, synthetic_directory
 
 
 def tiny_data(cache: Path, **overrides: object) -> DataConfig:

@@ -1,4 +1,4 @@
-"""bf16 training through Ray Train + DeepSpeed on 2 CPU workers (trainer/worker.py's precision policy).
+"""bf16 training through Ray Train + DeepSpeed on 2 CPU workers (trainer/training/engine.py's precision policy).
 
 One module fixture of runs on the shared local Ray:
 * "z0": the embedded default's setting shrunk (200 images, 4 epochs) in bf16 with ZeRO 0 and the

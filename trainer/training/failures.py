@@ -33,8 +33,8 @@ from data_shards.format import ShardFormatError
 from model.checkpoint import CheckpointError
 from model.vocab import VocabularyError
 from trainer.config import ConfigError
-from trainer.data import DataError
-from trainer.run_checkpoint import ResumeError
+from trainer.training.data import DataError
+from trainer.training.checkpoint import ResumeError
 
 class CheckpointStorageError(RuntimeError):
     """Writing into the run's storage failed in a way no restart fixes (module doc); the message

@@ -1,4 +1,4 @@
-"""trainer/failures.py: which worker errors stop a run at once, and the line a failed run ends with.
+"""trainer/training/failures.py: which worker errors stop a run at once, and the line a failed run ends with.
 (The whole path through Ray Train, a damaged shard read by a worker, is in test_launch.py.)"""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from data_shards.format import ShardFormatError
 from trainer.config import ConfigError
-from trainer.failures import FatalTrainingError, failure_summary, fatal_training_error, one_sentence
-from trainer.run_checkpoint import ResumeError
+from trainer.training.failures import FatalTrainingError, failure_summary, fatal_training_error, one_sentence
+from trainer.training.checkpoint import ResumeError
 
 
 class _DamagedShards(IterableDataset):

@@ -1,4 +1,4 @@
-"""trainer/allocator.py: the malloc settings reach the processes that need them, and a value the
+"""trainer/training/allocator.py: the malloc settings reach the processes that need them, and a value the
 user set wins."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer import allocator
+from trainer.training import allocator
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_env_vars_leave_what_is_already_set() -> None:
@@ -30,7 +30,7 @@ def test_describe_names_the_settings_of_this_process(monkeypatch: Any) -> None:
 
 
 def test_reexec_starts_the_program_again_with_the_settings() -> None:
-    probe = ("import json, os, sys; from trainer import allocator; allocator.reexec_configured(); "
+    probe = ("import json, os, sys; from trainer.training import allocator; allocator.reexec_configured(); "
              "print(json.dumps({'argv': sys.argv[1:], 'env': {k: os.environ.get(k) for k in allocator.ENV_VARS}}))")
     env = {k: v for k, v in os.environ.items() if k not in allocator.ENV_VARS}
     env["MALLOC_TRIM_THRESHOLD_"] = "12345"  # the user's value is kept

@@ -25,7 +25,7 @@ per-step :class:`model.loss.HardNegativeStats` into one summary per logging inte
   and the warm-up is the usual cure, not the problem. After a restart the streak starts again.
 
 The progress-line wording lives here; the step-log keys in trainer/run/step_log.py, with the step
-log's reader (trainer/worker.py writes them, trainer/report.py reads them).
+log's reader (trainer/training/recorder.py writes them, trainer/report.py reads them).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ __all__ = [
     "collapse_level",
 ]
 
-log = logging.getLogger("trainer.diagnostics")
+log = logging.getLogger("trainer.training.diagnostics")
 
 COLLAPSE_TOLERANCE = 0.01  # "within 1 % of 2 * B * margin"
 GAP_QUANTILE = 0.1
@@ -181,7 +181,7 @@ def collapse_level(global_batch: int, margin: float) -> float:
 
     Every embedding alike makes every score equal, so each query's hardest hinge is exactly the
     margin; L_M sums one hinge per image query and one per caption query of the global batch
-    (trainer/worker.py logs L_M summed over the global batch, the reference's scale).
+    (the recorder logs L_M summed over the global batch, the reference's scale).
     """
     return 2.0 * global_batch * margin
 

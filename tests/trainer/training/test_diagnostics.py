@@ -1,6 +1,6 @@
-"""Hard-negative diagnostics and the collapse detector (trainer/diagnostics.py) in the training loop.
+"""Hard-negative diagnostics and the collapse detector (trainer/training/diagnostics.py) in the training loop.
 
-The loop of trainer/worker.py (`_Loop.run`: train_step, record, the step log, the metrics) runs
+The loop of trainer/training/loop.py (`TrainingLoop.run`: the step, the recorder, the step log, the metrics) runs
 here on a stand-in engine and reader, no Ray and no DeepSpeed, so each run takes well under a
 second: one model whose embeddings are all the same vector (the collapsed solution, a fixed point
 of the loss: its gradient is 0 there) and one whose pairs are perfectly separated. One real run
@@ -31,11 +31,13 @@ from model.vsrn import VSRNOutput
 from monitoring.recorders import PrometheusBackend, TrainingMetrics
 from train_run_helpers import tiny_run_config
 from trainer.config import TrainConfig, load_config
-from trainer.diagnostics import CollapseDetector, collapse_level
+from trainer.training.diagnostics import CollapseDetector, collapse_level
 from trainer.run.step_log import LOG_FIELDS
-from trainer.worker import StepLog, _Loop
+from trainer.run.step_log import StepLog
+from trainer.training.loop import TrainingLoop
+from trainer.training.recorder import Recorder
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BATCH, DIM = 8, 8
 STEPS = 12  # one epoch; logging every 2 steps: intervals close at steps 2, 4, ..., 12
 WARMUP_STEPS = 4  # all negatives for steps 1-4
@@ -74,7 +76,7 @@ class SeparatedPairs(nn.Module):
 
 
 class Engine:
-    """What `_Loop` uses of a DeepSpeed engine: call, backward, step, `.module` and `.optimizer`."""
+    """What the training loop uses of a DeepSpeed engine: call, backward, step, `.module` and `.optimizer`."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -97,7 +99,7 @@ class ReaderStats:
 
 
 class Reader:
-    """What `_Loop` uses of a TrainReader: one epoch of STEPS batches of distinct images."""
+    """What the training loop uses of a TrainReader: one epoch of STEPS batches of distinct images."""
 
     stats = ReaderStats()
 
@@ -117,8 +119,9 @@ def train(module: nn.Module, tmp_path: Path, *extra: str) -> tuple[list[dict[str
     cfg = config(*extra)
     backend = PrometheusBackend()
     metrics = TrainingMetrics(backend, run="r", rank=0)
-    loop = _Loop(cfg, Engine(module), Reader(), None, StepLog(str(tmp_path), None), 0, 1,  # type: ignore[arg-type]
-                 str(tmp_path), None, "r", metrics)
+    reader = Reader()
+    recorder = Recorder(cfg, reader, StepLog(str(tmp_path), None), 0, 1, torch.device("cpu"), metrics)  # type: ignore[arg-type]
+    loop = TrainingLoop(cfg, Engine(module), reader, None, recorder, 0, 1, str(tmp_path), None, "r")  # type: ignore[arg-type]
     loop.checkpoint = lambda state: None  # type: ignore[method-assign]  # checkpoints are not under test here
     loop.run(0, 0, 0)
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -144,7 +147,7 @@ def test_identical_embeddings_trip_the_detector(tmp_path: Path, caplog: pytest.L
         assert record["gap_t2i_p10"] == pytest.approx(0.0, abs=1e-6)
         assert record["active_hinge_ratio"] == 1.0  # under the warm-up too: all B - 1 negatives at the margin
         assert record["remote_hardest_ratio"] == 0.0  # one worker: nothing comes from another
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer.worker"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "trainer.training.recorder"]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     message = warnings[0].getMessage()
     assert "collapsed at step 10" in message and f"= {level:g}" in message
@@ -255,4 +258,4 @@ def test_a_learning_rate_far_too_high_collapses_a_real_run(ray_local: Any, tmp_p
         seen += out + err
         time.sleep(0.5)
     warning = next(line for line in seen.splitlines() if "training has likely collapsed" in line)
-    assert "WARNING rank0 trainer.worker" in warning and "warm-up" in warning and "learning_rate" in warning
+    assert "WARNING rank0 trainer.training.recorder" in warning and "warm-up" in warning and "learning_rate" in warning
