@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.step_profile import init_process_group, make_batch, parse_lengths, train_config  # noqa: E402
+from bench.step_profile import finish, init_process_group, make_batch, parse_lengths, train_config  # noqa: E402
 
 
 class CountingBackend:
@@ -113,7 +113,7 @@ def time_loop(args: argparse.Namespace, batch_size: int, compiled: bool) -> dict
         result["graphs"] = counter.graphs
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    del engine, model
+    engine = model = None  # free them before the next loop (the step closure holds engine)
     if compiled:
         torch.compiler.reset()
     return result
@@ -147,13 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile with the inductor backend directly (no graph count)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
-    result = run(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish(run(args), args.json)
     return 0
 
 

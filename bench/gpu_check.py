@@ -704,20 +704,30 @@ class Check:
 
     # ---- parts
 
-    def precision_probe(self, part: PartResult) -> None:
-        out = self.output / "precision_probe.json"
+    def run_for_json(self, part: PartResult, command: list[str], out: Path,
+                     statuses: tuple[int, ...] = (0,)) -> dict[str, Any] | None:
+        """Run a benchmark that writes its figures to `out` as JSON; its payload, or None when the
+        part failed (recorded in `part`). `statuses`: the exit statuses that still wrote figures."""
         out.unlink(missing_ok=True)
-        command = [sys.executable, str(ROOT / "bench" / "precision_probe.py"), "--device", self.device,
-                   *self.profile.probe_args, "--precision", "bf16", "fp16", "--json", str(out)]
         finished = self.execute(part, command)
-        if finished is None or (finished.returncode not in (0, 1)):
-            return
+        if finished is None or finished.returncode not in statuses:
+            return None
         try:
             payload = json.loads(out.read_text())
         except (OSError, ValueError) as error:
             part.fail(f"no figures in {out}: {error}")
+            return None
+        part.figures["json"] = str(out)
+        return payload if isinstance(payload, dict) else None
+
+    def precision_probe(self, part: PartResult) -> None:
+        out = self.output / "precision_probe.json"
+        command = [sys.executable, str(ROOT / "bench" / "precision_probe.py"), "--device", self.device,
+                   *self.profile.probe_args, "--precision", "bf16", "fp16", "--json", str(out)]
+        payload = self.run_for_json(part, command, out, statuses=(0, 1))  # 1: a case failed; its figures are there
+        if payload is None:
             return
-        part.figures.update({"json": str(out), **{k: payload.get(k) for k in ("device", "batch", "gpu", "cudnn", "cases")}})
+        part.figures.update({k: payload.get(k) for k in ("device", "batch", "gpu", "cudnn", "cases")})
         failed = [f"{c['precision']} {c['case']}" for c in payload.get("cases", []) if c.get("status") != "ok"]
         if failed:
             part.fail(f"relative errors over the limits or non-finite values: {', '.join(failed)}")
@@ -726,39 +736,28 @@ class Check:
 
     def model_speed(self, part: PartResult, batch: int, steps: int) -> None:
         out = self.output / f"model_speed_b{batch}.json"
-        out.unlink(missing_ok=True)
         command = [sys.executable, str(ROOT / "bench" / "model_speed.py"), "--device", self.device,
                    "--batch-size", str(batch), "--steps", str(steps), *self.profile.model_speed_args,
                    "--precision", self.args.precision, "--path", "trainer", "autocast", "--json", str(out)]
-        finished = self.execute(part, command)
-        if finished is None or part.status != "ok":
+        payload = self.run_for_json(part, command, out)
+        if payload is None:
             return
-        try:
-            payload = json.loads(out.read_text())
-            results = list(payload["results"])
-            if not results:
-                raise ValueError("no results")
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            part.fail(f"no figures in {out}: {error}")
+        results = payload.get("results")
+        if not isinstance(results, list) or not results:
+            part.fail(f"no figures in {out}: no results")
             return
-        part.figures.update({"json": str(out), "machine": payload.get("machine"), "batch": batch, "results": results})
+        part.figures.update({"machine": payload.get("machine"), "batch": batch, "results": results})
 
     def eval_speed(self, part: PartResult) -> None:
         out = self.output / "eval_speed.json"
-        out.unlink(missing_ok=True)
         command = [sys.executable, str(ROOT / "bench" / "eval_speed.py"), "--device", self.device,
                    *self.profile.eval_speed_args, "--json", str(out)]
-        finished = self.execute(part, command)
-        if finished is None or part.status != "ok":
-            return
-        try:
-            payload = json.loads(out.read_text())
-        except (OSError, ValueError) as error:
-            part.fail(f"no figures in {out}: {error}")
+        payload = self.run_for_json(part, command, out)
+        if payload is None:
             return
         keep = ("images", "captions", "dim", "device", "vectorized_s", "vectorized_runs_s", "loop_s",
                 "loop_queries", "loop_extrapolated", "speedup", "memory", "agreement", "metrics")
-        part.figures.update({"json": str(out), **{k: payload.get(k) for k in keep}})
+        part.figures.update({k: payload.get(k) for k in keep})
 
     def compile(self, part: PartResult) -> None:
         """bench/compile_speed.py: the worker's step eager, then compiled (model.compile: true;

@@ -140,72 +140,59 @@ def _count_cudnn_rnn(function: Any) -> tuple[Any, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def probe_image_gru(model: VSRN, dtype: torch.dtype, precision: str, limit: float, regions: Tensor) -> Case:
-    """The global semantic reasoning GRU over reasoned regions (B, 36, D), from a zero state."""
-    case = Case("gru_image_gsr", precision, limit)
-    assert model.image_encoder.gsr is not None
-    reference_gru = model.image_encoder.gsr
+def _probe_gru(name: str, precision: str, limit: float, reference_gru: nn.Module, dtype: torch.dtype,
+               inputs: Tensor, run: Any, state: str = "final_state") -> Case:
+    """One GRU run by `run(gru, x) -> (outputs, state)` on `inputs`, float32 against `dtype`
+    weights and inputs: forward values, the cuDNN calls of the low-precision forward, backward."""
+    case = Case(name, precision, limit)
     low_gru = cast_parameters(reference_gru, dtype)
-    x32 = regions.detach().clone().requires_grad_(True)
-    x_low = regions.detach().to(dtype).requires_grad_(True)
-    out32, h32 = run_gru(reference_gru, x32)
-    (out_low, h_low), case.cudnn_rnn_calls = _count_cudnn_rnn(lambda: run_gru(low_gru, x_low))
+    x32 = inputs.detach().clone().requires_grad_(True)
+    x_low = inputs.detach().to(dtype).requires_grad_(True)
+    out32, h32 = run(reference_gru, x32)
+    (out_low, h_low), case.cudnn_rnn_calls = _count_cudnn_rnn(lambda: run(low_gru, x_low))
     case.value("outputs", out_low, out32)
-    case.value("final_state", h_low, h32)
+    case.value(state, h_low, h32)
     _backward_both(case, (out32, h32), (out_low, h_low), x32, x_low, reference_gru, low_gru)
     return case
+
+
+def probe_image_gru(model: VSRN, dtype: torch.dtype, precision: str, limit: float, regions: Tensor) -> Case:
+    """The global semantic reasoning GRU over reasoned regions (B, 36, D), from a zero state."""
+    assert model.image_encoder.gsr is not None
+    return _probe_gru("gru_image_gsr", precision, limit, model.image_encoder.gsr, dtype, regions, run_gru)
 
 
 def probe_text_gru(model: VSRN, dtype: torch.dtype, precision: str, limit: float, tokens: Tensor,
                    lengths: Tensor) -> Case:
     """The text encoder's GRU as the model calls it: over the padded captions (unsorted lengths),
     each caption's output at its last token gathered by position (model/vsrn.py, TextEncoder)."""
-    case = Case("gru_text_padded", precision, limit)
-    reference_gru = model.text_encoder.rnn
-    low_gru = cast_parameters(reference_gru, dtype)
-    embedded = model.text_encoder.embed(tokens).detach()
-    x32 = embedded.clone().requires_grad_(True)
-    x_low = embedded.to(dtype).requires_grad_(True)
     last = (lengths - 1).to(tokens.device).view(-1, 1, 1)
 
     def run(gru: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         outputs, _ = run_gru(gru, x, float32_outputs=True)
         return outputs, outputs.gather(1, last.expand(-1, 1, outputs.shape[-1])).squeeze(1)
 
-    out32, h32 = run(reference_gru, x32)
-    (out_low, h_low), case.cudnn_rnn_calls = _count_cudnn_rnn(lambda: run(low_gru, x_low))
-    case.value("outputs", out_low, out32)
-    case.value("last_token_state", h_low, h32)
-    _backward_both(case, (out32, h32), (out_low, h_low), x32, x_low, reference_gru, low_gru)
-    return case
+    return _probe_gru("gru_text_padded", precision, limit, model.text_encoder.rnn, dtype,
+                      model.text_encoder.embed(tokens), run, state="last_token_state")
 
 
 def probe_decoder_gru(model: VSRN, dtype: torch.dtype, precision: str, limit: float, batch: int,
                       steps: int, device: torch.device) -> Case:
     """The caption decoder's GRU stepped one token at a time with the carried state, as in teacher forcing."""
-    case = Case("gru_decoder_steps", precision, limit)
     assert model.caption_generator is not None
-    reference_gru = model.caption_generator.decoder_rnn
-    low_gru = cast_parameters(reference_gru, dtype)
+    gru = model.caption_generator.decoder_rnn
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(batch, steps, reference_gru.input_size, generator=generator).to(device)
-    h0 = (0.5 * torch.randn(1, batch, reference_gru.hidden_size, generator=generator)).to(device)
-    x32 = inputs.clone().requires_grad_(True)
-    x_low = inputs.to(dtype).requires_grad_(True)
+    inputs = torch.randn(batch, steps, gru.input_size, generator=generator).to(device)
+    h0 = (0.5 * torch.randn(1, batch, gru.hidden_size, generator=generator)).to(device)
 
-    def run(gru: nn.GRU, x: Tensor) -> tuple[Tensor, Tensor]:
+    def run(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
         hidden, outputs = h0, []
         for t in range(steps):
-            out, hidden = gru_forward(gru, x[:, t:t + 1], hidden)
+            out, hidden = gru_forward(module, x[:, t:t + 1], hidden)
             outputs.append(out)
         return torch.cat(outputs, dim=1), hidden
 
-    out32, h32 = run(reference_gru, x32)
-    (out_low, h_low), case.cudnn_rnn_calls = _count_cudnn_rnn(lambda: run(low_gru, x_low))
-    case.value("outputs", out_low, out32)
-    case.value("final_state", h_low, h32)
-    _backward_both(case, (out32, h32), (out_low, h_low), x32, x_low, reference_gru, low_gru)
-    return case
+    return _probe_gru("gru_decoder_steps", precision, limit, gru, dtype, inputs, run)
 
 
 def _backward_both(case: Case, reference: tuple[Tensor, Tensor], low: tuple[Tensor, Tensor], x32: Tensor,

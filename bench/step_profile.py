@@ -642,6 +642,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def finish(result: dict[str, Any], json_path: str | None) -> None:
+    """Write `result` as JSON (when asked) and end the one-rank process group (this script's and
+    bench/compile_speed.py's end)."""
+    import torch.distributed as dist
+
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -664,12 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "syncs_per_step", "syncs_per_logging_step", "distinct_step_shapes_per_epoch",
                                       "distinct_step_shapes_per_epoch_long_tail", "syncs_by_part")}
     print(json.dumps(summary, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish(result, args.json)
     return 0
 
 

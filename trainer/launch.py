@@ -18,8 +18,14 @@ one JSON object: {"run_dir", "best" (best.json: checkpoint, step, epoch, dev_rsu
 
 Re-running with the same checkpoint.run_name (and storage path) resumes that run from its latest
 checkpoint (trainer/training/checkpoint.py), once the previous trainer of the run released its lease or
-its heartbeat is older than checkpoint.lease_timeout_s (a killed driver); checkpoint.force_lease=true
-takes over a live lease, and the trainer that held it aborts its run and exits 1.
+its heartbeat is older than checkpoint.lease_timeout_s (a killed driver; checkpoint.lease_wait_s
+waits for that); checkpoint.force_lease=true takes over a live lease, and the trainer that held it
+stops its workers and exits 1.
+
+SIGTERM and SIGINT: the workers checkpoint the step they are on and return, the lease is released,
+and the driver exits 143 (130) with a last line naming the checkpoint a relaunch resumes from,
+within checkpoint.stop_grace_s; past it, or on a second signal, it exits without one and says so
+(trainer/training/control.py; docs/operations.md, "Preemption and restarts").
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +52,9 @@ from data_shards.storage import is_s3_url
 from trainer.config import ConfigError, TrainConfig, config_to_dict, load_config
 from trainer.training.data import DataError, PreparedData, prepare_data, storage_options_for
 from trainer.training.failures import failure_summary, stop_on_fatal_error_callback
-from trainer.training.checkpoint import require_shared_storage
+from trainer.training.checkpoint import require_shared_storage, storage_error
+from trainer.training.control import Interrupted, Interrupts, start_run_control
+from trainer.training.placement import ClusterResourcesError, wait_for_resources
 from trainer.run.best import best_summary
 from trainer.run.config_yaml import write_run_config
 from trainer.run.lease import LeaseHeldError, LeaseLostError, RunLease
@@ -145,104 +154,6 @@ def cluster_hosts() -> tuple[str, list[str]]:
     return driver_host, [n["NodeManagerAddress"] for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
 
 
-class ClusterResourcesError(RuntimeError):
-    """The Ray cluster cannot place the run's workers and evaluation actor; the message names what
-    is missing."""
-
-
-def run_bundles(config: TrainConfig) -> list[tuple[str, dict[str, float]]]:
-    """(what, Ray resources) of every actor the run places: each training worker, the evaluator."""
-    dist = config.distributed
-    worker = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
-    bundles = [(f"training worker {rank}", worker) for rank in range(dist.workers)]
-    if config.eval.enabled:
-        evaluator = {"CPU": config.eval.cpus, **({"GPU": config.eval.gpus} if config.eval.gpus else {})}
-        bundles.append(("evaluation actor", {k: v for k, v in evaluator.items() if v}))
-    return bundles
-
-
-def unplaceable(bundles: list[tuple[str, dict[str, float]]],
-                nodes: list[dict[str, float]]) -> list[tuple[str, dict[str, float]]]:
-    """The bundles that do not fit on the nodes' TOTAL resources (what the cluster has, busy or
-    not), placed largest first, each on the first node with room. Greedy: a fit it reports is a
-    real one; a miss may in rare packings be a fit that Ray's scheduler would find."""
-    free = [dict(node) for node in nodes]
-    left = []
-    for name, need in sorted(bundles, key=lambda b: (-b[1].get("GPU", 0.0), -b[1].get("CPU", 0.0))):
-        node = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in need.items())), None)
-        if node is None:
-            left.append((name, need))
-            continue
-        for key, value in need.items():
-            node[key] = node.get(key, 0.0) - value
-    return left
-
-
-def _format_resources(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{key}: {value:g}" for key, value in sorted(resources.items())) + "}"
-
-
-def describe_missing(config: TrainConfig, missing: list[tuple[str, dict[str, float]]],
-                     nodes: list[dict[str, float]], waited_s: float) -> str:
-    """One line: what the run asks for (with the keys that set it), what the nodes have, what is missing."""
-    bundles = run_bundles(config)
-    have = {key: sum(node.get(key, 0.0) for node in nodes) for key in ("CPU", "GPU")}
-    needed: dict[str, float] = {}
-    for _, need in bundles:
-        for key, value in need.items():
-            needed[key] = needed.get(key, 0.0) + value
-    shortfall = {key: value - have.get(key, 0.0) for key, value in needed.items() if value > have.get(key, 0.0) + 1e-9}
-    names = ", ".join(name for name, _ in missing)
-    lacking = (f"missing {_format_resources(shortfall)} (for {names})" if shortfall
-               else f"no node has room for {names} (a bundle must fit on one node)")
-    dist = config.distributed
-    asked = (f"{dist.workers} training worker(s) x {_format_resources(bundles[0][1])} (distributed.workers, "
-             f"distributed.cpus_per_worker{', distributed.gpus_per_worker' if dist.use_gpu else ''})")
-    if config.eval.enabled:
-        asked += f" and the evaluation actor {_format_resources(bundles[-1][1])} (eval.cpus, eval.gpus)"
-    return (f"the Ray cluster cannot place this run: it asks for {asked}; its {len(nodes)} node(s) have "
-            f"{_format_resources(have)} in all; {lacking}, after waiting {waited_s:.0f} s "
-            "(distributed.resource_wait_s) for nodes to join. Add nodes with these resources or ask for fewer "
-            "(on a cluster without GPUs: distributed.use_gpu=false)")
-
-
-def wait_for_resources(config: TrainConfig, poll_s: float = 1.0) -> None:
-    """Return once the cluster's nodes can hold the run's bundles; raise ClusterResourcesError
-    naming what is missing after distributed.resource_wait_s.
-
-    Without this, a run asking for GPUs on a cluster that has none waits silently forever: Ray
-    Train's placement group stays pending. The bundles are also handed to the autoscaler
-    (ray.autoscaler.sdk.request_resources, a hint that is a no-op without one) so that an
-    autoscaling cluster starts nodes for them while this waits; the request is cleared once they
-    fit, since Ray Train's placement group then holds the demand.
-    """
-    import ray
-    from ray.autoscaler.sdk import request_resources
-
-    bundles = run_bundles(config)
-    started = time.monotonic()
-    requested = False
-    try:
-        while True:
-            nodes = [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-            missing = unplaceable(bundles, nodes)
-            waited = time.monotonic() - started
-            if not missing:
-                return
-            if waited >= config.distributed.resource_wait_s:
-                raise ClusterResourcesError(describe_missing(config, missing, nodes, waited))
-            if not requested:
-                request_resources(bundles=[need for _, need in bundles])
-                requested = True
-                log.warning("the Ray cluster cannot place %s yet; waiting up to %.0f s (distributed.resource_wait_s) "
-                            "for nodes to join", ", ".join(name for name, _ in missing),
-                            config.distributed.resource_wait_s)
-            time.sleep(min(poll_s, max(config.distributed.resource_wait_s - waited, 0.0)))
-    finally:
-        if requested:
-            request_resources(bundles=[])
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoints -> evaluation worker
 # --------------------------------------------------------------------------------------------------
@@ -279,44 +190,37 @@ def prune(run_dir: str, keep_last: int, storage_options: dict[str, Any] | None) 
 # --------------------------------------------------------------------------------------------------
 
 
-class _AbortOnLostLease:
-    """The lease's `on_lost` (called in its heartbeat thread): abort the Ray Train run.
-
-    TorchTrainer.fit() installs, in the main thread, a SIGINT handler that aborts the run through
-    its controller (Ray's Ctrl-C); sending this process SIGINT while fit() runs uses exactly that.
-    Outside fit() (or when run() is not on the main thread, where Ray installs no handler) nothing
-    is interrupted: run() checks the lease at its next step and fails with LeaseLostError.
-    """
-
-    def __init__(self) -> None:
-        self.in_fit = False
-        self.on_main_thread = threading.current_thread() is threading.main_thread()
-
-    def __call__(self, lost: LeaseLostError) -> None:
-        if self.in_fit and self.on_main_thread:
-            log.error("aborting the training run: the lease is lost")
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-def run(config: TrainConfig) -> dict[str, Any]:
+def run(config: TrainConfig, interrupts: Interrupts | None = None) -> dict[str, Any]:
     """Train (or resume) the run of `config` through Ray Train; returns the summary (see module doc).
 
     Takes the lease on RUN_DIR first (trainer/run/lease.py; LeaseHeldError when another trainer
     holds it) and releases it when the run ends, however it ends; LeaseLostError when another
-    trainer took it over meanwhile. Uses the Ray instance of this process if there is one, else
+    trainer took it over meanwhile. SIGTERM and SIGINT stop the workers after the step they are on
+    with a checkpoint (trainer/training/control.py; the summary's "stopped" says where), or raise
+    Interrupted where no worker can. Uses the Ray instance of this process if there is one, else
     connects/starts one (and leaves it running: main() shuts it down).
     """
     started = time.perf_counter()
+    interrupts = interrupts or Interrupts(config.checkpoint.stop_grace_s)
+    interrupts.install()
     config, run_dir = resolve_run(config)
+    interrupts.run_dir = run_dir
     checkpoint = config.checkpoint
     lease = RunLease.acquire(run_dir, timeout_s=checkpoint.lease_timeout_s, force=checkpoint.force_lease,
                              wait_s=checkpoint.lease_wait_s,
                              storage_options=storage_options_for(config.data) if is_s3_url(run_dir) else None,
                              ray=f"ray cluster {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "")
-    abort = _AbortOnLostLease()
-    lease.start_heartbeat(on_lost=abort)
+
+    def on_lost(lost: LeaseLostError) -> None:
+        """In the heartbeat thread: another trainer owns RUN_DIR now; the workers stop at once,
+        writing nothing (fit() then returns and run() raises `lost`)."""
+        if interrupts.control is not None:
+            log.error("stopping the training run: the lease is lost")
+            interrupts.control.request_stop.remote("the lease was lost", False)
+
+    lease.start_heartbeat(on_lost=on_lost)
     try:
-        summary = _train(config, run_dir, lease, abort)
+        summary = _train(config, run_dir, lease, interrupts)
         lease.check()
     finally:
         lease.release()
@@ -324,11 +228,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLostLease) -> dict[str, Any]:
+def _train(config: TrainConfig, run_dir: str, lease: RunLease, interrupts: Interrupts) -> dict[str, Any]:
     """run() while holding the lease."""
     data = prepare_data(config.data)
     config = effective_config(config, data)
     connect_ray(config)
+    interrupts.install()  # again: ray.init installs its own SIGTERM handler
     import ray
 
     context = ray.get_runtime_context()
@@ -339,7 +244,7 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
     lease.check()
     write_run_config(config, run_dir)
     log.info("run directory %s", run_dir)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from model.vocab import Vocabulary
@@ -358,6 +263,8 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
                                           storage_options=storage_options, region_order=config.data.region_order,
                                           metrics_run=config.checkpoint.run_name if config.monitoring.enabled else None,
                                           runtime_env=worker_env)
+    control_name = f"vsrn-control-{config.checkpoint.run_name}-{uuid.uuid4().hex[:8]}"
+    control = start_run_control(control_name, config.distributed.workers)
     dist = config.distributed
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
     storage_path, storage_fs = config.checkpoint.storage_path, None
@@ -367,48 +274,85 @@ def _train(config: TrainConfig, run_dir: str, lease: RunLease, abort: _AbortOnLo
         train_loop_per_worker,
         train_loop_config={"train": config_to_dict(config), "data": data.to_dict(),
                            "vocab_words": Vocabulary.load_json(data.vocab).idx2word, "run_dir": run_dir,
-                           "run_name": config.checkpoint.run_name, "driver_host": driver_host},
+                           "run_name": config.checkpoint.run_name, "driver_host": driver_host,
+                           "control": {"name": control_name, "namespace": context.namespace}},
         scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=config.checkpoint.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            # A drained (preempted) node's workers are moved by Ray Train itself; those restarts
+            # count apart from max_failures (trainer/training/control.py).
             failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # pruned by prune(): keeps the best too
             worker_runtime_env=worker_env,
             callbacks=[_make_callback(evaluator, run_dir, config.checkpoint.keep_last, storage_options),
                        stop_on_fatal_error_callback()]),
     )
-    abort.in_fit = True
     try:
-        lease.check()  # after in_fit is set: a loss from now on interrupts fit(), or this raises
-        result = trainer.fit()
-    except BaseException as error:
-        # Aborted for a lost lease: Ray's SIGINT handler exits (SystemExit) or fit() sees its
-        # controller gone; either way the cause to report is the lease.
-        lost = lease.lost
-        if evaluator is not None and (lost is not None or isinstance(error, TrainingFailedError)):
-            ray.kill(evaluator)
-        if lost is not None:
-            raise lost from error
+        lease.check()
+        result = fit_interruptible(trainer, interrupts, control)
+    except BaseException:
+        if evaluator is not None:
+            ray.kill(evaluator)  # its queue is the next run's (its actor catches up) or the CronJob's
+        if lease.lost is not None:
+            raise lease.lost from None
         raise
     finally:
-        abort.in_fit = False
+        ray.kill(control)
     lease.check()
     latest = None
     if result.checkpoint is not None:
         latest = f"s3://{result.checkpoint.path}" if is_s3_url(run_dir) else result.checkpoint.path
-    best = None
+    summary: dict[str, Any] = {"run_dir": run_dir, "best": None, "latest_checkpoint": latest,
+                               "run_name": config.checkpoint.run_name}
+    if interrupts.signum is not None:  # the workers stopped on a signal and checkpointed
+        # The evaluator is not waited for: its queue (the stop checkpoint among it) is left to the
+        # next run's actor, which evaluates what it finds unevaluated, or to the CronJob.
+        if evaluator is not None:
+            ray.kill(evaluator)
+        summary["stopped"] = {"signal": signal.Signals(interrupts.signum).name,
+                              "exit_status": 128 + interrupts.signum, "checkpoint": latest}
+        return summary
     if evaluator is not None:
         log.info("waiting for the evaluation worker")
         try:
             ray.get(evaluator.wait_idle.remote(EVAL_WAIT_S))
-            best = ray.get(evaluator.best.remote())
+            summary["best"] = ray.get(evaluator.best.remote())
         except ray.exceptions.RayActorError as error:  # lost more often than Ray restarts it
             log.warning("the evaluation worker is gone (%s); checkpoints without metrics.json are left to "
                         "`python trainer/evaluate.py --watch %s`", type(error).__name__, run_dir)
-            best = best_summary(run_dir, storage_options)
+            summary["best"] = best_summary(run_dir, storage_options)
         prune(run_dir, config.checkpoint.keep_last, storage_options)
         ray.kill(evaluator)
-    return {"run_dir": run_dir, "best": best, "latest_checkpoint": latest, "run_name": config.checkpoint.run_name}
+    return summary
+
+
+def fit_interruptible(trainer: Any, interrupts: Interrupts, control: Any) -> Any:
+    """`trainer.fit()` on a thread of its own, the main thread left to the signal handlers.
+
+    Why: fit() on the main thread installs Ray's SIGINT handler (it aborts the controller, no
+    checkpoint) and Ray's SIGTERM handler raises SystemExit inside it (the driver then dies with
+    SIGABRT). Here a signal becomes the run's stop request (Interrupts), and the main thread
+    enforces checkpoint.stop_grace_s while the workers checkpoint and return."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    interrupts.training(control)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+            interrupts.check()
+    finally:
+        interrupts.training(None)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,9 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started_ray = False
     failure: tuple[int, str] | None = None  # (exit status, last line of stderr)
+    interrupts = Interrupts(config.checkpoint.stop_grace_s)
     try:
         started_ray = not _ray_initialized()
-        summary = run(config)
+        summary = run(config, interrupts)
+    except Interrupted as error:  # nothing checkpointed for this signal
+        failure = error.exit_status, (f"launch: {error}: nothing was checkpointed for it; "
+                                      f"{_resume_point(interrupts.run_dir, config)}")
+        if "did not checkpoint within" in error.why or "second signal" in error.why:
+            print(failure[1], file=sys.stderr, flush=True)  # Ray may be busy: leave without shutting it down
+            logging.shutdown()
+            os._exit(failure[0])
     except ConfigError as error:
         failure = 2, f"launch: configuration error: {error}"
     except LeaseHeldError as error:  # another trainer writes this run: nothing was written
@@ -457,10 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterResourcesError as error:  # refused before training: nothing was written
         failure = 2, f"launch: {error}"
     except Exception as error:
-        if not _is_training_failure(error):
+        lasting = storage_error(error, config.checkpoint.storage_path, "the run directory")
+        if lasting is not None and not _is_training_failure(error):  # the driver's own writes (lease, config.yaml)
+            failure = 1, f"launch: {lasting}"
+        elif not _is_training_failure(error):
             raise
-        log.error("training failed", exc_info=error)
-        failure = 1, f"launch: {failure_summary(error)}"
+        else:
+            log.error("training failed", exc_info=error)
+            failure = 1, f"launch: {failure_summary(error)}"
     finally:
         if started_ray:
             # Also stops the streaming of worker logs, so the JSON line (or the failure) stays last.
@@ -468,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     if failure is not None:
         print(failure[1], file=sys.stderr)
         return failure[0]
+    stopped = summary.get("stopped")
+    if stopped:
+        where = (f"checkpoint {stopped['checkpoint']} is committed and a relaunch with the same checkpoint.run_name "
+                 "resumes from it" if stopped["checkpoint"] else "no checkpoint was committed: a relaunch starts anew")
+        print(f"launch: stopped by {stopped['signal']}: {where}", file=sys.stderr)
+        return int(stopped["exit_status"])
     from trainer.evaluation import format_table
 
     best = summary["best"]
@@ -477,6 +439,21 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(best["metrics"]))
     print(json.dumps(summary))
     return 0
+
+
+def _resume_point(run_dir: str | None, config: TrainConfig) -> str:
+    """Where a relaunch of the run resumes from: its latest complete checkpoint, if any."""
+    from trainer.run.checkpoints import list_checkpoints
+
+    if run_dir is None:
+        return "nothing of the run was written"
+    try:
+        complete = list_checkpoints(run_dir, storage_options_for(config.data) if is_s3_url(run_dir) else None)
+    except Exception:  # noqa: BLE001 - the line is informative; the storage may be what failed
+        return f"a relaunch resumes from the latest complete checkpoint of {run_dir}"
+    if not complete:
+        return f"a relaunch starts {run_dir} anew (no complete checkpoint)"
+    return f"a relaunch with the same checkpoint.run_name resumes from {complete[-1].url}"
 
 
 def _is_training_failure(error: BaseException) -> bool:

@@ -16,6 +16,7 @@ import importlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from eval_run_helpers import (
     ranked_models,
     write_picture_split,
 )
+from train_run_helpers import Launch
 
 from model.vsrn import VSRN
 
@@ -100,3 +102,12 @@ def embedded_default_run(ray_local: Any, tmp_path_factory: pytest.TempPathFactor
         cwd=ROOT, capture_output=True, text=True, check=False, timeout=900,
         env={**os.environ, "RAY_ADDRESS": address})
     return EmbeddedRun(result=result, run_dir=root / "runs" / "embedded", cache_dir=root / "cache")
+
+
+@pytest.fixture
+def launches() -> Iterator[list[Launch]]:
+    """Launches a test started; any still running at its end is killed."""
+    started: list[Launch] = []
+    yield started
+    for launch in started:
+        launch.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -14,10 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from train_run_helpers import (
+    Launch,
+    logged_losses,
+    tiny_run_config,
+    tiny_run_overrides,
+    wait_for,
+)
 
-from train_run_helpers import tiny_run_config, tiny_run_overrides
 from trainer.config import load_config
-from trainer.launch import pyarrow_s3_filesystem, resolve_run, run_bundles, unplaceable
+from trainer.launch import pyarrow_s3_filesystem, resolve_run
+from trainer.run.layout import checkpoint_dir_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,6 +112,10 @@ def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(em
     assert "L_M" in result.stderr and "L_G" in result.stderr and "samples/s" in result.stderr
     # The workers ran with the allocator settings of trainer/training/allocator.py (set through Ray's runtime_env).
     assert "malloc: MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824" in result.stderr
+    # No deprecation warning from the driver, the workers or the evaluation actor (before: the
+    # actor's Ray runtime-context call warned on every run).
+    warned = [line for line in result.stderr.splitlines() if "DeprecationWarning" in line or "FutureWarning" in line]
+    assert warned == [], warned
 
 
 def _damage_one_shard(split: Path) -> str:
@@ -143,21 +155,6 @@ def test_a_damaged_shard_read_by_a_worker_ends_the_run_without_restarts(ray_loca
     assert not any(line.startswith("{") for line in result.stdout.splitlines())  # no summary JSON
 
 
-def test_bundles_are_placed_on_the_nodes_total_resources() -> None:
-    config = load_config(ROOT / "configs" / "coco.yaml", ["distributed.workers=2"])
-    bundles = run_bundles(config)
-    assert [name for name, _ in bundles] == ["training worker 0", "training worker 1", "evaluation actor"]
-    assert bundles[0][1] == {"CPU": 8.0, "GPU": 1.0} and bundles[-1][1] == {"CPU": 4.0, "GPU": 1.0}
-    gpu_node = {"CPU": 32.0, "GPU": 2.0, "memory": 1e11}
-    assert unplaceable(bundles, [gpu_node, gpu_node]) == []
-    # One node of 2 GPUs: the evaluator's GPU is missing (the largest bundles are placed first).
-    assert [name for name, _ in unplaceable(bundles, [gpu_node])] == ["evaluation actor"]
-    # CPU nodes only: nothing that asks for a GPU fits, however many CPUs there are.
-    assert len(unplaceable(bundles, [{"CPU": 64.0}] * 4)) == 3
-    # A bundle must fit on ONE node: two half-full nodes do not hold a whole worker.
-    assert len(unplaceable(bundles[:1], [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}])) == 1
-
-
 @pytest.mark.slow
 def test_a_run_asking_for_gpus_on_a_cluster_without_any_ends_naming_them(ray_local: Any, tmp_path: Path) -> None:
     # The session's cluster has 2 CPUs and no GPU, and no autoscaler: before, the driver waited
@@ -174,6 +171,55 @@ def test_a_run_asking_for_gpus_on_a_cluster_without_any_ends_naming_them(ray_loc
     assert "distributed.gpus_per_worker" in last and "distributed.resource_wait_s" in last, last
     assert elapsed < 60, elapsed
     assert not (tmp_path / "runs" / "no-gpus" / "config.yaml").exists()  # refused before the run was written
+
+
+def _last_logged_step(run: Path) -> int:
+    path = run / "train_log.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _stop_with(launch: Launch, sig: signal.Signals, run: Path, after_step: int) -> tuple[int, int]:
+    """Send `sig` once the run has logged `after_step` (every step is logged at once here:
+    logging.interval_steps=1); (the last step logged when it was sent, the launcher's status)."""
+    wait_for(lambda: _last_logged_step(run) >= after_step, 300, f"step {after_step}", launch.exited)
+    signalled_at = _last_logged_step(run)
+    launch.process.send_signal(sig)
+    return signalled_at, launch.wait(120)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_and_sigint_stop_at_the_next_step_with_a_checkpoint_and_the_relaunch_resumes_there(
+        ray_local: Any, tmp_path: Path, launches: list[Launch]) -> None:
+    # `ray job stop`, a deleted pod (SIGTERM) and Ctrl-C (SIGINT): before, the driver died with
+    # SIGABRT and the steps since the last checkpoint were lost. 3 epochs of 30 steps, no periodic
+    # checkpoint: a stop checkpoint mid-epoch is the stop's own.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    runs = tmp_path / "runs"
+    run = runs / "stopped"
+    overrides = tiny_run_overrides(tmp_path / "cache", runs, "stopped", "distributed.cpus_per_worker=0.75",
+                                   "optim.epochs=3", "checkpoint.every_steps=0", "logging.interval_steps=1")
+    for label, sig, after_step, status in (("a", signal.SIGTERM, 12, 143), ("b", signal.SIGINT, 48, 130)):
+        launch = Launch(tmp_path, label, overrides, env)
+        launches.append(launch)
+        signalled_at, returncode = _stop_with(launch, sig, run, after_step)
+        assert returncode == status, launch.stderr()[-4000:]
+        stopped = sorted(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if (p / "train_state.json").is_file())
+        step = stopped[-1]
+        # The step in flight when the signal came, or the one after it: the workers stop at the next boundary.
+        assert signalled_at <= step <= signalled_at + 2, (signalled_at, stopped)
+        assert step % 30, "a mid-epoch checkpoint: the stop's own"
+        last = launch.last_line()
+        assert last == (f"launch: stopped by {sig.name}: checkpoint {run / checkpoint_dir_name(step)} is committed and "
+                        "a relaunch with the same checkpoint.run_name resumes from it"), last
+        assert not (run / "lease.json").exists(), "the lease is released"
+        assert _last_logged_step(run) == step  # nothing logged past the checkpoint
+    final = Launch(tmp_path, "c", overrides, env)
+    launches.append(final)
+    assert final.wait(600) == 0, final.stderr()[-4000:]
+    assert f"resuming at step {step}:" in final.stderr()
+    assert sorted(logged_losses(run)) == list(range(1, 91))  # every step logged once, in order
 
 
 LOOPBACK_PROBE = """

@@ -15,6 +15,10 @@ replaces 127.0.0.1 by the machine's address, where nothing listens).
   room for the actor until the test adds one, and meanwhile training goes on. Ray then recreates
   the actor there and it evaluates what its predecessor had not.
 * A node on 127.0.0.2 (another host, as far as Ray can tell) and a local storage path: refused.
+* "drained": mid-epoch, the node of rank 1 is drained for preemption with a deadline (Ray's node
+  drain, through `ray drain-node`, as a spot notice or a deleted KubeRay pod does): the workers
+  checkpoint the step they are on before the deadline, Ray Train moves them to the other nodes at
+  the deadline and the run resumes from that checkpoint and finishes every step once.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORKER_NODE = re.compile(r"rank (\d+) of 2 on node ([0-9a-f]+) \(([\d.]+)\)")
 EVALUATOR_NODE = re.compile(r"evaluation worker on node ([0-9a-f]+) \(([\d.]+)\)")
 PROGRESS = re.compile(r"epoch \d+ step (\d+) \(batch")
+DRAIN_CHECKPOINT = re.compile(r"drained for preemption, deadline in (\d+) s: checkpointing step (\d+)")
 COMMITTED_10 = re.compile(r"queued \S+/checkpoint_000000010 for evaluation")
 LAST_STEP = 2 * STEPS_PER_EPOCH
 
@@ -256,7 +261,8 @@ def test_a_lost_evaluator_node_loses_no_evaluation_and_training_does_not_wait(
     step_logged = min(_log_time(m) for m in PROGRESS.finditer(faulty.stderr) if int(m.group(1)) >= target)
     recreated = _log_time(list(EVALUATOR_NODE.finditer(faulty.stderr))[1])
     assert step_logged < recreated, (step_logged, recreated)
-    assert re.search(r"evaluation worker restarted: [1-9]\d* checkpoint\(s\)", faulty.stderr), faulty.stderr[-4000:]
+    assert re.search(r"evaluation worker: [1-9]\d* checkpoint\(s\) of .* not yet evaluated",
+                     faulty.stderr), faulty.stderr[-4000:]
     _check_run(simulated_cluster, "faulty", faulty)  # every checkpoint has its metrics.json
 
 
@@ -278,3 +284,42 @@ def test_local_storage_on_a_cluster_spanning_hosts_is_refused_before_training(
     assert not run_dir.exists() or {p.name for p in run_dir.iterdir()} <= {".lock-lease.json"}, \
         sorted(p.name for p in run_dir.iterdir())
     assert " parameters on " not in result.stderr
+
+
+DRAIN_DEADLINE_S = 15
+DRAINED_EPOCHS = 4  # long enough to still be training at the deadline
+
+
+def test_a_drained_node_checkpoints_before_its_deadline_and_the_run_continues_on_the_others(
+        simulated_cluster: SimulatedCluster, tmp_path: Path) -> None:
+    sim = simulated_cluster
+    for _ in range(max(0, 3 - len(sim.nodes))):  # two nodes for the workers and one to move to
+        sim.add_node()
+    env = {**sim.env, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}  # Ray Train's watcher; reaches its controller
+    # Checkpoints on S3; the local data cache is on the one machine all the simulated nodes share
+    # (a node on 127.0.0.2 may have joined: it is this machine too).
+    overrides = [*_overrides(tmp_path, sim.bucket, sim.s3.endpoint_url, "drained"), "eval.enabled=false",
+                 "checkpoint.shared_filesystem=true", f"optim.epochs={DRAINED_EPOCHS}",
+                 "checkpoint.max_failures=0"]  # a preemption is not a failure: Ray Train counts it apart
+    drained = LaunchedRun(tmp_path, "drained", overrides, env)
+    (first,) = _placements(drained, 1)
+    drained.wait_for(PROGRESS, where=lambda m: int(m.group(1)) >= 13)
+    node = first[1]
+    drain = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", sim.cluster.address, "--node-id", node,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)",
+         "--deadline-remaining-seconds", str(DRAIN_DEADLINE_S)],
+        capture_output=True, text=True, timeout=60, env=sim.env)
+    drained_at = time.time()
+    assert drain.returncode == 0, drain.stdout + drain.stderr
+    (notice,) = drained.wait_for(DRAIN_CHECKPOINT, timeout=60)
+    step = int(notice.group(2))
+    committed = drained.wait_for(re.compile(rf"checkpoint at step {step} \("), timeout=60)[0]
+    assert _log_time(committed) < drained_at + DRAIN_DEADLINE_S  # written before the node goes
+    _, second = _placements(drained, 2)  # Ray Train restarted the group at the deadline...
+    assert node not in second.values(), (node, second)  # ...away from the drained node
+    resumed = [int(m.group(1)) for m in re.finditer(r"resuming at step (\d+):", drained.stderr)]
+    assert resumed and resumed[0] >= step, (resumed, step)  # from the drain's checkpoint (or a later one)
+    drained.finish()
+    steps = [json.loads(line)["step"] for line in _s3_tree(sim, "drained")["train_log.jsonl"].decode().splitlines()]
+    assert steps == list(range(1, DRAINED_EPOCHS * STEPS_PER_EPOCH + 1)), steps  # every step once, in order

@@ -7,7 +7,7 @@ checkpoints one at a time with checkpoint_eval.py's :func:`evaluate_and_record` 
 test metrics, recorded as ``metrics.json``, the ``evaluations.jsonl`` line and ``best.json``, or
 ``eval_error.json``; the recall table is logged), the same code ``python trainer/evaluate.py
 --watch RUN_DIR`` runs as a scheduled job. This module holds only the actor: its queue, its
-results, and what it does when Ray restarts it on another node (:meth:`EvaluationWorker._catch_up`).
+results, and how it catches up on what was left unevaluated (:meth:`EvaluationWorker._catch_up`).
 
 Example (the trainer's side)::
 
@@ -97,18 +97,25 @@ class EvaluationWorker:
             import ray
 
             logger.info("evaluation worker on node %s (%s)", actor.get_node_id(), ray.util.get_node_ip_address())
-            if run_dir is not None and actor.was_current_actor_reconstructed:  # Ray restarted this actor
+            if run_dir is not None:
+                # Whether Ray restarted this actor (its node died) or a relaunch started it (after
+                # a stop, whose checkpoint was left unevaluated), the run's unevaluated checkpoints
+                # are this instance's to evaluate. (Ray's was_current_actor_reconstructed reads
+                # the deprecated runtime_context.actor_id and warns on every run.)
                 self._catch_up(run_dir)
         self._thread = threading.Thread(target=self._run, name="evaluation-worker", daemon=True)
         self._thread.start()
 
     def _catch_up(self, run_dir: str) -> None:
-        """After Ray restarted this actor (its node died), what the previous instance had queued is
-        gone: queue the run's complete checkpoints that have neither metrics.json nor eval_error.json
-        (the trainer's submissions made while the actor was down arrive afterwards, and are skipped
-        as already queued)."""
+        """Queue the run's complete checkpoints that have neither metrics.json nor eval_error.json:
+        after Ray restarted this actor (its node died) what the previous instance had queued is
+        gone, and a relaunched run's actor finds the checkpoints its predecessor left (a stopped
+        run's last one). The trainer's submissions of the same checkpoints are skipped as already
+        queued."""
         pending = [e.url for e in list_checkpoints(run_dir, self.storage_options) if not e.evaluated and not e.failed]
-        logger.warning("evaluation worker restarted: %d checkpoint(s) of %s not yet evaluated", len(pending), run_dir)
+        if pending:
+            logger.warning("evaluation worker: %d checkpoint(s) of %s not yet evaluated; queued", len(pending),
+                           run_dir)
         for url in pending:
             self.submit(url)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import random
 import shutil
@@ -109,6 +110,59 @@ def require_shared_storage(config: TrainConfig, node_hosts: list[str], driver_ho
 
 
 # --------------------------------------------------------------------------------------------------
+# Storage errors that no restart fixes
+# --------------------------------------------------------------------------------------------------
+
+
+class CheckpointStorageError(RuntimeError):
+    """Writing into the run's storage failed in a way no restart fixes (`storage_error`); the
+    message names the storage path. One of trainer/training/failures.py's fatal errors."""
+
+
+# errno values of a full, forbidden or read-only destination: the same write fails after a restart.
+_LASTING_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                   errno.EROFS: "read-only filesystem"}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+# The same in the text of errors that carry no errno: pyarrow's (Ray's checkpoint upload) and the S3
+# clients' (a missing bucket or a refused request arrive as OSError/PermissionError with the
+# service's error name in the message).
+_LASTING_TEXT = (("No space left on device", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
+                 ("Permission denied", errno.EACCES), ("Read-only file system", errno.EROFS))
+_LASTING_S3 = (("NoSuchBucket", "the bucket does not exist"), ("NO_SUCH_BUCKET", "the bucket does not exist"),
+               ("bucket does not exist", "the bucket does not exist"), ("AccessDenied", "access denied"),
+               ("ACCESS_DENIED", "access denied"))
+
+
+def storage_error(error: BaseException, storage_path: str, what: str,
+                  checkpoint_bytes: int | None = None) -> CheckpointStorageError | None:
+    """`error` (raised while writing `what` into `storage_path`) as a CheckpointStorageError when no
+    restart can fix it: no space (or quota), permission denied, a read-only filesystem, a missing
+    bucket; else None (S3 and network hiccups are transient). `checkpoint_bytes`: the size of one
+    checkpoint (all ranks' parts), named in the message when the storage is full."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:  # the OSError may sit under Ray's or pyarrow's
+        seen.add(id(current))
+        text = " ".join(str(current).split())
+        code = current.errno if isinstance(current, OSError) and current.errno in _LASTING_ERRNOS else None
+        if code is None:
+            code = next((number for marker, number in _LASTING_TEXT if marker in text), None)
+        reason = _LASTING_ERRNOS[code] if code is not None else next(
+            (why for marker, why in _LASTING_S3 if marker in text), None)
+        if reason is not None:
+            size = (f"; one checkpoint takes about {checkpoint_bytes / 2**20:.1f} MiB"
+                    if code in _FULL and checkpoint_bytes else "")
+            return CheckpointStorageError(
+                f"checkpoint storage {storage_path}: {reason} while writing {what}{size} "
+                f"({type(current).__name__}: {text}); a restart would fail the same way: free space (or grant "
+                "access, or create the bucket) and relaunch with the same checkpoint.run_name to resume from "
+                "the last complete checkpoint")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # RNG states
 # --------------------------------------------------------------------------------------------------
 
@@ -166,22 +220,27 @@ def export_inference(directory: Path, module: torch.nn.Module, vocab: Vocabulary
 
 
 def save_checkpoint(engine: Any, vocab: Vocabulary, state: TrainState, metrics: dict[str, Any], *,
-                    rank: int, run_name: str) -> None:
+                    rank: int, run_name: str, storage_path: str = "", world_size: int = 1) -> None:
     """Write this rank's part of a checkpoint and report it through Ray (every rank must call).
 
-    `metrics` are reported with it (rank 0's end up attached to the checkpoint).
+    `metrics` are reported with it (rank 0's end up attached to the checkpoint). A write that no
+    restart can fix (storage_error) raises CheckpointStorageError naming `storage_path` and the
+    checkpoint's size (this rank's part x `world_size`).
     """
     # Nothing in saving may draw from the global RNGs (export_inference builds a VSRN, whose
     # initialization does): a run that saved here must continue exactly like one resumed from here.
     with torch.random.fork_rng(devices=[]):
-        _save_checkpoint(engine, vocab, state, metrics, rank=rank, run_name=run_name)
+        _save_checkpoint(engine, vocab, state, metrics, rank=rank, run_name=run_name, storage_path=storage_path,
+                         world_size=world_size)
 
 
 def _save_checkpoint(engine: Any, vocab: Vocabulary, state: TrainState, metrics: dict[str, Any], *,
-                     rank: int, run_name: str) -> None:
+                     rank: int, run_name: str, storage_path: str, world_size: int) -> None:
     import ray.train
 
     local = Path(tempfile.mkdtemp(prefix=f"vsrn-ckpt-{state.step}-rank{rank}-"))
+    name = checkpoint_dir_name(state.step)
+    written = 0
     try:
         tag = f"global_step{state.step}"
         # Every rank saves: stage 0 writes the module and optimizer on rank 0 only, ZeRO 1-2 write
@@ -197,10 +256,17 @@ def _save_checkpoint(engine: Any, vocab: Vocabulary, state: TrainState, metrics:
                              {"source": "vsrn-dist training", "run": run_name, "step": state.step,
                               "epoch": state.epoch})
             train_state = state.to_json()
+        written = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=checkpoint_dir_name(state.step),
-                         checkpoint_upload_fn=_uploader(train_state))
-        log.debug("rank %d: reported %s", rank, checkpoint_dir_name(state.step))
+                         checkpoint_dir_name=name, checkpoint_upload_fn=_uploader(train_state))
+        log.debug("rank %d: reported %s", rank, name)
+    except Exception as error:
+        # The rank's temporary directory filling up is this host's disk, not the run's storage.
+        where = storage_path if written else f"{local.parent} (this worker's temporary directory)"
+        lasting = storage_error(error, where, name, written * world_size or None)
+        if lasting is not None:
+            raise lasting from error
+        raise
     finally:
         shutil.rmtree(local, ignore_errors=True)
 

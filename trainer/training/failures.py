@@ -17,15 +17,14 @@ non-finite (a restart replays the same batches from the same state). Such errors
 
 Storage that a restart cannot fix is fatal too: writing a checkpoint or the step log into
 `checkpoint.storage_path` fails with no space left on the device (or over quota), permission
-denied, a read-only filesystem, or a bucket that does not exist. The worker raises
-`CheckpointStorageError` (`storage_error`), whose message names the storage path and, for no
-space, the size of one checkpoint. Other OSErrors (S3 and network hiccups) are transient and keep
-Ray's restarts.
+denied, a read-only filesystem, or a bucket that does not exist: trainer/training/checkpoint.py
+raises `CheckpointStorageError` (its `storage_error`), whose message names the storage path and,
+for no space, the size of one checkpoint. Other OSErrors (S3 and network hiccups) are transient
+and keep Ray's restarts.
 """
 
 from __future__ import annotations
 
-import errno
 import re
 from typing import Any
 
@@ -34,58 +33,12 @@ from model.checkpoint import CheckpointError
 from model.vocab import VocabularyError
 from trainer.config import ConfigError
 from trainer.training.data import DataError
-from trainer.training.checkpoint import ResumeError
-
-class CheckpointStorageError(RuntimeError):
-    """Writing into the run's storage failed in a way no restart fixes (module doc); the message
-    names the storage path."""
-
+from trainer.training.checkpoint import CheckpointStorageError, ResumeError
 
 # Raised by the workers; a restart from the last checkpoint would raise them again.
 FATAL_ERRORS: tuple[type[BaseException], ...] = (
     ShardFormatError, ConfigError, DataError, VocabularyError, CheckpointError, ResumeError, FloatingPointError,
     CheckpointStorageError)
-
-# errno values of a full, forbidden or read-only destination: the same write fails after a restart.
-_LASTING_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                   errno.EROFS: "read-only filesystem"}
-_FULL = {errno.ENOSPC, errno.EDQUOT}
-# The same in the text of errors that carry no errno: pyarrow's (Ray's checkpoint upload) and the S3
-# clients' (a missing bucket or a refused request arrive as OSError/PermissionError with the
-# service's error name in the message).
-_LASTING_TEXT = (("No space left on device", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
-                 ("Permission denied", errno.EACCES), ("Read-only file system", errno.EROFS))
-_LASTING_S3 = (("NoSuchBucket", "the bucket does not exist"), ("NO_SUCH_BUCKET", "the bucket does not exist"),
-               ("bucket does not exist", "the bucket does not exist"), ("AccessDenied", "access denied"),
-               ("ACCESS_DENIED", "access denied"))
-
-
-def storage_error(error: BaseException, storage_path: str, what: str,
-                  checkpoint_bytes: int | None = None) -> CheckpointStorageError | None:
-    """`error` (raised while writing `what` into `storage_path`) as a CheckpointStorageError when no
-    restart can fix it (module doc), else None. `checkpoint_bytes`: the size of one checkpoint (all
-    ranks' parts), named in the message when the storage is full."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:  # the OSError may sit under Ray's or pyarrow's
-        seen.add(id(current))
-        text = str(current)
-        code = current.errno if isinstance(current, OSError) and current.errno in _LASTING_ERRNOS else None
-        if code is None:
-            code = next((number for marker, number in _LASTING_TEXT if marker in text), None)
-        reason = _LASTING_ERRNOS[code] if code is not None else next(
-            (why for marker, why in _LASTING_S3 if marker in text), None)
-        if reason is not None:
-            size = (f"; one checkpoint takes about {checkpoint_bytes / 2**20:.1f} MiB"
-                    if code in _FULL and checkpoint_bytes else "")
-            return CheckpointStorageError(
-                f"checkpoint storage {storage_path}: {reason} while writing {what}{size} "
-                f"({type(current).__name__}: {one_sentence(text)}); a restart would fail the same way: "
-                "free space (or grant access, or create the bucket) and relaunch with the same "
-                "checkpoint.run_name to resume from the last complete checkpoint")
-        current = current.__cause__ or current.__context__
-    return None
 
 # torch's DataLoader re-raises a worker process's exception with this text and the worker's
 # traceback before the original message (torch.utils.data._utils.ExceptionWrapper).

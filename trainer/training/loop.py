@@ -25,6 +25,7 @@ from model.vocab import Vocabulary
 from trainer.config import TrainConfig
 from trainer.run.train_state import TrainState
 from trainer.training.checkpoint import save_checkpoint
+from trainer.training.control import Decision, StepControl
 from trainer.training.engine import hardest_negatives, learning_rate, set_learning_rate
 from trainer.training.faults import fail_once
 from trainer.training.recorder import PendingStep, Recorder
@@ -35,12 +36,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Due:
-    """What a finished step calls for; the same on every rank (a function of the step and position)."""
+    """What a finished step calls for; the same on every rank (a function of the step, the position
+    and the ranks' shared control decision)."""
 
     closes_interval: bool  # the end of a logging interval: flush, progress line
-    checkpoint: bool  # the end of an epoch, checkpoint.every_steps, debug.max_steps
+    checkpoint: bool  # the end of an epoch, checkpoint.every_steps, debug.max_steps, a stop, a drain
     end_of_epoch: bool
-    stop: bool  # debug.max_steps reached: checkpoint, then return
+    stop: bool  # debug.max_steps or the driver's stop request: checkpoint (unless abandoned), return
+    abandon: bool  # the driver lost the lease: return at once, writing nothing more
     fail_step: bool  # debug.fail_at_step: flush, then the failing rank exits
 
     @property
@@ -53,10 +56,12 @@ class TrainingLoop:
     """One worker's training from a position to the last epoch (module doc)."""
 
     def __init__(self, cfg: TrainConfig, engine: Any, reader: TrainReader, vocab: Vocabulary, recorder: Recorder,
-                 rank: int, world: int, run_dir: str, storage_options: dict[str, Any] | None, run_name: str) -> None:
+                 rank: int, world: int, run_dir: str, storage_options: dict[str, Any] | None, run_name: str,
+                 control: StepControl | None = None) -> None:
         self.cfg, self.engine, self.reader, self.vocab, self.recorder = cfg, engine, reader, vocab, recorder
         self.rank, self.world, self.run_dir, self.storage_options, self.run_name = (
             rank, world, run_dir, storage_options, run_name)
+        self.control = control
         self.device = next(engine.module.parameters()).device
 
     def run(self, first_epoch: int, start_batch: int, step: int) -> None:
@@ -73,8 +78,8 @@ class TrainingLoop:
         batches = self.reader.batches_per_epoch(epoch)
         if first >= batches:  # a checkpoint at the very end of an epoch not marked complete
             return step, False
-        # Pinned batches on a GPU: the copy to the device can overlap the step.
-        with contextlib.closing(iter(self.reader.epoch(epoch, first, pin_memory=self.device.type == "cuda"))) as batches_in:
+        pinned = self.device.type == "cuda"  # the copy to the device can overlap the step
+        with contextlib.closing(iter(self.reader.epoch(epoch, first, pin_memory=pinned))) as batches_in:
             for position in range(first, batches):
                 batch, wait = self.next_batch(batches_in)
                 hardest = hardest_negatives(cfg.optim, epoch, step)
@@ -84,6 +89,8 @@ class TrainingLoop:
                 self.recorder.add(PendingStep(epoch, position, batches, step, lr, hardest,
                                               time.perf_counter() - started, wait, losses, time.time()), stats)
                 due = self.due(step, position, batches)
+                if due.abandon:
+                    return step, True
                 if due.flush:
                     self.recorder.flush(due.closes_interval)
                 if due.fail_step and self.rank == cfg.debug.fail_rank:
@@ -93,9 +100,6 @@ class TrainingLoop:
                                                epoch_complete=due.end_of_epoch, world_size=self.world,
                                                global_batch_size=cfg.optim.global_batch_size))
                 if due.stop:
-                    if self.rank == 0:
-                        log.info("debug.max_steps: stopping after step %d; re-run with the same "
-                                 "checkpoint.run_name to continue", step)
                     return step, True
         return step, False
 
@@ -114,13 +118,42 @@ class TrainingLoop:
         return train_step(self.engine, self.cfg, self.world, step_inputs(batch, self.cfg, self.device), hardest)
 
     def due(self, step: int, position: int, batches: int) -> Due:
+        """What this step calls for; with a StepControl, also the driver's stop request and a
+        drained node's (a collective: every rank calls it after every step)."""
         cfg = self.cfg
         end_of_epoch = position + 1 == batches
-        stop = bool(cfg.debug.max_steps) and step >= cfg.debug.max_steps
+        max_steps = bool(cfg.debug.max_steps) and step >= cfg.debug.max_steps
         periodic = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+        decision = self.control.decide() if self.control is not None else Decision()
+        preempted = decision.check_preemption and self.preemption_notice(step)
+        if self.rank == 0 and decision.stop:
+            log.warning("stop requested (%s): %s after step %d", decision.reason,
+                        "checkpointing it, then stopping" if decision.checkpoint_before_stop
+                        else "stopping without a checkpoint (the run belongs to another trainer now)", step)
+        elif self.rank == 0 and max_steps:
+            log.info("debug.max_steps: stopping after step %d; re-run with the same checkpoint.run_name to continue",
+                     step)
         return Due(closes_interval=step % cfg.logging.interval_steps == 0 or end_of_epoch,
-                   checkpoint=end_of_epoch or stop or periodic, end_of_epoch=end_of_epoch, stop=stop,
+                   checkpoint=end_of_epoch or max_steps or periodic or decision.stop or preempted,
+                   end_of_epoch=end_of_epoch, stop=max_steps or decision.stop,
+                   abandon=decision.stop and not decision.checkpoint_before_stop,
                    fail_step=cfg.debug.fail_at_step == step)
+
+    def preemption_notice(self, step: int) -> bool:
+        """Whether Ray Train reports a drained node of this run (the first time): then this step
+        is checkpointed before the drain's deadline, and training goes on until Ray Train moves the
+        workers (trainer/training/control.py)."""
+        assert self.control is not None
+        info = self.control.preempted()
+        if info is None:
+            return False
+        self.control.preemption_handled = True
+        if self.rank == 0:
+            left = info.deadline_ms / 1000.0 - time.time() if info.deadline_ms else float("nan")
+            log.warning("node(s) %s of rank(s) %s drained for preemption, deadline in %.0f s: checkpointing step %d; "
+                        "Ray Train moves the workers to other nodes at the deadline", ", ".join(info.preempted_node_ids),
+                        ", ".join(map(str, info.preempted_ranks)), left, step)
+        return True
 
     def checkpoint(self, state: TrainState) -> None:
         """Write and report this step's checkpoint (every rank: a collective)."""
@@ -132,7 +165,8 @@ class TrainingLoop:
         metrics = self.recorder.checkpoint_metrics(state.epoch, state.step, learning_rate(self.cfg.optim, state.epoch))
         started = time.perf_counter()
         try:
-            save_checkpoint(self.engine, self.vocab, state, metrics, rank=self.rank, run_name=self.run_name)
+            save_checkpoint(self.engine, self.vocab, state, metrics, rank=self.rank, run_name=self.run_name,
+                            storage_path=self.cfg.checkpoint.storage_path, world_size=self.world)
         except Exception:
             if self.recorder.metrics is not None:
                 self.recorder.metrics.record_checkpoint_failure()

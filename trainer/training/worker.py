@@ -34,6 +34,7 @@ from trainer.training.checkpoint import (
     restore_checkpoint,
     seed_everything,
 )
+from trainer.training.control import StepControl, StopWatcher
 from trainer.training.engine import build_engine
 from trainer.training.failures import FATAL_ERRORS, fatal_training_error
 from trainer.training.loop import TrainingLoop
@@ -52,7 +53,9 @@ def _setup_logging(rank: int) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"train": TrainConfig as a dict, "data": PreparedData as a
-    dict, "vocab_words": [...], "run_dir": RUN_DIR, "run_name": name} (built by trainer/launch.py).
+    dict, "vocab_words": [...], "run_dir": RUN_DIR, "run_name": name, "control": {"name",
+    "namespace"} of the driver's RunControl actor (trainer/training/control.py)} (built by
+    trainer/launch.py).
 
     Errors that a restart cannot fix (trainer/training/failures.py: a damaged shard, a configuration, data
     or checkpoint error, a non-finite loss) leave as FatalTrainingError, which stops the run
@@ -134,5 +137,11 @@ def _train(config: dict[str, Any], rank: int, world: int) -> None:
     run_name = config.get("run_name", "")
     metrics = TrainingMetrics(RayBackend(), run=run_name, rank=rank) if cfg.monitoring.enabled else None
     recorder = Recorder(cfg, reader, step_log, rank, world, device, metrics)
-    TrainingLoop(cfg, engine, reader, vocab, recorder, rank, world, run_dir, storage_options, run_name).run(
-        epoch, start_batch, step)
+    control_actor = config.get("control") or {}
+    watcher = StopWatcher(control_actor["name"], control_actor.get("namespace")) if control_actor else None
+    control = StepControl(watcher, world, in_ray_train=True)
+    try:
+        TrainingLoop(cfg, engine, reader, vocab, recorder, rank, world, run_dir, storage_options, run_name,
+                     control).run(epoch, start_batch, step)
+    finally:
+        control.close()

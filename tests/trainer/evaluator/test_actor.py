@@ -1,5 +1,5 @@
 """Tests for trainer/evaluator/actor.py: the evaluation actor, in-process and through Ray: its queue
-never holds up the caller, it evaluates in the background, and a restarted actor catches up on
+never holds up the caller, it evaluates in the background, and a new or restarted actor catches up on
 what its predecessor left.
 
 Inputs are real: tiny sharded splits and tiny VSRN checkpoints in the run layout
@@ -115,10 +115,11 @@ def test_ray_actor_evaluates_in_the_background(ray_local: Any, data: EvalData, m
     ray.kill(actor)
 
 
-def test_a_restarted_actor_evaluates_what_its_predecessor_left(ray_local: Any, data: EvalData,
-                                                               models: list[VSRN], tmp_path: Path) -> None:
-    # What happens when the actor's node dies (tests/trainer/test_multinode.py kills a real node):
-    # the new instance no longer has the old one's queue, so it looks at the run directory.
+def test_a_new_or_restarted_actor_evaluates_what_its_predecessor_left(ray_local: Any, data: EvalData,
+                                                                      models: list[VSRN], tmp_path: Path) -> None:
+    # A relaunched run's actor (after a stop, whose last checkpoint was left unevaluated) and an
+    # actor Ray restarted after its node died (tests/trainer/test_multinode.py kills a real node)
+    # no longer have the old instance's queue, so they look at the run directory.
     ray = ray_local
     run = tmp_path / "run"
     first = write_checkpoint(run, "checkpoint_000001", models[0], data.vocab, step=10)
@@ -127,13 +128,16 @@ def test_a_restarted_actor_evaluates_what_its_predecessor_left(ray_local: Any, d
     (done / "metrics.json").write_text("{}")  # evaluated before: not again
     actor = make_evaluation_actor(eval_config(test_protocols=["all"], cpus=1.0), dev=str(data.dev.shards),
                                   test=str(data.test.shards), run_dir=str(run))
-    assert ray.get(actor.pending.remote(), timeout=120) == 0  # a first start catches up on nothing
-    ray.kill(actor, no_restart=False)  # the process dies; Ray restarts the actor
-    ray.get(actor.wait_idle.remote(120), timeout=240)  # retried on the new instance
-    ray.get(actor.submit.remote(str(second)), timeout=30)  # a late submission of a queued one: skipped
+    ray.get(actor.wait_idle.remote(120), timeout=240)
+    ray.get(actor.submit.remote(str(second)), timeout=30)  # the trainer's late submission of one caught up: skipped
     ray.get(actor.wait_idle.remote(120), timeout=150)
     results = ray.get(actor.results.remote())
     assert [(r["path"], r["status"]) for r in results] == [(str(first), "ok"), (str(second), "ok")]
     assert read_json(first / "metrics.json")["dev"] == pytest.approx(dev_metrics(models[0], data), abs=1e-6)
     assert read_json(done / "metrics.json") == {}
+    third = write_checkpoint(run, "checkpoint_000004", models[0], data.vocab, step=40)
+    ray.kill(actor, no_restart=False)  # the process dies; Ray restarts the actor
+    ray.get(actor.wait_idle.remote(120), timeout=240)  # retried on the new instance
+    results = ray.get(actor.results.remote())
+    assert [(r["path"], r["status"]) for r in results] == [(str(third), "ok")]
     ray.kill(actor)

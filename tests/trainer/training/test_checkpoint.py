@@ -14,10 +14,14 @@ partitioned by rank, a checkpoint every 10 steps):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +32,11 @@ import torch
 from model.checkpoint import load_inference_checkpoint
 from model.vocab import build_vocab
 from model.vsrn import VSRN, VSRNConfig
-from train_run_helpers import STEPS_PER_EPOCH, logged_losses, tiny_run_config
+from train_run_helpers import ROOT, STEPS_PER_EPOCH, logged_losses, tiny_run_config, tiny_run_overrides
 from trainer.config import ConfigError, TrainConfig
 from trainer.training.checkpoint import (
+    CheckpointStorageError,
+    storage_error,
     export_inference,
     require_shared_storage,
     rng_state,
@@ -130,6 +136,61 @@ def tree_digest(directory: Path) -> str:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(directory)).encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+@pytest.mark.parametrize("error,reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+    (OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"),
+     "no space left on the device"),  # pyarrow's upload: the errno only in the text
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+    (OSError(errno.EROFS, "Read-only file system"), "read-only filesystem"),
+    (OSError("When uploading part: AWS Error NO_SUCH_BUCKET during CreateMultipartUpload"), "the bucket does not exist"),
+    (FileNotFoundError("The specified bucket does not exist (NoSuchBucket)"), "the bucket does not exist"),
+])
+def test_storage_errors_no_restart_fixes_name_the_path(error: BaseException, reason: str) -> None:
+    wrapped = RuntimeError("upload failed")  # as Ray or pyarrow wrap it
+    wrapped.__cause__ = error
+    lasting = storage_error(wrapped, "s3://runs/coco", "checkpoint_000000120", 3 * 2**20)
+    assert isinstance(lasting, CheckpointStorageError)
+    message = str(lasting)
+    assert message.startswith(f"checkpoint storage s3://runs/coco: {reason} while writing checkpoint_000000120")
+    assert ("one checkpoint takes about 3.0 MiB" in message) == (reason == "no space left on the device")
+
+
+def test_transient_storage_errors_keep_the_restarts() -> None:
+    for error in (OSError("AWS Error NETWORK_CONNECTION during PutObject"), ConnectionResetError(104, "reset"),
+                  TimeoutError("read timed out")):
+        assert storage_error(error, "s3://runs/coco", "checkpoint_000000120") is None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_full_checkpoint_disk_ends_the_run_in_one_try_naming_the_path(ray_local: Any, tmp_path: Path) -> None:
+    # A 12 MB tmpfs as checkpoint.storage_path: before, Ray Train spent every restart on the same
+    # "No space left on device" and the last line did not say where.
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode}): "
+                    "the full-disk case is not run on this machine")
+    try:
+        overrides = [f"--set={o}" for o in tiny_run_overrides(tmp_path / "cache", small, "full",
+                                                                "checkpoint.max_failures=3",
+                                                                "distributed.cpus_per_worker=0.75")]
+        result = subprocess.run([sys.executable, "trainer/launch.py", *overrides], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600, check=False,
+                                env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert result.returncode == 1, result.stderr[-4000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("launch: training stopped without restarts"), last
+    assert f"CheckpointStorageError: checkpoint storage {small}: no space left on the device while writing checkpoint_" \
+        in last, last
+    assert "one checkpoint takes about" in last and "MiB" in last, last
+    assert result.stderr.count(" parameters on 2 CPU worker(s)") == 1  # one try: no restart
 
 
 @pytest.fixture(scope="module")
