@@ -318,8 +318,8 @@ def test_a_drained_node_checkpoints_before_its_deadline_and_the_run_continues_on
     assert _log_time(committed) < drained_at + DRAIN_DEADLINE_S  # written before the node goes
     _, second = _placements(drained, 2)  # Ray Train restarted the group at the deadline...
     assert node not in second.values(), (node, second)  # ...away from the drained node
-    resumed = [int(m.group(1)) for m in re.finditer(r"resuming at step (\d+):", drained.stderr)]
-    assert resumed and resumed[0] >= step, (resumed, step)  # from the drain's checkpoint (or a later one)
+    resumed = int(drained.wait_for(re.compile(r"resuming at step (\d+):"), timeout=120)[0].group(1))
+    assert resumed >= step, (resumed, step)  # from the drain's checkpoint (or a later one)
     drained.finish()
     steps = [json.loads(line)["step"] for line in _s3_tree(sim, "drained")["train_log.jsonl"].decode().splitlines()]
     assert steps == list(range(1, DRAINED_EPOCHS * STEPS_PER_EPOCH + 1)), steps  # every step once, in order
