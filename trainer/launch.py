@@ -203,6 +203,14 @@ def run(config: TrainConfig, interrupts: Interrupts | None = None) -> dict[str, 
     started = time.perf_counter()
     interrupts = interrupts or Interrupts(config.checkpoint.stop_grace_s)
     interrupts.install()
+    try:
+        return _run_holding_lease(config, interrupts, started)
+    finally:
+        interrupts.restore()
+
+
+def _run_holding_lease(config: TrainConfig, interrupts: Interrupts, started: float) -> dict[str, Any]:
+    """run() with the signal handlers installed."""
     config, run_dir = resolve_run(config)
     interrupts.run_dir = run_dir
     checkpoint = config.checkpoint

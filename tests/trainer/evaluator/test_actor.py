@@ -79,14 +79,22 @@ def test_ray_actor_evaluates_in_the_background(ray_local: Any, data: EvalData, m
                                                tmp_path: Path) -> None:
     ray = ray_local
     run = tmp_path / "run"
+    run.mkdir()
+    actor = make_evaluation_actor(eval_config(test_protocols=["all"], cpus=1.0), dev=str(data.dev.shards),
+                                  test=str(data.test.shards), run_dir=str(run))
+    try:
+        _evaluates_in_the_background(ray, actor, run, data, models)
+    finally:
+        ray.kill(actor)  # a failed test leaves no actor holding the session's CPUs
+
+
+def _evaluates_in_the_background(ray: Any, actor: Any, run: Path, data: EvalData, models: list[VSRN]) -> None:
+    # The checkpoints come after the actor is up: its catch-up at start would read the FIFO.
+    assert ray.get(actor.pending.remote(), timeout=120) == 0  # the actor is up
     blocked = blocking_checkpoint(run, data, models[1], "checkpoint_000001", 10)
     better = write_checkpoint(run, "checkpoint_000002", models[0], data.vocab, step=20)
     broken = write_checkpoint(run, "checkpoint_000003", models[0], data.vocab, step=30)
     truncate(broken / "inference" / "model.safetensors")
-
-    actor = make_evaluation_actor(eval_config(test_protocols=["all"], cpus=1.0), dev=str(data.dev.shards),
-                                  test=str(data.test.shards), run_dir=str(run))
-    assert ray.get(actor.pending.remote(), timeout=120) == 0  # the actor is up
     ray.get(actor.submit.remote(str(blocked)), timeout=30)
     # The first evaluation is now blocked inside the actor (until release()); submitting more and
     # asking for results must not wait for it.
@@ -112,7 +120,6 @@ def test_ray_actor_evaluates_in_the_background(ray_local: Any, data: EvalData, m
     assert best == read_json(run / "best.json") and best["checkpoint"] == str(better)
     assert read_json(better / "metrics.json")["test"]["all"] == pytest.approx(expected_test_metrics(models[0], data), abs=1e-6)
     assert "CheckpointError" in read_json(broken / "eval_error.json")["error"]
-    ray.kill(actor)
 
 
 def test_a_new_or_restarted_actor_evaluates_what_its_predecessor_left(ray_local: Any, data: EvalData,
@@ -128,6 +135,14 @@ def test_a_new_or_restarted_actor_evaluates_what_its_predecessor_left(ray_local:
     (done / "metrics.json").write_text("{}")  # evaluated before: not again
     actor = make_evaluation_actor(eval_config(test_protocols=["all"], cpus=1.0), dev=str(data.dev.shards),
                                   test=str(data.test.shards), run_dir=str(run))
+    try:
+        _catches_up(ray, actor, run, data, models, first, second, done)
+    finally:
+        ray.kill(actor)  # a failed test leaves no actor holding the session's CPUs
+
+
+def _catches_up(ray: Any, actor: Any, run: Path, data: EvalData, models: list[VSRN], first: Path, second: Path,
+                done: Path) -> None:
     ray.get(actor.wait_idle.remote(120), timeout=240)
     ray.get(actor.submit.remote(str(second)), timeout=30)  # the trainer's late submission of one caught up: skipped
     ray.get(actor.wait_idle.remote(120), timeout=150)
@@ -137,7 +152,13 @@ def test_a_new_or_restarted_actor_evaluates_what_its_predecessor_left(ray_local:
     assert read_json(done / "metrics.json") == {}
     third = write_checkpoint(run, "checkpoint_000004", models[0], data.vocab, step=40)
     ray.kill(actor, no_restart=False)  # the process dies; Ray restarts the actor
-    ray.get(actor.wait_idle.remote(120), timeout=240)  # retried on the new instance
-    results = ray.get(actor.results.remote())
+    # ray.kill returns before the old instance is gone: a call may still reach it (idle, its
+    # results those above), or wait on it and then read the new instance's (still catching up).
+    deadline = time.monotonic() + 240
+    while True:
+        ray.get(actor.wait_idle.remote(120), timeout=240)
+        results = ray.get(actor.results.remote(), timeout=60)
+        if str(third) in [r["path"] for r in results] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [(r["path"], r["status"]) for r in results] == [(str(third), "ok")]
-    ray.kill(actor)
