@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         else:
             log.error("training failed", exc_info=error)
-            failure = 1, f"launch: {failure_summary(error)}"
+            failure = 1, f"launch: {failure_summary(error, config.checkpoint.storage_path, _checkpoint_bytes(interrupts.run_dir, config))}"
     finally:
         if started_ray:
             # Also stops the streaming of worker logs, so the JSON line (or the failure) stays last.
@@ -462,6 +462,24 @@ def _resume_point(run_dir: str | None, config: TrainConfig) -> str:
     if not complete:
         return f"a relaunch starts {run_dir} anew (no complete checkpoint)"
     return f"a relaunch with the same checkpoint.run_name resumes from {complete[-1].url}"
+
+
+def _checkpoint_bytes(run_dir: str | None, config: TrainConfig) -> int | None:
+    """The size of the run's latest complete checkpoint (for a full disk's message), if any."""
+    from trainer.run.checkpoints import list_checkpoints
+    from trainer.run.layout import location_of
+
+    if run_dir is None:
+        return None
+    try:
+        options = storage_options_for(config.data) if is_s3_url(run_dir) else None
+        complete = list_checkpoints(run_dir, options)
+        if not complete:
+            return None
+        latest = location_of(complete[-1].url, options)
+        return int(latest.fs.du(latest.path, total=True)) or None
+    except Exception:  # noqa: BLE001 - informative only; the storage may be what failed
+        return None
 
 
 def _is_training_failure(error: BaseException) -> bool:

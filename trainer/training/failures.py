@@ -33,7 +33,7 @@ from model.checkpoint import CheckpointError
 from model.vocab import VocabularyError
 from trainer.config import ConfigError
 from trainer.training.data import DataError
-from trainer.training.checkpoint import CheckpointStorageError, ResumeError
+from trainer.training.checkpoint import CheckpointStorageError, ResumeError, storage_error
 
 # Raised by the workers; a restart from the last checkpoint would raise them again.
 FATAL_ERRORS: tuple[type[BaseException], ...] = (
@@ -96,8 +96,13 @@ def stop_on_fatal_error_callback() -> Any:
     return StopOnFatalError()
 
 
-def failure_summary(error: BaseException) -> str:
-    """The one line a failed training run ends with, from what `TorchTrainer.fit()` raised."""
+def failure_summary(error: BaseException, storage_path: str | None = None, checkpoint_bytes: int | None = None) -> str:
+    """The one line a failed training run ends with, from what `TorchTrainer.fit()` raised.
+
+    `storage_path` (checkpoint.storage_path) and `checkpoint_bytes` (one checkpoint's size, when
+    known): for Ray Train's controller failing to write into the storage in a way no restart fixes
+    (it records the run's checkpoints there, and the disk may fill up on its write rather than a
+    worker's), the line names them as a worker's CheckpointStorageError would."""
     from ray.train import ControllerError, WorkerGroupError
 
     if isinstance(error, ControllerError):
@@ -105,6 +110,11 @@ def failure_summary(error: BaseException) -> str:
         if isinstance(cause, FatalTrainingError):
             return (f"training stopped without restarts (a restart would fail the same way): rank {cause.rank}: "
                     f"{cause.cause}: {cause.message}")
+        lasting = (storage_error(cause, storage_path, "Ray Train's record of the run's checkpoints", checkpoint_bytes)
+                   if storage_path is not None else None)
+        if lasting is not None:  # a controller error: Ray Train never retries it
+            return (f"training stopped without restarts (a restart would fail the same way): Ray Train's "
+                    f"controller: {type(lasting).__name__}: {one_sentence(str(lasting))}")
         return f"training failed in Ray Train's controller: {type(cause).__name__}: {one_sentence(str(cause))}"
     if isinstance(error, WorkerGroupError) and error.worker_failures:
         rank = min(error.worker_failures)

@@ -187,7 +187,8 @@ def test_a_full_checkpoint_disk_ends_the_run_in_one_try_naming_the_path(ray_loca
     assert result.returncode == 1, result.stderr[-4000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("launch: training stopped without restarts"), last
-    assert f"CheckpointStorageError: checkpoint storage {small}: no space left on the device while writing checkpoint_" \
+    # The disk fills up on a worker's write or on Ray Train's record of the checkpoints (its controller).
+    assert f"CheckpointStorageError: checkpoint storage {small}: no space left on the device while writing " \
         in last, last
     assert "one checkpoint takes about" in last and "MiB" in last, last
     assert result.stderr.count(" parameters on 2 CPU worker(s)") == 1  # one try: no restart

@@ -52,3 +52,19 @@ def test_a_fatal_error_crosses_processes_and_summarizes_in_one_line() -> None:
     assert line == ("training failed after the restarts allowed by checkpoint.max_failures: rank 0: OSError: x "
                     "(and 1 other rank)")
     assert "\n" not in failure_summary(ControllerError(ValueError("a\nb")))
+
+
+def test_ray_trains_controller_meeting_a_full_disk_is_named_like_a_workers_storage_error() -> None:
+    # pyarrow's message, as Ray Train's controller raised it writing its record of the checkpoints
+    from ray.train import ControllerError
+
+    full = ControllerError(OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"))
+    line = failure_summary(full, "/mnt/runs", 3 * 2**20)
+    assert line.startswith("training stopped without restarts (a restart would fail the same way): Ray Train's "
+                           "controller: CheckpointStorageError: checkpoint storage /mnt/runs: no space left on the "
+                           "device while writing Ray Train's record of the run's checkpoints; one checkpoint takes "
+                           "about 3.0 MiB"), line
+    # a transient error, or no storage path given: the controller's error as it is
+    assert failure_summary(ControllerError(TimeoutError("read timed out")), "/mnt/runs").startswith(
+        "training failed in Ray Train's controller: TimeoutError")
+    assert failure_summary(full).startswith("training failed in Ray Train's controller: OSError")
