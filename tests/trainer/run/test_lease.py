@@ -35,8 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from train_run_helpers import (
+    STEPS_PER_EPOCH,
+    Launch,
+    logged_losses,
+    tiny_run_overrides,
+    wait_for,
+)
 
-from train_run_helpers import STEPS_PER_EPOCH, Launch, logged_losses, tiny_run_overrides, wait_for
 from trainer.config import ConfigError, load_config
 from trainer.run.layout import LEASE_FILE, TRAIN_LOG, checkpoint_dir_name
 from trainer.run.lease import (
@@ -309,31 +315,6 @@ def _local_overrides(cache: Path, runs: Path, name: str, *extra: str) -> list[st
     return tiny_run_overrides(cache, runs, name, "distributed.cpus_per_worker=0.75", *extra)
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_second_launch_on_a_running_run_exits_2_naming_the_holder(
-        ray_local: Any, tmp_path: Path, cache_dir: Path, launches: list[Launch]) -> None:
-    env, runs = _local_env(ray_local), tmp_path / "runs"
-    run = runs / "same"
-    first = Launch(tmp_path, "first", _local_overrides(cache_dir, runs, "same", "optim.epochs=1"), env)
-    launches.append(first)
-    wait_for(lambda: (run / LEASE_FILE).is_file(), 180, "the first launch's lease", first.exited)
-    started = time.monotonic()
-    second = Launch(tmp_path, "second", _local_overrides(cache_dir, runs, "same", "optim.epochs=1"), env)
-    launches.append(second)
-    assert second.wait(120) == 2, second.stderr()[-4000:]
-    assert time.monotonic() - started < 60  # refused before any Ray work
-    line = second.last_line()
-    assert line.startswith(f"launch: run {run} is held by host ") and f" pid {first.pid} (ray " in line, line
-    assert " heartbeat " in line and " s ago" in line and "--set checkpoint.force_lease=true" in line, line
-    assert "Ray cluster" not in second.stderr()  # it never connected to Ray
-    assert first.wait(300) == 0, first.stderr()[-4000:]
-    assert sorted(logged_losses(run)) == list(range(1, STEPS_PER_EPOCH + 1))  # every step once, in order
-    assert not (run / LEASE_FILE).exists()  # released at the end
-    summary = json.loads(first.out_path.read_text().strip().splitlines()[-1])
-    assert summary["run_dir"] == str(run) and summary["latest_checkpoint"].endswith(checkpoint_dir_name(30))
-
-
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's committed checkpoints
 
 
@@ -359,17 +340,30 @@ def _resumed_at(launch: Launch) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_force_takes_over_a_live_run_and_a_relaunch_right_after_a_sigkill_waits_then_resumes(
+def test_a_second_launch_is_refused_force_takes_over_and_a_relaunch_right_after_a_sigkill_waits_then_resumes(
         ray_local: Any, tmp_path: Path, cache_dir: Path, launches: list[Launch]) -> None:
-    # One run, three trainers (each Ray Train start costs ~20 s here): A trains; B forces the
-    # lease and A stops; B is SIGKILLed; C, launched at once with checkpoint.lease_wait_s (as the
-    # RayJob manifests set it for Kubernetes' retries), waits for B's lease to go stale and resumes.
+    # One run, four trainers (each Ray Train start costs ~20 s here): A trains; a plain second
+    # launch is refused at once naming A; B forces the lease and A stops; B is SIGKILLed; C,
+    # launched at once with checkpoint.lease_wait_s (as the RayJob manifests set it for
+    # Kubernetes' retries), waits for B's lease to go stale and resumes.
     env, runs = _local_env(ray_local), tmp_path / "runs"
     run = runs / "taken"
     # Renewals every second (timeout 4 s); 3 epochs (90 steps) so that A is still training when B comes.
     overrides = _local_overrides(cache_dir, runs, "taken", "checkpoint.lease_timeout_s=4", "optim.epochs=3")
     a = Launch(tmp_path, "a", overrides, env)
     launches.append(a)
+    wait_for(lambda: (run / LEASE_FILE).is_file(), 180, "A's lease", a.exited)
+
+    # A second launch on the running run: exit 2 naming A, before any Ray work.
+    started = time.monotonic()
+    second = Launch(tmp_path, "second", overrides, env)
+    launches.append(second)
+    assert second.wait(120) == 2, second.stderr()[-4000:]
+    assert time.monotonic() - started < 60  # refused before any Ray work
+    line = second.last_line()
+    assert line.startswith(f"launch: run {run} is held by host ") and f" pid {a.pid} (ray " in line, line
+    assert " heartbeat " in line and " s ago" in line and "--set checkpoint.force_lease=true" in line, line
+    assert "Ray cluster" not in second.stderr()  # it never connected to Ray
     wait_for(lambda: 10 in _local_committed(run), 240, "A's checkpoint 10", a.exited)
 
     # Force: B takes over A's fresh lease; A stops its workers at its next heartbeat (writing
@@ -407,6 +401,8 @@ def test_force_takes_over_a_live_run_and_a_relaunch_right_after_a_sigkill_waits_
     assert resumed_c is not None and resumed_c > resumed_b, stderr[-4000:]
     assert sorted(logged_losses(run)) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert not (run / LEASE_FILE).exists()  # released at the end
+    summary = json.loads(c.out_path.read_text().strip().splitlines()[-1])
+    assert summary["run_dir"] == str(run) and summary["latest_checkpoint"].endswith(checkpoint_dir_name(90))
 
 
 def test_on_s3_a_launch_on_a_held_run_exits_2_naming_the_holder_and_writes_nothing(
