@@ -13,6 +13,8 @@
     faults.py       fault injection for tests and drills (debug.*)
     data.py         the run's data: the synthetic dataset or shards, the vocabulary, storage options
     allocator.py    glibc malloc settings of the workers and the evaluation actor
+    control.py      stopping on purpose: the driver's signals and stop request, drained nodes
+    placement.py    whether the cluster has what the run asks for, before any worker starts
 
 It imports trainer.config, trainer/run/ and trainer/evaluation/ of the rest of trainer/ (never
 the evaluator, the inference tools or a command line: tests/test_import_layers.py).

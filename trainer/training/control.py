@@ -25,6 +25,7 @@ checkpoint of the step the workers are on:
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -33,10 +34,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
+# numpy and torch are imported where StepControl needs them: the RunControl actor unpickles this
+# module in a process of its own at every launch, and importing torch there costs seconds of CPU.
 log = logging.getLogger(__name__)
 
 WAIT_S = 30.0  # how long one wait of a worker on the driver's RunControl lasts before the next
@@ -183,7 +182,12 @@ class StepControl:
     (tests and benchmarks without Ray): only the preemption checks, and those only in Ray Train."""
 
     def __init__(self, watcher: StopWatcher | None, world: int, in_ray_train: bool) -> None:
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+
         self.watcher, self.world, self.in_ray_train = watcher, world, in_ray_train
+        self._all_reduce_max = functools.partial(dist.all_reduce, op=dist.ReduceOp.MAX)
         self.group = dist.new_group(backend="gloo") if world > 1 else None  # host flags, whatever the device
         self._flags = np.zeros(3, dtype=np.float32)  # stop, checkpoint before stopping, preemption check due
         self._tensor = torch.from_numpy(self._flags)
@@ -201,7 +205,7 @@ class StepControl:
             # MAX of stop and preemption-check-due, MIN of checkpoint-before-stop: as one MAX of
             # (stop, 1 - checkpoint, due). Read through numpy: no tensor read, no device.
             self._flags[1] = 1.0 - self._flags[1]
-            dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, group=self.group)
+            self._all_reduce_max(self._tensor, group=self.group)
             self._flags[1] = 1.0 - self._flags[1]
         stop, checkpoint, check = (bool(v) for v in self._flags)
         if check:

@@ -348,8 +348,10 @@ def test_a_second_launch_is_refused_force_takes_over_and_a_relaunch_right_after_
     # Kubernetes' retries), waits for B's lease to go stale and resumes.
     env, runs = _local_env(ray_local), tmp_path / "runs"
     run = runs / "taken"
-    # Renewals every second (timeout 4 s); 3 epochs (90 steps) so that A is still training when B comes.
-    overrides = _local_overrides(cache_dir, runs, "taken", "checkpoint.lease_timeout_s=4", "optim.epochs=3")
+    # A lease is stale 15 s after its holder's last renewal (renewals every 3.75 s): longer than C
+    # takes to start (its imports alone take seconds on 2 busy cores), so that C finds B's lease
+    # still fresh and waits; 3 epochs (90 steps) so that A is still training when B comes.
+    overrides = _local_overrides(cache_dir, runs, "taken", "checkpoint.lease_timeout_s=15", "optim.epochs=3")
     a = Launch(tmp_path, "a", overrides, env)
     launches.append(a)
     wait_for(lambda: (run / LEASE_FILE).is_file(), 180, "A's lease", a.exited)
@@ -381,13 +383,13 @@ def test_a_second_launch_is_refused_force_takes_over_and_a_relaunch_right_after_
     assert resumed_b is not None and resumed_b >= 10
 
     # SIGKILL B once it has committed a checkpoint of its own: no release, the lease stays B's,
-    # and a plain relaunch is refused until its heartbeat is 4 s old...
+    # and a plain relaunch is refused until its heartbeat is 15 s old...
     wait_for(lambda: any(step > resumed_b for step in _local_committed(run)), 240, "B's next checkpoint", b.exited)
     b.kill()
     record = read_lease(str(run))
     assert record is not None and record.pid == b.pid
     with pytest.raises(LeaseHeldError, match=f"pid {b.pid}"):
-        RunLease.acquire(str(run), timeout_s=4)
+        RunLease.acquire(str(run), timeout_s=15)
 
     # ...while C, with checkpoint.lease_wait_s, waits for it, takes it over and resumes; every step
     # of the run is logged once, in order.
