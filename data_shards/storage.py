@@ -322,6 +322,14 @@ class Location:
                      is_dir=item.get("type") == "directory") for item in listed]
         return sorted(out, key=lambda e: e.name)
 
+    def total_bytes(self) -> int:
+        """Bytes of every file under this location, subdirectories included; 0 if it does not exist."""
+        self.invalidate()
+        try:
+            return int(self.fs.du(self.path, total=True))
+        except FileNotFoundError:
+            return 0
+
     def subdirectories(self) -> list[str]:
         """Names of the directories (S3: common prefixes) directly in this location, sorted."""
         return [e.name for e in self.entries() if e.is_dir]

@@ -476,8 +476,7 @@ def _checkpoint_bytes(run_dir: str | None, config: TrainConfig) -> int | None:
         complete = list_checkpoints(run_dir, options)
         if not complete:
             return None
-        latest = location_of(complete[-1].url, options)
-        return int(latest.fs.du(latest.path, total=True)) or None
+        return location_of(complete[-1].url, options).total_bytes() or None
     except Exception:  # noqa: BLE001 - informative only; the storage may be what failed
         return None
 

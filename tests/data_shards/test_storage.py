@@ -69,6 +69,8 @@ def test_local_atomic_write_list_read_hash(tmp_path: Path) -> None:
     location.write_bytes_atomic("c.tar", b"x")
     assert location.list(".tar") == ["a.tar", "c.tar"]  # files directly in it, not subdirectories
     assert location.child("sub").list() == ["b.json"]
+    assert location.total_bytes() == len(b"first") + len(b"{}") + len(b"x")  # subdirectories included
+    assert location.child("missing").total_bytes() == 0
     location.remove("c.tar")
     assert location.list() == ["a.tar"]
     with pytest.raises(FileNotFoundError, match="nope.tar: not found"):
@@ -92,6 +94,9 @@ def test_s3_location(s3_server: Any, s3_bucket: str) -> None:
             raise RuntimeError("interrupted upload")
     assert location.list() == ["x.tar"], "an interrupted write publishes no object"
     assert location.read_bytes("x.tar") == b"payload"
+    location.write_bytes_atomic("sub/z.json", b"{}")
+    assert location.total_bytes() == len(b"payload") + len(b"{}")
+    location.remove("sub/z.json")
     assert location.sha256("x.tar") == hashlib.sha256(b"payload").hexdigest()
     assert location.child_url("x.tar") == f"s3://{s3_bucket}/some/prefix/x.tar"
     with open_url(location.child_url("x.tar"), s3_server.storage_options) as stream:

@@ -97,22 +97,20 @@ class Interrupts:
         self.deadline: float | None = None
         self.control: Any = None  # the RunControl actor while the workers train
         self.run_dir: str | None = None  # RUN_DIR, once known (for the last line)
-        self._previous: dict[int, Any] | None = None  # the handlers found by the first install
+        self._previous: dict[int, Any] = {}  # the handlers the first install found
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                previous = signal.signal(signum, self._handle)
-                if self._previous is None or signum not in self._previous:
-                    self._previous = {**(self._previous or {}), signum: previous}
+                self._previous.setdefault(signum, signal.signal(signum, self._handle))
 
     def restore(self) -> None:
         """The handlers `install` found, back: a run called from other code (a notebook, a test
         session) leaves that process's SIGTERM and SIGINT as they were."""
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             for signum, previous in self._previous.items():
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-            self._previous = None
+            self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
