@@ -14,6 +14,11 @@
   The server keeps state for the session; isolation comes from one bucket per test.
 - `make_precomp`: a factory writing a tiny split in the precomputed layout.
 - `ray_local` (session): one local Ray instance for the whole session (starting Ray takes seconds).
+- `embedded_default_run` (session): the embedded default (`make run`) trained once through the
+  launcher on `ray_local`, with a real Prometheus scraping Ray's metrics endpoint and a Pushgateway
+  running from before the job to the end of the session: the main-job tests
+  (tests/trainer/test_launch.py, test_trained_interpretation.py) read its run directory, the
+  monitoring test (tests/monitoring/test_prometheus_scrape.py) what Prometheus scraped of it.
 - Ray Train's controller polls its workers every 0.5 s here instead of its default 2 s
   (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, set before any Ray starts, so every Ray process of the session
   and every launcher subprocess inherits it), so that a run's end is seen sooner. (What it saves
@@ -22,8 +27,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -38,6 +45,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
+ROOT = Path(__file__).resolve().parents[1]
+
+from prometheus_servers import PrometheusServer, prometheus, pushgateway, scrape_config
 
 ACCESS_KEY = "testing-access-key"
 SECRET_KEY = "testing-secret-key"
@@ -162,3 +172,46 @@ def ray_local() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@dataclass(frozen=True)
+class EmbeddedRun:
+    """The embedded default trained through the real launcher (see `embedded_default_run`)."""
+
+    result: subprocess.CompletedProcess[str]  # the launcher's exit status, stdout and stderr
+    run_dir: Path
+    cache_dir: Path  # data.cache_dir: the synthetic dataset (shards/, images/, vocab.json)
+    prometheus: PrometheusServer  # scraped Ray's metrics endpoint every second during the job
+    pushgateway: str  # its URL; the same Prometheus scrapes it
+
+    @property
+    def synthetic(self) -> Path:
+        [directory] = self.cache_dir.glob("synthetic-*")
+        return directory
+
+
+@pytest.fixture(scope="session")
+def embedded_default_run(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRun]:
+    """`python trainer/launch.py` on the embedded default (configs/tiny.yaml, what `make run` runs),
+    trained once per session (about 2 minutes on 2 cores), watched by Prometheus as a cluster's
+    would be (monitoring/prometheus/prometheus.yml's relabelling of Ray's endpoint).
+
+    Only where it runs differs from `make run`: the data cache and run directory are temporary, and
+    the job attaches to the session's Ray (2 CPUs) through RAY_ADDRESS, as under `ray job submit`,
+    with 2 workers x 0.75 CPU beside the evaluator's 0.5 CPU (resources, not numerics). Prometheus
+    and the Pushgateway stop at the end of the session.
+    """
+    root = tmp_path_factory.mktemp("embedded_default")
+    address = ray_local.get_runtime_context().gcs_address
+    metrics_port = next(n["MetricsExportPort"] for n in ray_local.nodes() if n["Alive"])
+    with contextlib.ExitStack() as servers:
+        gateway = servers.enter_context(pushgateway(root))
+        server = servers.enter_context(prometheus(root / "prometheus", scrape_config(metrics_port, gateway)))
+        result = subprocess.run(
+            [sys.executable, "trainer/launch.py", "--set", f"data.cache_dir={root / 'cache'}",
+             "--set", f"checkpoint.storage_path={root / 'runs'}", "--set", "checkpoint.run_name=embedded",
+             "--set", "distributed.cpus_per_worker=0.75"],
+            cwd=ROOT, capture_output=True, text=True, check=False, timeout=900,
+            env={**os.environ, "RAY_ADDRESS": address})
+        yield EmbeddedRun(result=result, run_dir=root / "runs" / "embedded", cache_dir=root / "cache",
+                          prometheus=server, pushgateway=gateway)

@@ -1,5 +1,7 @@
 """Real Prometheus and Pushgateway servers on 127.0.0.1 for tests (Debian's prometheus and
-prometheus-pushgateway packages; `make test` installs them when missing)."""
+prometheus-pushgateway packages; `make test` installs them when missing), and
+`scrape_config`: what such a server scrapes for a run on a Ray node (Ray's metrics endpoint, with
+the shipped configuration's relabelling, and a Pushgateway)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIG = ROOT / "monitoring" / "prometheus" / "prometheus.yml"
 
 
 def free_port() -> int:
@@ -118,3 +123,30 @@ def prometheus(workdir: Path, config: dict[str, Any]) -> Iterator[PrometheusServ
             f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"]
     with _server(args, f"{url}/-/ready", workdir / "prometheus.log"):
         yield PrometheusServer(url)
+
+
+def strip_ray_prefix() -> list[dict[str, Any]]:
+    """The relabelling the shipped scrape configuration applies to Ray's endpoints (so that the
+    tests check the shipped rule, not a copy of it)."""
+    import yaml
+
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    for job in config["scrape_configs"]:
+        for rule in job.get("metric_relabel_configs", []):
+            if "ray_" in str(rule.get("regex", "")) and rule.get("target_label") == "__name__":
+                return [rule]
+    raise AssertionError(f"{SHIPPED_CONFIG}: no metric_relabel_configs rule strips Ray's ray_ prefix")
+
+
+def scrape_config(ray_metrics_port: int, gateway_url: str) -> dict[str, Any]:
+    """A prometheus.yml (as a mapping) scraping, every second, a Ray node's metrics endpoint on
+    127.0.0.1 (the shipped relabelling strips the ray_ prefix) and the Pushgateway at `gateway_url`."""
+    return {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{ray_metrics_port}"]}],
+             "metric_relabel_configs": strip_ray_prefix()},
+            {"job_name": "pushgateway", "honor_labels": True,
+             "static_configs": [{"targets": [gateway_url.removeprefix("http://")]}]},
+        ],
+    }

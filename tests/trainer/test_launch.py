@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -16,16 +15,12 @@ from typing import Any
 
 import pytest
 from train_run_helpers import (
-    Launch,
-    logged_losses,
     tiny_run_config,
     tiny_run_overrides,
-    wait_for,
 )
 
 from trainer.config import load_config
 from trainer.launch import pyarrow_s3_filesystem, resolve_run
-from trainer.run.layout import checkpoint_dir_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +75,7 @@ def test_s3_storage_filesystem_gets_the_endpoint() -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_main_job_trains_evaluates_each_checkpoint_and_prints_the_pinned_json(embedded_default_run: Any) -> None:
-    # The embedded default (configs/tiny.yaml), trained once per session (tests/trainer/conftest.py).
+    # The embedded default (configs/tiny.yaml), trained once per session (tests/conftest.py).
     result, run_dir = embedded_default_run.result, embedded_default_run.run_dir
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     lines = result.stdout.strip().splitlines()
@@ -171,55 +166,6 @@ def test_a_run_asking_for_gpus_on_a_cluster_without_any_ends_naming_them(ray_loc
     assert "distributed.gpus_per_worker" in last and "distributed.resource_wait_s" in last, last
     assert elapsed < 60, elapsed
     assert not (tmp_path / "runs" / "no-gpus" / "config.yaml").exists()  # refused before the run was written
-
-
-def _last_logged_step(run: Path) -> int:
-    path = run / "train_log.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
-def _stop_with(launch: Launch, sig: signal.Signals, run: Path, after_step: int) -> tuple[int, int]:
-    """Send `sig` once the run has logged `after_step` (every step is logged at once here:
-    logging.interval_steps=1); (the last step logged when it was sent, the launcher's status)."""
-    wait_for(lambda: _last_logged_step(run) >= after_step, 300, f"step {after_step}", launch.exited)
-    signalled_at = _last_logged_step(run)
-    launch.process.send_signal(sig)
-    return signalled_at, launch.wait(120)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_sigterm_and_sigint_stop_at_the_next_step_with_a_checkpoint_and_the_relaunch_resumes_there(
-        ray_local: Any, tmp_path: Path, launches: list[Launch]) -> None:
-    # `ray job stop`, a deleted pod (SIGTERM) and Ctrl-C (SIGINT): before, the driver died with
-    # SIGABRT and the steps since the last checkpoint were lost. 3 epochs of 30 steps, no periodic
-    # checkpoint: a stop checkpoint mid-epoch is the stop's own.
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    runs = tmp_path / "runs"
-    run = runs / "stopped"
-    overrides = tiny_run_overrides(tmp_path / "cache", runs, "stopped", "distributed.cpus_per_worker=0.75",
-                                   "optim.epochs=3", "checkpoint.every_steps=0", "logging.interval_steps=1")
-    for label, sig, after_step, status in (("a", signal.SIGTERM, 12, 143), ("b", signal.SIGINT, 48, 130)):
-        launch = Launch(tmp_path, label, overrides, env)
-        launches.append(launch)
-        signalled_at, returncode = _stop_with(launch, sig, run, after_step)
-        assert returncode == status, launch.stderr()[-4000:]
-        stopped = sorted(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if (p / "train_state.json").is_file())
-        step = stopped[-1]
-        # The step in flight when the signal came, or the one after it: the workers stop at the next boundary.
-        assert signalled_at <= step <= signalled_at + 2, (signalled_at, stopped)
-        assert step % 30, "a mid-epoch checkpoint: the stop's own"
-        last = launch.last_line()
-        assert last == (f"launch: stopped by {sig.name}: checkpoint {run / checkpoint_dir_name(step)} is committed and "
-                        "a relaunch with the same checkpoint.run_name resumes from it"), last
-        assert not (run / "lease.json").exists(), "the lease is released"
-        assert _last_logged_step(run) == step  # nothing logged past the checkpoint
-    final = Launch(tmp_path, "c", overrides, env)
-    launches.append(final)
-    assert final.wait(600) == 0, final.stderr()[-4000:]
-    assert f"resuming at step {step}:" in final.stderr()
-    assert sorted(logged_losses(run)) == list(range(1, 91))  # every step logged once, in order
 
 
 LOOPBACK_PROBE = """
