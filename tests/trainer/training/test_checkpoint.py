@@ -5,11 +5,13 @@ global batch 16, 30 steps per epoch, 2 epochs, ZeRO stage 1 so that optimizer st
 partitioned by rank, a checkpoint every 10 steps):
 
 * "full": uninterrupted;
-* "cut": the same configuration stopped by debug.max_steps=25, then re-run with the same run
-  name; in that second part rank 1 hard-exits after step 45 (debug.fail_at_step), and Ray
-  restarts the workers from the step-40 checkpoint. Its per-step losses must equal "full"'s.
-  (One run covers both, as each Ray Train start costs ~20 s on 2 cores.)
-* "moved": a copy of "cut" at the interruption, resumed with ONE worker (universal checkpoint).
+* "cut": the same configuration through `python trainer/launch.py`, stopped by SIGTERM in epoch 0
+  (as `ray job stop` or a deleted pod stops it), relaunched and stopped by SIGINT in epoch 1
+  (Ctrl-C), then re-run in this process with the same run name; in that last part rank 1
+  hard-exits after step 45 (debug.fail_at_step), and Ray restarts the workers from the step-40
+  checkpoint. Its per-step losses must equal "full"'s. (One run covers all four, as each Ray Train
+  start costs ~20 s on 2 cores.)
+* "moved": a copy of "cut" at the SIGTERM's checkpoint, resumed with ONE worker (universal checkpoint).
 """
 
 from __future__ import annotations
@@ -20,31 +22,41 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from train_run_helpers import (
+    ROOT,
+    STEPS_PER_EPOCH,
+    Launch,
+    logged_losses,
+    tiny_run_config,
+    tiny_run_overrides,
+    wait_for,
+)
 
 from model.checkpoint import load_inference_checkpoint
 from model.vocab import build_vocab
 from model.vsrn import VSRN, VSRNConfig
-from train_run_helpers import ROOT, STEPS_PER_EPOCH, logged_losses, tiny_run_config, tiny_run_overrides
 from trainer.config import ConfigError, TrainConfig
+from trainer.run.layout import LEASE_FILE, TRAIN_LOG, checkpoint_dir_name
+from trainer.run.train_state import TrainState
 from trainer.training.checkpoint import (
     CheckpointStorageError,
-    storage_error,
     export_inference,
     require_shared_storage,
     rng_state,
     set_rng_state,
+    storage_error,
 )
-from trainer.run.layout import checkpoint_dir_name
-from trainer.run.train_state import TrainState
-
 
 # --------------------------------------------------------------------------------------------------
 # Without Ray
@@ -194,6 +206,45 @@ def test_a_full_checkpoint_disk_ends_the_run_in_one_try_naming_the_path(ray_loca
     assert result.stderr.count(" parameters on 2 CPU worker(s)") == 1  # one try: no restart
 
 
+@dataclass(frozen=True)
+class Stop:
+    """A launch of "cut" stopped by a signal (see `runs`)."""
+
+    signal: signal.Signals
+    signalled_at: int  # the last step logged when the signal was sent
+    status: int  # the launcher's exit status
+    step: int  # the latest complete checkpoint after it exited
+    stderr: str
+    lease_left: bool  # RUN_DIR/lease.json still there
+    last_logged: int
+
+
+def _last_logged_step(run: Path) -> int:
+    path = run / TRAIN_LOG
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _complete_checkpoints(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if (p / "train_state.json").is_file())
+
+
+def _stop_launch(root: Path, run: Path, overrides: list[str], env: dict[str, str], sig: signal.Signals,
+                 after_step: int) -> Stop:
+    """`python trainer/launch.py` of `overrides`, sent `sig` once it has logged `after_step`
+    (every step is logged at once: logging.interval_steps=1)."""
+    launch = Launch(root, sig.name, overrides, env)
+    try:
+        wait_for(lambda: _last_logged_step(run) >= after_step, 300, f"step {after_step}", launch.exited)
+        signalled_at = _last_logged_step(run)
+        launch.process.send_signal(sig)
+        status = launch.wait(120)
+    finally:
+        launch.kill()
+    return Stop(sig, signalled_at, status, _complete_checkpoints(run)[-1], launch.stderr(),
+                (run / LEASE_FILE).exists(), _last_logged_step(run))
+
+
 @pytest.fixture(scope="module")
 def runs(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from trainer.launch import run
@@ -201,17 +252,27 @@ def runs(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     root = tmp_path_factory.mktemp("resume")
     out: dict[str, Any] = {"root": root, "runs": root / "runs"}
     out["full"] = run(tiny_run_config(root, "full"))
-    out["cut_first"] = run(tiny_run_config(root, "cut", "debug.max_steps=25"))
+    # "cut", as users and Kubernetes stop a job: `python trainer/launch.py` stopped by SIGTERM in
+    # epoch 0, relaunched and stopped by SIGINT in epoch 1 (away from the checkpoints every 10 steps).
     cut = root / "runs" / "cut"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    overrides = tiny_run_overrides(root / "cache", root / "runs", "cut", "logging.interval_steps=1")
+    sigterm = _stop_launch(root, cut, overrides, env, signal.SIGTERM, after_step=21)
     shutil.copytree(cut, root / "runs" / "moved")
     out["cut_files_after_interruption"] = sorted(p.name for p in cut.iterdir())
-    out["checkpoint_25_digest"] = tree_digest(cut / checkpoint_dir_name(25))
+    out["stop_digest"] = tree_digest(cut / checkpoint_dir_name(sigterm.step))
     # An upload that crashed half way: a directory without train_state.json, at a step the resumed
     # run will checkpoint again. Resuming must ignore it and rewrite it completely.
-    partial = cut / checkpoint_dir_name(30) / "deepspeed"
+    out["partial"] = (sigterm.step // 10 + 1) * 10
+    partial = cut / checkpoint_dir_name(out["partial"]) / "deepspeed"
     partial.mkdir(parents=True)
     (partial / "latest").write_text("garbage")
-    out["cut"] = run(tiny_run_config(root, "cut", "debug.fail_at_step=45", "debug.fail_rank=1", "checkpoint.max_failures=1"))
+    sigint = _stop_launch(root, cut, overrides, env, signal.SIGINT, after_step=32)
+    out["stops"] = [sigterm, sigint]
+    # The rest in this process; rank 1 hard-exits after step 45 and Ray restarts the workers.
+    out["cut_resumed_at"] = time.time()
+    out["cut"] = run(tiny_run_config(root, "cut", "logging.interval_steps=1", "debug.fail_at_step=45",
+                                     "debug.fail_rank=1", "checkpoint.max_failures=1"))
     out["moved"] = run(tiny_run_config(root, "moved", "distributed.workers=1"))
     return out
 
@@ -248,18 +309,47 @@ def test_two_worker_training_through_ray_and_deepspeed(runs: dict[str, Any]) -> 
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_sigterm_and_sigint_stop_at_the_next_step_with_a_checkpoint_and_the_relaunch_resumes_there(
+        runs: dict[str, Any]) -> None:
+    # `ray job stop`, a deleted pod (SIGTERM) and Ctrl-C (SIGINT): before, the driver died with
+    # SIGABRT and the steps since the last checkpoint were lost.
+    cut = runs["runs"] / "cut"
+    resumed_from = 0
+    for stop, status in zip(runs["stops"], (143, 130)):
+        assert stop.status == status, stop.stderr[-4000:]
+        # The step in flight when the signal came, or the one after it: the workers stop at the next boundary.
+        assert stop.signalled_at <= stop.step <= stop.signalled_at + 2, (stop.signalled_at, stop.step)
+        assert f"stop requested ({stop.signal.name}): checkpointing it, then stopping after step {stop.step}" \
+            in stop.stderr, stop.stderr[-4000:]
+        last = stop.stderr.strip().splitlines()[-1]
+        assert last == (f"launch: stopped by {stop.signal.name}: checkpoint {cut / checkpoint_dir_name(stop.step)} "
+                        "is committed and a relaunch with the same checkpoint.run_name resumes from it"), last
+        assert not stop.lease_left, "the lease is released"
+        assert stop.last_logged == stop.step  # nothing logged past the checkpoint
+        if resumed_from:
+            assert f"resuming at step {resumed_from}:" in stop.stderr
+        resumed_from = stop.step
+    # The last relaunch went on from the SIGINT's checkpoint: what it logged, it logged after it started.
+    records = [json.loads(line) for line in (cut / TRAIN_LOG).read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # every step once, in order
+    assert all((r["time"] >= runs["cut_resumed_at"]) == (r["step"] > resumed_from) for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_interrupted_and_resumed_run_gives_the_same_logged_losses(runs: dict[str, Any]) -> None:
     cut_dir = runs["runs"] / "cut"
-    assert runs["cut_first"]["latest_checkpoint"] == str(cut_dir / checkpoint_dir_name(25))
-    assert "checkpoint_000000030" not in runs["cut_files_after_interruption"]
+    first_stop = runs["stops"][0].step
+    assert checkpoint_dir_name(runs["partial"]) not in runs["cut_files_after_interruption"]
     full, resumed = logged_losses(runs["runs"] / "full"), logged_losses(cut_dir)
     assert sorted(resumed) == sorted(full)
-    for step, values in full.items():
+    for step, values in full.items():  # across two relaunches and a restart
         assert resumed[step] == pytest.approx(values, rel=1e-6, abs=1e-6), step
     # The checkpoint resumed from is untouched; the half-written one was redone completely.
-    assert tree_digest(cut_dir / checkpoint_dir_name(25)) == runs["checkpoint_25_digest"]
-    assert (cut_dir / checkpoint_dir_name(30) / "deepspeed" / "latest").read_text().strip() == "global_step30"
-    assert (cut_dir / checkpoint_dir_name(30) / "train_state.json").is_file()
+    assert tree_digest(cut_dir / checkpoint_dir_name(first_stop)) == runs["stop_digest"]
+    partial = cut_dir / checkpoint_dir_name(runs["partial"])
+    assert (partial / "deepspeed" / "latest").read_text().strip() == f"global_step{runs['partial']}"
+    assert (partial / "train_state.json").is_file()
 
 
 @pytest.mark.slow
@@ -269,13 +359,16 @@ def test_resume_with_another_number_of_workers(runs: dict[str, Any]) -> None:
     assert runs["moved"]["latest_checkpoint"] == str(moved_dir / checkpoint_dir_name(60))
     log, full = logged_losses(moved_dir), logged_losses(runs["runs"] / "full")
     assert sorted(log) == list(range(1, 61))
-    assert all(log[s] == pytest.approx(full[s], rel=1e-6) for s in range(1, 26))  # before the move
-    # Model and optimizer continue (no restart from scratch: the loss stays at its step-25 level;
-    # the batches after the move are other ones, so only levels compare), the lr follows the epoch.
+    moved_at = runs["stops"][0].step  # the SIGTERM's checkpoint
+    assert moved_at < STEPS_PER_EPOCH  # in epoch 0: the loss changes its form (hardest negatives) at epoch 1
+    assert all(log[s] == pytest.approx(full[s], rel=1e-6) for s in range(1, moved_at + 1))  # before the move
+    # Model and optimizer continue (no restart from scratch: the loss stays at its level at the
+    # move; the batches after the move are other ones, so only levels compare), the lr follows the epoch.
     def mean(values: dict[int, tuple[float, float, float]], steps: range) -> float:
         return float(np.mean([values[s][0] for s in steps]))
 
-    fresh, before, after = mean(full, range(1, 6)), mean(full, range(26, 31)), mean(log, range(26, 31))
+    after_move = range(moved_at + 1, min(moved_at + 6, STEPS_PER_EPOCH + 1))
+    fresh, before, after = mean(full, range(1, 6)), mean(full, after_move), mean(log, after_move)
     assert after < 0.9 * fresh and abs(after - before) < 0.2 * before, (fresh, before, after)
     assert abs(mean(log, range(51, 61)) - mean(full, range(51, 61))) < 0.3 * mean(full, range(51, 61))
     assert log[60][2] == pytest.approx(5e-5)
