@@ -179,8 +179,9 @@ def test_ray_job_submit_runs_the_main_job_and_leaves_its_checkpoints(ray_head: H
     storage = tmp_path / "runs"
     overrides = [
         f"data.cache_dir={tmp_path / 'cache'}", f"checkpoint.storage_path={storage}", "checkpoint.run_name=job",
-        "distributed.cpus_per_worker=1", "eval.cpus=0.5", "data.synthetic_train_images=100",
-        "data.synthetic_dev_images=50", "data.synthetic_test_images=50", "eval.dev_images=50",
+        "distributed.cpus_per_worker=1", "eval.cpus=0.5", "eval.qualitative_queries=0",
+        "data.synthetic_train_images=100", "data.synthetic_dev_images=50", "data.synthetic_test_images=50",
+        "eval.dev_images=50",
         "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr_decay_every_epochs=1", "checkpoint.keep_last=2",
     ]
     started = time.monotonic()

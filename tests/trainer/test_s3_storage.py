@@ -74,7 +74,8 @@ def test_training_with_s3_storage_writes_the_run_to_the_bucket_and_resumes(
     checkpoints = _checkpoints(keys, prefix)
     assert checkpoints, sorted(keys)
     for name in checkpoints:
-        for leaf in ("train_state.json", "inference/model.safetensors", "metrics.json"):
+        # The evaluator's qualitative page (eval.qualitative_queries) goes to the bucket too.
+        for leaf in ("train_state.json", "inference/model.safetensors", "metrics.json", "qualitative.md"):
             assert f"{prefix}{name}/{leaf}" in keys, (name, leaf, sorted(keys))
     best = json.loads(client.get_object(Bucket=s3_bucket, Key=f"{prefix}best.json")["Body"].read())
     assert best == summary["best"] and best["checkpoint"].startswith(f"{run_url}/checkpoint_")
