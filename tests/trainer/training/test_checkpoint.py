@@ -47,6 +47,7 @@ from model.checkpoint import load_inference_checkpoint
 from model.vocab import build_vocab
 from model.vsrn import VSRN, VSRNConfig
 from trainer.config import ConfigError, TrainConfig
+from trainer.run.checkpoints import list_checkpoints
 from trainer.run.layout import LEASE_FILE, TRAIN_LOG, checkpoint_dir_name
 from trainer.run.train_state import TrainState
 from trainer.training.checkpoint import (
@@ -225,10 +226,6 @@ def _last_logged_step(run: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def _complete_checkpoints(run: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if (p / "train_state.json").is_file())
-
-
 def _stop_launch(root: Path, run: Path, overrides: list[str], env: dict[str, str], sig: signal.Signals,
                  after_step: int) -> Stop:
     """`python trainer/launch.py` of `overrides`, sent `sig` once it has logged `after_step`
@@ -241,7 +238,9 @@ def _stop_launch(root: Path, run: Path, overrides: list[str], env: dict[str, str
         status = launch.wait(120)
     finally:
         launch.kill()
-    return Stop(sig, signalled_at, status, _complete_checkpoints(run)[-1], launch.stderr(),
+    latest = list_checkpoints(str(run))[-1]  # what a relaunch resumes from
+    assert latest.step is not None, latest
+    return Stop(sig, signalled_at, status, latest.step, launch.stderr(),
                 (run / LEASE_FILE).exists(), _last_logged_step(run))
 
 
